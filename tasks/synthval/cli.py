@@ -1,0 +1,266 @@
+"""The `synthval` command line: one subcommand per pipeline step.
+
+Each subcommand parses its flags, calls `run_<step>(...)`, and writes the small JSON that step
+returns (URIs, never data) to the XCom file, `/airflow/xcom/return.json` by default: the
+KubernetesPodOperator contract. Exit codes: 0 success, 2 bad input or usage, 1 anything else.
+This is the only module that reads environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from synthval import __version__
+from synthval.errors import SynthvalError
+
+log = logging.getLogger("synthval")
+
+DEFAULT_XCOM_FILE = "/airflow/xcom/return.json"
+XCOM_ENV = "SYNTHVAL_XCOM_FILE"
+USIM_TOKEN_ENV = "USIM_ACCESS_TOKEN"
+USIM_TOKEN_FILE_ENV = "USIM_ACCESS_TOKEN_FILE"
+DATASET_FORMATS = ("auto", "perception", "solo", "coco", "groceries")
+
+
+class UsageError(SynthvalError):
+    exit_code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() owns every exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--xcom-file",
+        default=None,
+        help=f"where to write the step's result JSON (env {XCOM_ENV}; default {DEFAULT_XCOM_FILE})",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _add_config(p: argparse.ArgumentParser, preset_default: str | None) -> None:
+    p.add_argument("--preset", default=preset_default, help="named starting config: gpu, cpu-demo")
+    p.add_argument("--config", default=None, metavar="URI", help="YAML config file applied over the preset")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set optimizer.lr=0.01 (repeatable)",
+    )
+
+
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="auto", choices=DATASET_FORMATS, help="dataset format (default: detect)")
+    p.add_argument(
+        "--bbox-definition", default=None, metavar="ID",
+        help="Perception 0.0.1 annotation definition id of the 2D boxes (default: SynthDet's)",
+    )
+    p.add_argument("--skip-broken", action="store_true", help="skip missing or empty images instead of failing")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """Return the full parser; tests and the DAG contract test reuse it."""
+    parser = _Parser(prog="synthval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"synthval {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("fetch", help="download a dataset or model (http, gs, usim, named source)")
+    p.add_argument("source", help="URI, usim://PROJECT/RUN_EXECUTION, or a name: groceries-real, synthdet-sample")
+    p.add_argument("--out", required=True, metavar="URI", help="destination folder")
+    p.add_argument("--checksum", default=None, metavar="ALGO:HEX", help="crc32:..., md5:... or sha256:...")
+    p.add_argument("--no-extract", action="store_true", help="keep archives as they are")
+    p.add_argument("--max-extract-bytes", type=int, default=64 * 2**30, help="archive bomb limit (bytes)")
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument(
+        "--usim-token-file", default=None, metavar="PATH",
+        help=f"file holding the Unity Simulation token (else env {USIM_TOKEN_ENV} or {USIM_TOKEN_FILE_ENV})",
+    )
+    _add_common(p)
+
+    p = sub.add_parser("generate", help="write procedural demo data (NOT real data)")
+    p.add_argument("--kind", required=True, choices=["synthetic", "real-proxy"])
+    p.add_argument("--out", required=True, metavar="URI")
+    p.add_argument("--num-images", type=int, required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="perception", choices=["perception", "solo"],
+                   help="layout of the synthetic set (real-proxy is always GroceriesReal v3)")
+    _add_common(p)
+
+    for name, help_text in (
+        ("train", "train Faster R-CNN on a dataset"),
+        ("finetune", "fine-tune a trained checkpoint on (real) data"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--train-data", required=True, metavar="URI")
+        p.add_argument("--train-split", default=None, help="split of --train-data (config data.split)")
+        p.add_argument("--max-images", type=int, default=None, help="use N images of the split (config data.max_images)")
+        p.add_argument("--val-data", default=None, metavar="URI")
+        p.add_argument("--val-split", default=None, help="split of --val-data (config data.val_split)")
+        p.add_argument("--init-checkpoint", required=(name == "finetune"), default=None, metavar="URI",
+                       help="start from these weights; the classifier head is mapped by label name")
+        p.add_argument("--checkpoint-dir", required=True, metavar="URI")
+        p.add_argument("--tb-log-dir", required=True, metavar="URI")
+        p.add_argument("--resume", default="auto", metavar="auto|none|URI",
+                       help="auto: continue from the newest checkpoint in --checkpoint-dir")
+        _add_dataset_options(p)
+        _add_config(p, preset_default=None)
+        _add_common(p)
+
+    p = sub.add_parser("evaluate", help="COCO metrics of a checkpoint or a results file on a dataset")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="URI", help="checkpoint URI or published model name")
+    source.add_argument("--predictions", metavar="URI", help="COCO results JSON to score without a model")
+    p.add_argument("--data", required=True, metavar="URI")
+    p.add_argument("--split", default=None, help="split of --data (config split, default test)")
+    p.add_argument("--out", required=True, metavar="URI", help="folder for metrics.json and predictions")
+    p.add_argument("--tb-log-dir", default=None, metavar="URI")
+    _add_dataset_options(p)
+    _add_config(p, preset_default=None)
+    _add_common(p)
+
+    p = sub.add_parser("publish", help="write the versioned result record of an evaluation")
+    p.add_argument("--metrics", required=True, metavar="URI", help="metrics.json written by evaluate")
+    p.add_argument("--results", required=True, metavar="URI", help="folder of result records")
+    p.add_argument("--recipe", required=True, help="recipe (DAG) name")
+    p.add_argument("--run-id", default=None, help="orchestrator run id, for provenance")
+    p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="ROLE=URI",
+                   help="dataset URIs by role, e.g. synthetic=gs://..., real=... (repeatable)")
+    p.add_argument("--checkpoint", default=None, metavar="URI")
+    p.add_argument("--real-budget", type=int, default=None, help="real images used for training")
+    _add_common(p)
+
+    p = sub.add_parser("version", help="print the version; a no-op step for measuring orchestration")
+    _add_common(p)
+    return parser
+
+
+def _config_text(uri: str | None) -> str | None:
+    if uri is None:
+        return None
+    from synthval import storage
+
+    return storage.read_text(uri)
+
+
+def _usim_token(path: str | None) -> str | None:
+    path = path or os.environ.get(USIM_TOKEN_FILE_ENV)
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    return os.environ.get(USIM_TOKEN_ENV)
+
+
+def run_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Dispatch a parsed command line to its `run_<step>`; return the step's XCom result."""
+    if args.command == "fetch":
+        from synthval.fetch import run_fetch
+
+        return run_fetch(
+            source=args.source, out_uri=args.out, checksum=args.checksum, extract=not args.no_extract,
+            max_extract_bytes=args.max_extract_bytes, retries=args.retries,
+            usim_token=_usim_token(args.usim_token_file) if args.source.startswith("usim://") else None,
+        )
+    if args.command == "generate":
+        from synthval.generate import run_generate
+
+        return run_generate(kind=args.kind, out_uri=args.out, num_images=args.num_images,
+                            image_size=args.image_size, seed=args.seed, layout=args.format)
+    if args.command in ("train", "finetune"):
+        from synthval.config import TrainConfig, load_config
+        from synthval.train import run_train
+
+        overrides = list(args.overrides)
+        for flag, key in ((args.train_split, "data.split"), (args.val_split, "data.val_split"),
+                          (args.max_images, "data.max_images")):
+            if flag is not None:
+                overrides.append(f"{key}={flag}")
+        config = load_config(TrainConfig, preset=args.preset, config_text=_config_text(args.config),
+                             overrides=overrides, source=args.config or "config")
+        return run_train(
+            config, train_data_uri=args.train_data, val_data_uri=args.val_data,
+            init_checkpoint_uri=args.init_checkpoint, checkpoint_dir_uri=args.checkpoint_dir,
+            tb_log_dir_uri=args.tb_log_dir, resume=args.resume, dataset_format=args.format,
+            bbox_definition_id=args.bbox_definition, skip_broken=args.skip_broken,
+        )
+    if args.command == "evaluate":
+        from synthval.config import EvalConfig, load_config
+        from synthval.evaluate import run_evaluate
+
+        overrides = list(args.overrides) + ([f"split={args.split}"] if args.split is not None else [])
+        config = load_config(EvalConfig, preset=None, config_text=_config_text(args.config),
+                             overrides=overrides, source=args.config or "config")
+        return run_evaluate(
+            config, data_uri=args.data, out_uri=args.out, checkpoint_uri=args.checkpoint,
+            predictions_uri=args.predictions, tb_log_dir_uri=args.tb_log_dir, dataset_format=args.format,
+            bbox_definition_id=args.bbox_definition, skip_broken=args.skip_broken,
+        )
+    if args.command == "publish":
+        from synthval.publish import run_publish
+
+        datasets = {}
+        for item in args.datasets:
+            role, sep, uri = item.partition("=")
+            if not sep or not role or not uri:
+                raise UsageError(f"--dataset {item!r}: expected ROLE=URI, e.g. real=gs://bucket/groceries")
+            datasets[role] = uri
+        return run_publish(metrics_uri=args.metrics, results_uri=args.results, recipe=args.recipe,
+                           run_id=args.run_id, datasets=datasets, checkpoint_uri=args.checkpoint,
+                           real_budget=args.real_budget)
+    if args.command == "version":
+        return {"version": __version__}
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def write_xcom(result: dict[str, Any], path: str | None) -> None:
+    """Write the step's result where the KubernetesPodOperator sidecar (or the local backend) reads it.
+
+    With no explicit path and no /airflow/xcom folder (a plain shell), the result is only printed.
+    """
+    explicit = path or os.environ.get(XCOM_ENV)
+    target = explicit or DEFAULT_XCOM_FILE
+    text = json.dumps(result, sort_keys=True)
+    print(text, flush=True)
+    if not explicit and not os.path.isdir(os.path.dirname(DEFAULT_XCOM_FILE)):
+        return
+    from synthval import storage
+
+    storage.write_text(target, text + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = get_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version
+        return int(exc.code or 0)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        result = run_command(args)
+        write_xcom(result, args.xcom_file)
+    except SynthvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("unexpected failure")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
