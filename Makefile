@@ -1,0 +1,28 @@
+# The two commands people and CI share: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-quick bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[airflow,test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	./scripts/demo
+
+test: setup
+	$(PY) -m pytest
+
+test-quick: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/bench_index.py
+	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_train.py
