@@ -176,7 +176,6 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
                             image_size=args.image_size, seed=args.seed, layout=args.format)
     if args.command in ("train", "finetune"):
         from synthval.config import TrainConfig, load_config
-        from synthval.train import run_train
 
         overrides = list(args.overrides)
         for flag, key in ((args.train_split, "data.split"), (args.val_split, "data.val_split"),
@@ -185,6 +184,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
                 overrides.append(f"{key}={flag}")
         config = load_config(TrainConfig, preset=args.preset, config_text=_config_text(args.config),
                              overrides=overrides, source=args.config or "config")
+        from synthval.train import run_train  # torch is imported only once the config is known good
+
         return run_train(
             config, train_data_uri=args.train_data, val_data_uri=args.val_data,
             init_checkpoint_uri=args.init_checkpoint, checkpoint_dir_uri=args.checkpoint_dir,
@@ -193,11 +194,12 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.command == "evaluate":
         from synthval.config import EvalConfig, load_config
-        from synthval.evaluate import run_evaluate
 
         overrides = list(args.overrides) + ([f"split={args.split}"] if args.split is not None else [])
         config = load_config(EvalConfig, preset=None, config_text=_config_text(args.config),
                              overrides=overrides, source=args.config or "config")
+        from synthval.evaluate import run_evaluate
+
         return run_evaluate(
             config, data_uri=args.data, out_uri=args.out, checkpoint_uri=args.checkpoint,
             predictions_uri=args.predictions, tb_log_dir_uri=args.tb_log_dir, dataset_format=args.format,

@@ -1,0 +1,64 @@
+"""Config resolution: presets, YAML, --set overrides, and errors that name the key."""
+
+import pytest
+
+from synthval.config import EvalConfig, TrainConfig, load_config, parse_override, to_dict
+from synthval.errors import ConfigError
+
+
+def test_defaults_preset_file_and_overrides_apply_in_order():
+    text = "optimizer:\n  lr: 0.5\nepochs: 3\n"
+    config = load_config(TrainConfig, preset="cpu-demo", config_text=text,
+                         overrides=["optimizer.lr=0.25", "data.max_images=76"])
+    assert config.model.name == "tiny"  # from the preset
+    assert config.epochs == 3  # from the file, over the preset
+    assert config.optimizer.lr == 0.25  # --set wins over the file
+    assert config.data.max_images == 76
+    assert config.schedule.name == "cosine"
+    assert TrainConfig().model.name == "resnet50_fpn"  # defaults untouched
+
+
+def test_to_dict_round_trips():
+    config = load_config(TrainConfig, preset="cpu-demo")
+    again = load_config(TrainConfig, config_text=__import__("yaml").safe_dump(to_dict(config)))
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("optimizer.learning_rate=0.1", "optimizer.learning_rate"),
+        ("epochs=many", "epochs"),
+        ("model.name=resnet18", "model.name"),
+        ("data.hflip_prob=yes", "data.hflip_prob"),
+        ("schedule.milestones=[1, two]", "schedule.milestones[1]"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
+    ],
+)
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        load_config(TrainConfig, overrides=[override])
+
+
+def test_unknown_top_level_key_in_file_lists_accepted_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(EvalConfig, config_text="spilt: test\n", source="eval.yaml")
+    assert "spilt" in str(err.value) and "split" in str(err.value)
+
+
+def test_malformed_yaml_names_the_source():
+    with pytest.raises(ConfigError, match="my.yaml"):
+        load_config(TrainConfig, config_text="epochs: [1,\n", source="my.yaml")
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(TrainConfig, preset="nope")
+
+
+def test_override_syntax():
+    assert parse_override("a.b=1") == {"a": {"b": 1}}
+    assert parse_override("model.weights_backbone=null") == {"model": {"weights_backbone": None}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("epochs")
