@@ -1,0 +1,294 @@
+"""`run_evaluate`: COCO metrics of a checkpoint, or of an existing COCO results file, on a test set.
+
+    dataset URI -> index of the split -> (model -> batched predictions) or (results file) -> CocoEvaluator
+                -> <out>/predictions.json, <out>/metrics.json, TensorBoard, a summary table in the log
+
+Labels: the test set's labels are scored; model classes are matched to them by name. Test labels the
+model cannot predict stay in (AP 0 where they have boxes: the truth for that model) and a warning names
+them; detections of model-only classes are dropped. `metrics.json` holds `synthval.metrics`' result
+dict plus provenance (see `provenance`); `predictions.json` is a COCO results list in the test set's
+category ids and image ids: a COCO test set's own `images[].id`, else synthval's index ids. That is also
+what `--predictions` files must use, so a written `predictions.json` scores again to the same numbers.
+Everything is checked before anything is written: bad input leaves `out_uri` untouched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from synthval import __version__, storage
+from synthval.config import EvalConfig, to_dict
+from synthval.datasets import DatasetIndex, load_dataset
+from synthval.errors import ConfigError
+from synthval.metrics import SUMMARY_KEYS, CocoEvaluator, format_summary, load_coco_results
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.json"
+
+
+def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri: str | None,
+                 predictions_uri: str | None, tb_log_dir_uri: str | None, dataset_format: str = "auto",
+                 bbox_definition_id: str | None = None, skip_broken: bool = False) -> dict[str, Any]:
+    """Score a checkpoint or a COCO results file on `config.split` of `data_uri`; write into `out_uri`.
+
+    Returns {"metrics_uri", "predictions_uri", "summary": {"mAP", "mAP50", "mAR100"}}.
+    """
+    if (checkpoint_uri is None) == (predictions_uri is None):
+        raise ConfigError("evaluate needs exactly one of a checkpoint or a predictions (COCO results) file")
+    data_path = storage.local_path(data_uri) if storage.is_local(data_uri) else _fetched_copy(data_uri)
+    index = load_dataset(data_path, format=dataset_format, split=config.split,
+                         bbox_definition_id=bbox_definition_id, skip_broken=skip_broken)
+    log.info("test set: %d images, %d boxes, %d labels (%s, split %s)", len(index), index.num_boxes,
+             len(index.label_names), index.format, config.split)
+    public_ids = public_image_ids(index, data_path)
+    checkpoint_info: dict[str, Any] | None = None
+    if predictions_uri is not None:
+        to_index = {public: image_id for image_id, public in public_ids.items()}
+        predictions = load_coco_results(predictions_uri, index, image_ids=to_index)
+        class_ids, model_names = {c: c for c in index.label_names}, None
+        log.info("scoring %d detections from %s", sum(len(p["scores"]) for p in predictions), predictions_uri)
+    else:
+        predictions, class_ids, model_names, checkpoint_info = predict_checkpoint(config, checkpoint_uri, index)
+
+    evaluator = CocoEvaluator(index, class_ids, model_names)
+    evaluator.process(predictions)
+    metrics = evaluator.evaluate()
+    _warn_label_mismatch(metrics["label_match"], metrics["num_predictions_dropped"])
+
+    out_predictions_uri = storage.join_uri(out_uri, PREDICTIONS_FILE)
+    metrics_uri = storage.join_uri(out_uri, METRICS_FILE)
+    metrics.update(provenance(config, index, data_uri, checkpoint_uri, predictions_uri, out_predictions_uri,
+                              public_ids, checkpoint_info))
+    if tb_log_dir_uri:
+        step = int((checkpoint_info or {}).get("step") or 0)
+        write_tensorboard(tb_log_dir_uri, metrics, index, predictions, class_ids, config, step)
+    results = evaluator.coco_results()
+    for det in results:
+        det["image_id"] = public_ids[det["image_id"]]
+    storage.write_text(out_predictions_uri, json.dumps(results) + "\n")
+    storage.write_json(metrics_uri, metrics)  # last: its presence means the evaluation is complete
+    log.info("%s", format_summary(metrics))
+    log.info("wrote %s and %s", metrics_uri, out_predictions_uri)
+    return {"metrics_uri": metrics_uri, "predictions_uri": out_predictions_uri,
+            "summary": {k: metrics[k] for k in ("mAP", "mAP50", "mAR100")}}
+
+
+def _fetched_copy(uri: str) -> str:
+    from synthval.train import local_dataset  # imports torch: only for remote data
+
+    return local_dataset(uri)
+
+
+def public_image_ids(index: DatasetIndex, data_path: str) -> dict[int, Any]:
+    """{index image id: the id results files use}: a COCO file's own `images[].id`, else the index id.
+
+    The COCO reader numbers images by their position in `images[]`; a detector's COCO results use the
+    file's ids, and matching those against positions would silently score boxes on the wrong images.
+    """
+    if index.format != "coco":
+        return {r.image_id: r.image_id for r in index.images}
+    from synthval.datasets.coco import resolve_annotation_file
+    from synthval.datasets.index import read_json_file
+
+    images = read_json_file(resolve_annotation_file(data_path))["images"]
+    return {r.image_id: images[r.image_id]["id"] for r in index.images}
+
+
+def predict_checkpoint(config: EvalConfig, checkpoint_uri: str, index: DatasetIndex
+                       ) -> tuple[list[dict], dict[int, int], list[str] | None, dict[str, Any]]:
+    """Run the checkpoint over the index; return (predictions, class_ids, model class names, checkpoint info)."""
+    import torch
+
+    from synthval import distributed, engine
+    from synthval.checkpoint import load_model_for_inference
+    from synthval.datasets import DetectionDataset, collate_detection
+
+    device = distributed.resolve_device(config.device)
+    amp_dtype = distributed.resolve_amp_dtype(config.amp, device)
+    model, space, meta = load_model_for_inference(checkpoint_uri, device)
+    if space is None:  # a seed checkpoint: its class k is the test set's label id k
+        class_ids, names = {c: c for c in index.label_names}, None
+    else:
+        class_ids, names = space.class_ids(index), list(space.names)
+    loader = torch.utils.data.DataLoader(
+        DetectionDataset(index, class_ids, train=False), batch_size=config.batch_size, shuffle=False,
+        num_workers=config.num_workers, collate_fn=collate_detection, pin_memory=device.type == "cuda",
+    )
+    log.info("predicting %d images on %s (amp %s, batch %d)", len(index), device, amp_dtype, config.batch_size)
+    predictions = engine.predict(model, loader, device, amp_dtype=amp_dtype)
+    info = {k: meta.get(k) for k in ("step", "epoch", "synthval_version", "source_format", "num_classes")}
+    info["model"] = (meta.get("model_config") or {}).get("name")
+    info["config"] = _jsonable(meta.get("config"))
+    return predictions, class_ids, names, info
+
+
+def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoint_uri: str | None,
+               source_predictions_uri: str | None, predictions_uri: str, public_ids: Mapping[int, Any],
+               checkpoint_info: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields metrics.json adds to the metrics: where the numbers come from and how they were made.
+
+    Local URIs are recorded as absolute paths. "test_set" identifies the images scored (its
+    "image_ids_sha256" hashes their ids in order), so publish can tell whether two evaluations used the
+    same protocol.
+    """
+    ids = sorted(public_ids[r.image_id] for r in index.images)
+    data_uri = _absolute(data_uri)
+    return {
+        "checkpoint_uri": _absolute(checkpoint_uri),
+        "checkpoint": checkpoint_info,
+        "source_predictions_uri": _absolute(source_predictions_uri),
+        "predictions_uri": predictions_uri,
+        "data_uri": data_uri,
+        "split": config.split,
+        "test_set": {
+            "data_uri": data_uri, "split": config.split, "format": index.format, "num_images": len(index),
+            "num_boxes": index.num_boxes,
+            "image_ids_sha256": hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest(),
+        },
+        "config": to_dict(config),
+        "synthval_version": __version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _absolute(uri: str | None) -> str | None:
+    """Local paths made absolute, so provenance (and the protocol fingerprint) does not hang on a cwd."""
+    return storage.local_path(uri) if uri is not None and storage.is_local(uri) else uri
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+def _warn_label_mismatch(match: Mapping[str, list[str]], dropped: int) -> None:
+    if match["only_in_data"]:
+        log.warning("%d test label(s) the model cannot predict; they count with AP 0 where they have boxes: %s",
+                    len(match["only_in_data"]), ", ".join(match["only_in_data"]))
+    if match["only_in_model"]:
+        log.warning("%d model class(es) absent from the test set; their %d detection(s) are not scored: %s",
+                    len(match["only_in_model"]), dropped, ", ".join(match["only_in_model"]))
+    if not match["shared"]:
+        log.warning("the model shares no label with the test set: every AP is 0")
+
+
+# --- TensorBoard ----------------------------------------------------------------------------------------
+
+
+def write_tensorboard(tb_log_dir_uri: str, metrics: dict[str, Any], index: DatasetIndex, predictions: list[dict],
+                      class_ids: Mapping[int, int], config: EvalConfig, step: int) -> None:
+    """Scalars, a per-class AP chart, PR curves, a summary table and a few images with boxes drawn."""
+    from synthval.summaries import add_scalars, open_summary_writer
+
+    writer = open_summary_writer(tb_log_dir_uri)
+    try:
+        add_scalars(writer, "eval", {k: metrics[k] for k in SUMMARY_KEYS if "-" not in k}, step)
+        per_class = metrics["per_class"]
+        names = sorted(per_class, key=lambda n: (per_class[n]["AP"] is None, -(per_class[n]["AP"] or 0.0), n))
+        writer.add_image("eval/per_class_AP", bar_chart(names, [per_class[n]["AP"] for n in names],
+                                                         "AP@[.5:.95] per class (n/a: no box in the test set)"),
+                         step, dataformats="HWC")
+        writer.add_image("eval/pr_curves_iou50", pr_chart(metrics["pr_curves"], metrics["pr_curve"]),
+                         step, dataformats="HWC")
+        writer.add_text("eval/summary", "    " + format_summary(metrics).replace("\n", "\n    "), step)
+        for i, image in enumerate(sample_images(index, predictions, class_ids, config)):
+            writer.add_image(f"eval/samples/{i}", image, step, dataformats="CHW")
+    finally:
+        writer.close()
+
+
+def sample_images(index: DatasetIndex, predictions: list[dict], class_ids: Mapping[int, int],
+                  config: EvalConfig) -> list[Any]:
+    """The first `num_sample_images` images with true boxes (green) and predictions >= the threshold (red)."""
+    import torch
+    from torchvision.utils import draw_bounding_boxes
+
+    from synthval.datasets.torch_dataset import read_image
+
+    by_image = {p["image_id"]: p for p in predictions}
+    model_to_name = {m: index.label_names[d] for d, m in class_ids.items()}
+    out = []
+    for record in index.images[: config.num_sample_images]:
+        try:
+            image = read_image(record.path)
+        except Exception as exc:  # pictures are a courtesy: one unreadable image must not fail the step
+            log.warning("TensorBoard sample %s skipped: %s", record.path, exc)
+            continue
+        if len(record.labels):
+            true_names = [index.label_names[int(c)] for c in record.labels]
+            image = draw_bounding_boxes(image, torch.as_tensor(np.asarray(record.boxes, np.float32)).reshape(-1, 4),
+                                        labels=true_names, colors="lime", width=2)
+        pred = by_image.get(record.image_id)
+        if pred is not None:
+            scores = np.asarray(pred["scores"], np.float64)
+            keep = scores >= config.draw_score_thresh
+            if keep.any():
+                boxes = np.asarray(pred["boxes"], np.float32).reshape(-1, 4)[keep]
+                labels = [f"{model_to_name.get(int(c), f'class {int(c)}')} {s:.2f}"
+                          for c, s in zip(np.asarray(pred["labels"])[keep], scores[keep])]
+                image = draw_bounding_boxes(image, torch.as_tensor(boxes), labels=labels, colors="red", width=2)
+        out.append(image)
+    return out
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def bar_chart(names: list[str], values: list[float | None], title: str) -> np.ndarray:
+    """A horizontal bar chart (HWC uint8) of values in [0, 1], one row per name; None drawn as n/a."""
+    from PIL import Image, ImageDraw
+
+    row, label_w, bar_w, pad = 16, 220, 420, 10
+    height = pad * 3 + row * (len(names) + 1)
+    canvas = Image.new("RGB", (label_w + bar_w + 60 + pad * 2, height), "white")
+    draw, font = ImageDraw.Draw(canvas), _font(12)
+    draw.text((pad, pad), title, fill="black", font=font)
+    top = pad * 2 + row
+    for i, (name, value) in enumerate(zip(names, values)):
+        y = top + i * row
+        draw.text((pad, y), name[:34], fill="black", font=font)
+        if value is None:
+            draw.text((pad + label_w, y), "n/a", fill="gray", font=font)
+            continue
+        draw.rectangle([pad + label_w, y + 2, pad + label_w + round(bar_w * value), y + row - 3], fill="steelblue")
+        draw.text((pad + label_w + round(bar_w * value) + 4, y), f"{value:.3f}", fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def pr_chart(curves: Mapping[str, Mapping[str, list]], overall: Mapping[str, list]) -> np.ndarray:
+    """Precision-recall curves at IoU .5 (HWC uint8): each class thin, the class mean thick."""
+    from PIL import Image, ImageDraw
+
+    size, pad = 400, 40
+    canvas = Image.new("RGB", (size + 2 * pad, size + 2 * pad), "white")
+    draw, font = ImageDraw.Draw(canvas), _font(12)
+    draw.rectangle([pad, pad, pad + size, pad + size], outline="black")
+    for tick in range(0, 11, 2):
+        v = tick / 10
+        draw.text((pad + v * size - 8, pad + size + 4), f"{v:.1f}", fill="black", font=font)
+        draw.text((4, pad + (1 - v) * size - 6), f"{v:.1f}", fill="black", font=font)
+    draw.text((pad, 8), "precision vs recall, IoU .5 (grey: classes, blue: mean)", fill="black", font=font)
+
+    def points(curve: Mapping[str, list]) -> list[tuple[float, float]]:
+        return [(pad + r * size, pad + (1 - p) * size) for r, p in zip(curve["recall"], curve["precision"])
+                if p is not None]
+
+    for curve in curves.values():
+        draw.line(points(curve), fill=(170, 170, 170), width=1)
+    if overall["precision"] and overall["precision"][0] is not None:
+        draw.line(points(overall), fill="blue", width=3)
+    return np.asarray(canvas)

@@ -1,0 +1,151 @@
+"""`run_publish`: turn one evaluation's metrics.json into a versioned result record under a results URI.
+
+The record is what a leaderboard reads: the metrics summary and per-class AP, and everything needed to
+say where they come from and whether two results are comparable. Layout (schema_version 1):
+
+    schema_version, record_id, created_at (UTC, ISO 8601)
+    recipe, run_id, real_budget, datasets {role: URI}, checkpoint_uri
+    metrics {mAP, mAP50, mAP75, mAP_small, mAP_medium, mAP_large, mAR1, mAR10, mAR100, mAR_small,
+             mAR_medium, mAR_large, mean-average-precision, mean-average-precision-iou50,
+             mean-average-recall}  (each in [0, 1] or null: no ground truth to score)
+    per_class {label name: {AP, AP50, num_gt}}, label_match {shared, only_in_model, only_in_data}
+    num_images, num_gt, num_predictions
+    test_set {data_uri, split, format, num_images, num_boxes, image_ids_sha256}
+    protocol, protocol_fingerprint: results with equal fingerprints were scored on the same images
+             the same way; compare only those
+    evaluation {metrics_uri, predictions_uri, source_predictions_uri, checkpoint_uri, created_at,
+                synthval_version}
+    eval_config, checkpoint {step, epoch, model, synthval_version, source_format, num_classes, config}
+    synthval_version (of the publisher)
+
+The record is written atomically to `<results_uri>/<record_id>.json`. The record id is derived from
+(recipe, datasets, protocol fingerprint, real budget, run id) only, so a retried publish overwrites
+its own record instead of adding a duplicate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from synthval import __version__, storage
+from synthval.errors import ConfigError, DatasetError
+from synthval.metrics import METRICS_SCHEMA_VERSION, SUMMARY_KEYS
+
+log = logging.getLogger(__name__)
+
+RECORD_SCHEMA_VERSION = 1
+# Eval config keys that change speed or pictures, never the numbers: left out of the protocol fingerprint.
+NON_PROTOCOL_KEYS = ("batch_size", "num_workers", "device", "draw_score_thresh", "num_sample_images")
+REQUIRED_FIELDS = ("schema_version", "test_set", "config", "per_class", "label_match", *SUMMARY_KEYS)
+
+
+def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | None, datasets: dict[str, str],
+                checkpoint_uri: str | None, real_budget: int | None) -> dict[str, Any]:
+    """Write the result record of the evaluation at `metrics_uri`; returns {"result_uri", "record_id"}."""
+    if not recipe or not recipe.strip():
+        raise ConfigError("publish: the recipe name is empty")
+    if real_budget is not None and real_budget < 0:
+        raise ConfigError(f"publish: real_budget {real_budget} must not be negative")
+    metrics = storage.read_json(metrics_uri)
+    check_metrics(metrics, metrics_uri)
+    evaluated_checkpoint = metrics.get("checkpoint_uri")
+    if checkpoint_uri and evaluated_checkpoint and checkpoint_uri != evaluated_checkpoint:
+        log.warning("--checkpoint %s differs from the checkpoint %s evaluated; recording both",
+                    checkpoint_uri, evaluated_checkpoint)
+    fingerprint = protocol_fingerprint(metrics)
+    record_id = make_record_id(recipe, datasets, fingerprint, real_budget, run_id)
+    record = {
+        "schema_version": RECORD_SCHEMA_VERSION,
+        "record_id": record_id,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe,
+        "run_id": run_id,
+        "real_budget": real_budget,
+        "datasets": dict(sorted(datasets.items())),
+        "checkpoint_uri": checkpoint_uri or evaluated_checkpoint,
+        "metrics": {key: metrics[key] for key in SUMMARY_KEYS},
+        "per_class": {name: {k: row.get(k) for k in ("AP", "AP50", "num_gt")}
+                      for name, row in metrics["per_class"].items()},
+        "label_match": metrics["label_match"],
+        "num_images": metrics.get("num_images"),
+        "num_gt": metrics.get("num_gt"),
+        "num_predictions": metrics.get("num_predictions"),
+        "test_set": metrics["test_set"],
+        "protocol": metrics.get("protocol"),
+        "protocol_fingerprint": fingerprint,
+        "evaluation": {
+            "metrics_uri": metrics_uri,
+            "predictions_uri": metrics.get("predictions_uri"),
+            "source_predictions_uri": metrics.get("source_predictions_uri"),
+            "checkpoint_uri": evaluated_checkpoint,
+            "created_at": metrics.get("created_at"),
+            "synthval_version": metrics.get("synthval_version"),
+        },
+        "eval_config": metrics["config"],
+        "checkpoint": metrics.get("checkpoint"),
+        "synthval_version": __version__,
+    }
+    result_uri = storage.join_uri(results_uri, f"{record_id}.json")
+    storage.write_json(result_uri, record)
+    summary = ", ".join(f"{k} {_fmt(record['metrics'][k])}" for k in ("mAP", "mAP50", "mAR100"))
+    log.info("published %s (%s; protocol %s)", result_uri, summary, fingerprint[:12])
+    return {"result_uri": result_uri, "record_id": record_id}
+
+
+def check_metrics(metrics: Any, uri: str) -> None:
+    """Raise DatasetError naming `uri` and the field unless `metrics` is a metrics.json this version reads."""
+    if not isinstance(metrics, dict):
+        raise DatasetError(f"{uri}: expected the JSON object synthval evaluate writes, got {type(metrics).__name__}")
+    missing = [key for key in REQUIRED_FIELDS if key not in metrics]
+    if missing:
+        raise DatasetError(f"{uri}: missing field {missing[0]!r}; is this a metrics.json written by synthval evaluate?")
+    version = metrics["schema_version"]
+    if not isinstance(version, int) or version > METRICS_SCHEMA_VERSION:
+        raise DatasetError(f"{uri}: field 'schema_version' {version!r}: this synthval ({__version__}) reads "
+                           f"metrics up to schema version {METRICS_SCHEMA_VERSION}")
+    for key in SUMMARY_KEYS:
+        value = metrics[key]
+        if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise DatasetError(f"{uri}: field {key!r} is {value!r}; expected a number in [0, 1] or null")
+    test_set = metrics["test_set"]
+    for key in ("data_uri", "split", "image_ids_sha256"):
+        if not isinstance(test_set, dict) or key not in test_set:
+            raise DatasetError(f"{uri}: missing field 'test_set.{key}'")
+
+
+def protocol_fingerprint(metrics: Mapping[str, Any]) -> str:
+    """SHA-256 of what makes two results comparable: the test set's identity and how it was scored.
+
+    The test set is its data URI, split and image ids; the scoring is the metric protocol and the eval
+    config without the knobs that change only speed or pictures (NON_PROTOCOL_KEYS).
+    """
+    test_set = metrics["test_set"]
+    identity = {
+        "test_set": {k: test_set[k] for k in ("data_uri", "split", "image_ids_sha256")},
+        "protocol": metrics.get("protocol"),
+        "eval_config": {k: v for k, v in metrics["config"].items() if k not in NON_PROTOCOL_KEYS},
+    }
+    return _sha256(identity)
+
+
+def make_record_id(recipe: str, datasets: Mapping[str, str], fingerprint: str, real_budget: int | None,
+                   run_id: str | None) -> str:
+    """`<recipe>-<20 hex digits>`, the same for the same inputs: a retry overwrites its own record."""
+    digest = _sha256({"recipe": recipe, "datasets": dict(sorted(datasets.items())), "protocol": fingerprint,
+                      "real_budget": real_budget, "run_id": run_id})
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", recipe.strip()).strip("._")[:80] or "recipe"
+    return f"{slug}-{digest[:20]}"
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,164 @@
+"""`synthval evaluate`: scoring COCO results files through the CLI, outputs, TensorBoard, and bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from synthval.cli import main
+from synthval.datasets import load_dataset
+from synthval.metrics import SUMMARY_KEYS
+
+FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "coco"
+
+
+@pytest.fixture
+def coco_dir(tmp_path):
+    """The shared COCO fixture, made usable: its one image file is missing from the sample and its bicycle
+    box overhangs the 240 px image by 11 px, so the copy gets that image, 260 px tall."""
+    root = tmp_path / "coco"
+    shutil.copytree(FIXTURE, root)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    annotations = root / "annotations" / "instances.json"
+    doc = json.loads(annotations.read_text())
+    doc["images"][0]["height"] = 260
+    annotations.write_text(json.dumps(doc))
+    Image.new("RGB", (320, 260), "gray").save(root / "images" / doc["images"][0]["file_name"])
+    return root
+
+
+def ground_truth_as_results(coco_root: Path) -> list[dict]:
+    doc = json.loads((coco_root / "annotations" / "instances.json").read_text())
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in doc["annotations"]]
+
+
+def evaluate(*args, tmp_path):
+    return main(["evaluate", *args, "--xcom-file", str(tmp_path / "xcom.json")])
+
+
+def test_results_file_on_the_shared_coco_fixture(coco_dir, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(ground_truth_as_results(coco_dir)))
+    out = tmp_path / "eval"
+    assert evaluate("--predictions", str(results), "--data", str(coco_dir), "--split", "all", "--out", str(out),
+                    tmp_path=tmp_path) == 0
+    xcom = json.loads((tmp_path / "xcom.json").read_text())
+    assert xcom["metrics_uri"] == str(out / "metrics.json")
+    assert xcom["predictions_uri"] == str(out / "predictions.json")
+    assert xcom["summary"]["mAP"] == pytest.approx(1.0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Two small boxes (1000 and 200 px) and a large one (10000 px): no medium box, so medium is null.
+    for key in SUMMARY_KEYS:
+        if "medium" in key:
+            assert metrics[key] is None
+        else:
+            assert metrics[key] == pytest.approx(1.0), key
+    assert set(metrics["per_class"]) == {"car", "bicycle", "person"}
+    assert metrics["source_predictions_uri"] == str(results) and metrics["checkpoint_uri"] is None
+    assert metrics["data_uri"] == str(coco_dir) and metrics["split"] == "all"
+    assert metrics["config"]["split"] == "all" and metrics["schema_version"] == 1
+    assert metrics["test_set"]["num_images"] == 1 and len(metrics["test_set"]["image_ids_sha256"]) == 64
+    # predictions.json keeps the COCO file's own (128-bit) image ids, so pycocotools or a second run can
+    # score it against the same annotations.
+    written = json.loads((out / "predictions.json").read_text())
+    assert written == ground_truth_as_results(coco_dir)
+    again = tmp_path / "again"
+    assert evaluate("--predictions", str(out / "predictions.json"), "--data", str(coco_dir), "--split", "all",
+                    "--out", str(again), tmp_path=tmp_path) == 0
+    rescored = json.loads((again / "metrics.json").read_text())
+    assert {k: rescored[k] for k in SUMMARY_KEYS} == {k: metrics[k] for k in SUMMARY_KEYS}
+
+
+def test_pycocotools_agrees_on_the_fixture(coco_dir, tmp_path):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = ground_truth_as_results(coco_dir)
+    results[0]["bbox"] = [35.0, 50.0, 100.0, 80.0]  # IoU 0.72 with the car
+    results[1]["score"] = 0.95
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert evaluate("--predictions", str(path), "--data", str(coco_dir), "--split", "all", "--out",
+                    str(tmp_path / "eval"), tmp_path=tmp_path) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(coco_dir / "annotations" / "instances.json"))
+        ev = COCOeval(coco, coco.loadRes(str(path)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    keys = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "mAR1", "mAR10", "mAR100")
+    assert [metrics[k] if metrics[k] is not None else -1.0 for k in keys] == ev.stats[:9].tolist()
+
+
+def test_results_on_a_groceries_layout_use_index_ids(tmp_path):
+    from synthval.generate import run_generate
+
+    data = run_generate("real-proxy", str(tmp_path / "real"), num_images=30, image_size=64, seed=1)["dataset_uri"]
+    index = load_dataset(data, split="test")
+    results = [{"image_id": r.image_id, "category_id": int(label),
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": 0.8}
+               for r in index.images for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert evaluate("--predictions", str(path), "--data", data, "--out", str(tmp_path / "eval"),
+                    "--tb-log-dir", str(tmp_path / "tb"), "--set", "num_sample_images=2", tmp_path=tmp_path) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_images"] == len(index)
+    assert metrics["mAP50"] == pytest.approx(1.0)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"eval/mAP", "eval/mAP50", "eval/mAR100"} <= set(tags["scalars"])
+    assert {"eval/per_class_AP", "eval/pr_curves_iou50", "eval/samples/0", "eval/samples/1"} <= set(tags["images"])
+
+
+@pytest.mark.parametrize("content, field", [
+    ('[{"image_id": 1, "category_id": 27', "malformed JSON"),
+    ('[{"image_id": 5, "category_id": 27, "bbox": [0, 0, 5, 5], "score": 0.5}]', "'image_id' 5"),
+    ('[{"image_id": 91891091516384550185081373185892902457, "category_id": 99, "bbox": [0, 0, 5, 5],'
+     ' "score": 0.5}]', "'category_id' 99"),
+    ('[{"image_id": 91891091516384550185081373185892902457, "category_id": 27, "bbox": "0 0 5 5",'
+     ' "score": 0.5}]', "'bbox'"),
+])
+def test_bad_results_file_exits_2_and_writes_nothing(coco_dir, tmp_path, capsys, content, field):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    out = tmp_path / "eval"
+    code = evaluate("--predictions", str(path), "--data", str(coco_dir), "--split", "all", "--out", str(out),
+                    "--tb-log-dir", str(tmp_path / "tb"), tmp_path=tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(path) in err and field in err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "tb").exists() and not (tmp_path / "xcom.json").exists()
+
+
+def test_missing_image_in_the_shared_fixture_exits_2(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text("[]")
+    out = tmp_path / "eval"
+    assert evaluate("--predictions", str(results), "--data", str(FIXTURE), "--split", "all", "--out", str(out),
+                    tmp_path=tmp_path) == 2
+    assert "camera_91891091516384550185081373185892902457.png" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_empty_results_score_zero(coco_dir, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text("[]")
+    assert evaluate("--predictions", str(results), "--data", str(coco_dir), "--split", "all", "--out",
+                    str(tmp_path / "eval"), tmp_path=tmp_path) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["mAP"] == 0.0 and metrics["num_predictions"] == 0
+    assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == []
