@@ -162,3 +162,40 @@ def test_empty_results_score_zero(coco_dir, tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["mAP"] == 0.0 and metrics["num_predictions"] == 0
     assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == []
+
+
+def test_coco_image_ids_decide_ties_as_in_pycocotools(tmp_path):
+    # images[] lists id 20 before id 10. A true detection on image 20 and a false one on image 10 tie on
+    # score; pycocotools ranks the tie by image id (10 first), so AP50 is 0.5, not 1.0.
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (100, 100)).save(root / "images" / name)
+    doc = {"images": [{"id": 20, "file_name": "a.png", "width": 100, "height": 100},
+                      {"id": 10, "file_name": "b.png", "width": 100, "height": 100}],
+           "annotations": [{"id": 1, "image_id": 20, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500,
+                            "iscrowd": 0}],
+           "categories": [{"id": 1, "name": "soup"}]}
+    (root / "annotations" / "instances.json").write_text(json.dumps(doc))
+    results = [{"image_id": 20, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.5},
+               {"image_id": 10, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.5}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert evaluate("--predictions", str(path), "--data", str(root), "--split", "all", "--out",
+                    str(tmp_path / "eval"), tmp_path=tmp_path) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(root / "annotations" / "instances.json"))
+        ev = COCOeval(coco, coco.loadRes(str(path)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert metrics["mAP50"] == ev.stats[1] == pytest.approx(0.5)
+    assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == results

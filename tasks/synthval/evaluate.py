@@ -49,17 +49,17 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
                          bbox_definition_id=bbox_definition_id, skip_broken=skip_broken)
     log.info("test set: %d images, %d boxes, %d labels (%s, split %s)", len(index), index.num_boxes,
              len(index.label_names), index.format, config.split)
-    public_ids = public_image_ids(index, data_path)
+    coco_ids = coco_image_ids(index, data_path)
     checkpoint_info: dict[str, Any] | None = None
     if predictions_uri is not None:
-        to_index = {public: image_id for image_id, public in public_ids.items()}
+        to_index = {public: image_id for image_id, public in coco_ids.items()}
         predictions = load_coco_results(predictions_uri, index, image_ids=to_index)
         class_ids, model_names = {c: c for c in index.label_names}, None
         log.info("scoring %d detections from %s", sum(len(p["scores"]) for p in predictions), predictions_uri)
     else:
         predictions, class_ids, model_names, checkpoint_info = predict_checkpoint(config, checkpoint_uri, index)
 
-    evaluator = CocoEvaluator(index, class_ids, model_names)
+    evaluator = CocoEvaluator(index, class_ids, model_names, coco_image_ids=coco_ids)
     evaluator.process(predictions)
     metrics = evaluator.evaluate()
     _warn_label_mismatch(metrics["label_match"], metrics["num_predictions_dropped"])
@@ -67,14 +67,11 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
     out_predictions_uri = storage.join_uri(out_uri, PREDICTIONS_FILE)
     metrics_uri = storage.join_uri(out_uri, METRICS_FILE)
     metrics.update(provenance(config, index, data_uri, checkpoint_uri, predictions_uri, out_predictions_uri,
-                              public_ids, checkpoint_info))
+                              coco_ids, checkpoint_info))
     if tb_log_dir_uri:
         step = int((checkpoint_info or {}).get("step") or 0)
         write_tensorboard(tb_log_dir_uri, metrics, index, predictions, class_ids, config, step)
-    results = evaluator.coco_results()
-    for det in results:
-        det["image_id"] = public_ids[det["image_id"]]
-    storage.write_text(out_predictions_uri, json.dumps(results) + "\n")
+    storage.write_text(out_predictions_uri, json.dumps(evaluator.coco_results()) + "\n")
     storage.write_json(metrics_uri, metrics)  # last: its presence means the evaluation is complete
     log.info("%s", format_summary(metrics))
     log.info("wrote %s and %s", metrics_uri, out_predictions_uri)
@@ -88,7 +85,7 @@ def _fetched_copy(uri: str) -> str:
     return local_dataset(uri)
 
 
-def public_image_ids(index: DatasetIndex, data_path: str) -> dict[int, Any]:
+def coco_image_ids(index: DatasetIndex, data_path: str) -> dict[int, Any]:
     """{index image id: the id results files use}: a COCO file's own `images[].id`, else the index id.
 
     The COCO reader numbers images by their position in `images[]`; a detector's COCO results use the
@@ -132,7 +129,7 @@ def predict_checkpoint(config: EvalConfig, checkpoint_uri: str, index: DatasetIn
 
 
 def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoint_uri: str | None,
-               source_predictions_uri: str | None, predictions_uri: str, public_ids: Mapping[int, Any],
+               source_predictions_uri: str | None, predictions_uri: str, coco_ids: Mapping[int, Any],
                checkpoint_info: dict[str, Any] | None) -> dict[str, Any]:
     """The fields metrics.json adds to the metrics: where the numbers come from and how they were made.
 
@@ -140,7 +137,7 @@ def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoin
     "image_ids_sha256" hashes their ids in order), so publish can tell whether two evaluations used the
     same protocol.
     """
-    ids = sorted(public_ids[r.image_id] for r in index.images)
+    ids = sorted(coco_ids[r.image_id] for r in index.images)
     data_uri = _absolute(data_uri)
     return {
         "checkpoint_uri": _absolute(checkpoint_uri),

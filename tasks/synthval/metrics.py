@@ -258,11 +258,13 @@ class CocoEvaluator:
 
     `class_ids` maps the test set's label ids to the model's class ids (shared names only);
     `label_names[k - 1]` names model class k (None: unknown, e.g. a seed checkpoint or a results file,
-    whose classes are the test set's own ids).
+    whose classes are the test set's own ids). `coco_image_ids` maps index image ids to the ids a COCO
+    annotation file gives them (default: the same): `coco_results()` writes those, and pycocotools
+    visits images in their order, which decides ties between equal scores on different images.
     """
 
     def __init__(self, index: DatasetIndex, class_ids: Mapping[int, int],
-                 label_names: Sequence[str] | None = None):
+                 label_names: Sequence[str] | None = None, coco_image_ids: Mapping[int, Any] | None = None):
         self.index = index
         self.cat_ids = sorted(int(c) for c in index.label_names)
         self.cat_pos = {c: k for k, c in enumerate(self.cat_ids)}
@@ -277,8 +279,9 @@ class CocoEvaluator:
         image_ids = [r.image_id for r in index.images]
         if len(set(image_ids)) != len(image_ids):
             raise DatasetError(f"{index.root}: image ids are not unique; COCO evaluation needs one id per image")
+        self.coco_image_ids = dict(coco_image_ids) if coco_image_ids is not None else {i: i for i in image_ids}
         # pycocotools visits images in id order; positions stand in for ids (which may exceed int64).
-        self.image_ids = sorted(image_ids)
+        self.image_ids = sorted(image_ids, key=self.coco_image_ids.__getitem__)
         self.img_pos = {img_id: i for i, img_id in enumerate(self.image_ids)}
         self._gt = self._ground_truth()
         self.precision: np.ndarray | None = None
@@ -346,10 +349,11 @@ class CocoEvaluator:
                 np.concatenate(self._score))
 
     def coco_results(self) -> list[dict[str, Any]]:
-        """The scored detections as a COCO results list (test set image and category ids), in order."""
+        """The scored detections as a COCO results list (COCO image ids, test set label ids), in order."""
         img, cat, xywh, score = self._detections()
         return [
-            {"image_id": self.image_ids[i], "category_id": self.cat_ids[c], "bbox": b, "score": s}
+            {"image_id": self.coco_image_ids[self.image_ids[i]], "category_id": self.cat_ids[c], "bbox": b,
+             "score": s}
             for i, c, b, s in zip(img.tolist(), cat.tolist(), xywh.tolist(), score.tolist())
         ]
 
