@@ -96,6 +96,8 @@ class TrainConfig:
     # Mixed precision on CUDA: "auto" picks bf16 where supported, else fp16; ignored on CPU.
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     checkpoint_every_steps: int = 0
+    # Keep only the newest N checkpoints in the checkpoint dir (0: keep every one).
+    keep_checkpoints: int = 2
     log_every_steps: int = 20
     val_every_epochs: int = 1
     seed: int = 0

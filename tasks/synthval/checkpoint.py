@@ -1,0 +1,235 @@
+"""Checkpoints: save, load (never executing pickled code), find the latest, rebuild a model for inference.
+
+A synthval checkpoint is one dict (see `FORMAT_VERSION`): model, optimizer, scheduler and scaler state,
+epoch and step counters, RNG states, the resolved config, the label names, the package version. It is
+written atomically as `<checkpoint_dir>/checkpoint-<step>.pt`; the newest is found by listing the folder,
+so a pod that died half-way through a write leaves nothing a reader could mistake for a checkpoint.
+
+The seed's published `FasterRCNN.estimator` files hold `{"model": state_dict, "config": CfgNode}`, the
+config a pickled yacs object. Every load goes through torch's weights-only unpickler, which builds only
+tensors and plain containers; the one class it is told about, `yacs.config.CfgNode`, is replaced by a
+stand-in that becomes a plain dict, so yacs is neither needed nor run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from synthval import __version__, storage
+from synthval.errors import CheckpointError, ConfigError, FetchError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "synthval-checkpoint"
+FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+class _ConfigNodeStandIn:
+    """Takes the place of yacs.config.CfgNode while unpickling: yields an OrderedDict, runs no yacs code."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - called by the unpickler's NEWOBJ
+        return OrderedDict()
+
+
+# Exact global names that may appear in a checkpoint besides torch's own tensor machinery.
+_SAFE_GLOBALS = [(_ConfigNodeStandIn, "yacs.config.CfgNode")]
+
+
+def checkpoint_uri(checkpoint_dir_uri: str, step: int) -> str:
+    return storage.join_uri(checkpoint_dir_uri, f"checkpoint-{step}.pt")
+
+
+def _plain(obj: Any) -> Any:
+    """Turn the unpickled config (OrderedDicts from the stand-in, tuples, sets) into plain JSON-like data."""
+    if isinstance(obj, Mapping) and not isinstance(obj, torch.Tensor):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, set):
+        return sorted(obj, key=repr)
+    return obj
+
+
+def save_checkpoint(uri: str, state: dict) -> None:
+    """Write `state` to `uri` atomically: a reader sees the whole checkpoint or none."""
+    with storage.atomic_output(uri) as tmp:
+        torch.save(state, tmp)
+    log.info("saved checkpoint %s", uri)
+
+
+def load_checkpoint(uri: str) -> dict:
+    """Return the checkpoint's dict with tensors on the CPU. Never executes pickled code.
+
+    A missing file, a file that is no torch checkpoint, or one that would need any class or function
+    outside the allow-list (tensors, plain containers, yacs' CfgNode as data) raises CheckpointError.
+    """
+    try:
+        source: Any = storage.local_path(uri) if storage.is_local(uri) else io.BytesIO(storage.read_bytes(uri))
+    except FetchError as exc:
+        raise CheckpointError(f"{uri}: cannot read the checkpoint ({exc})") from exc
+    if isinstance(source, str) and not storage.exists(uri):
+        raise CheckpointError(f"{uri}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            state = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{uri}: refused to load: the checkpoint holds objects other than tensors and plain data, "
+            f"and loading it could run code ({_unpickling_reason(exc)})"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{uri}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{uri}: expected a dict in the checkpoint, found {type(state).__name__}")
+    state = dict(state)
+    if "config" in state and isinstance(state["config"], Mapping):
+        state["config"] = _plain(state["config"])
+    return state
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch's weights-only error that names the refused global (not its advice to turn it off)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line or "Can only" in line:
+            return line
+    return lines[-1] if lines else type(exc).__name__
+
+
+def list_checkpoints(checkpoint_dir_uri: str) -> list[tuple[int, str]]:
+    """Return (step, uri) of every finished checkpoint in the folder, oldest first."""
+    try:
+        fs, path = storage.filesystem(checkpoint_dir_uri)
+        if not fs.exists(path):
+            return []
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        match = _NAME_RE.match(name)
+        if match:
+            found.append((int(match.group(1)), storage.join_uri(checkpoint_dir_uri, name)))
+    return sorted(found)
+
+
+def find_latest_checkpoint(checkpoint_dir_uri: str) -> str | None:
+    """Return the URI of the checkpoint with the highest step in the folder, or None."""
+    found = list_checkpoints(checkpoint_dir_uri)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(checkpoint_dir_uri: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0: delete none)."""
+    if keep <= 0:
+        return
+    for _, uri in list_checkpoints(checkpoint_dir_uri)[:-keep]:
+        fs, path = storage.filesystem(uri)
+        try:
+            fs.rm(path)
+            log.debug("removed old checkpoint %s", uri)
+        except FileNotFoundError:
+            pass
+
+
+def is_synthval_checkpoint(state: Mapping) -> bool:
+    return state.get("format") == FORMAT
+
+
+def model_state_of(state: Mapping, uri: str) -> Mapping[str, torch.Tensor]:
+    """Return the detector's state dict from a synthval, seed (`{"model": ...}`) or bare checkpoint."""
+    model_state = state.get("model", state)
+    if not isinstance(model_state, Mapping) or not any(
+        isinstance(k, str) and k.endswith("box_predictor.cls_score.weight") for k in model_state
+    ):
+        raise CheckpointError(f"{uri}: no Faster R-CNN weights found (expected a 'model' state dict with "
+                              "roi_heads.box_predictor.cls_score.weight)")
+    return model_state
+
+
+def describe(state: Mapping, uri: str) -> dict[str, Any]:
+    """Return (model config dict, label names or None, metadata) of any supported checkpoint.
+
+    The result is {"model_config": dict, "label_names": list | None, "metadata": dict}.
+    """
+    from synthval.config import MODEL_NAMES
+
+    if is_synthval_checkpoint(state):
+        version = state.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(f"{uri}: checkpoint format version {version!r} is newer than this synthval "
+                                  f"({__version__}) reads (up to {FORMAT_VERSION})")
+        config = state.get("config") or {}
+        metadata = {k: state.get(k) for k in ("config", "label_names", "epoch", "step", "synthval_version",
+                                              "format_version", "metrics", "finished")}
+        metadata["source_format"] = FORMAT
+        return {"model_config": dict(config.get("model", {})), "label_names": list(state["label_names"]),
+                "metadata": metadata}
+    config = state.get("config") if isinstance(state.get("config"), Mapping) else {}
+    backbone = str(config.get("backbone", "resnet50"))
+    name = f"{backbone}_fpn"
+    if name not in MODEL_NAMES:
+        raise CheckpointError(f"{uri}: seed checkpoint with backbone {backbone!r}; supported: resnet50")
+    # The seed built torchvision's model with 100 detections and a 0.05 score threshold: our defaults.
+    return {"model_config": {"name": name}, "label_names": None,
+            "metadata": {"config": dict(config), "source_format": "datasetinsights" if config else "state_dict"}}
+
+
+def model_config_from(model_config: Mapping[str, Any], uri: str):
+    """Return a ModelConfig from a checkpoint's stored model config, ignoring keys this version lacks."""
+    import dataclasses
+
+    from synthval.config import ModelConfig, from_dict
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    extra = sorted(set(model_config) - known)
+    if extra:
+        log.warning("%s: ignoring model config keys this version does not know: %s", uri, ", ".join(extra))
+    try:
+        return from_dict(ModelConfig, {k: v for k, v in model_config.items() if k in known})
+    except ConfigError as exc:
+        raise CheckpointError(f"{uri}: the stored model config is invalid ({exc})") from exc
+
+
+def load_model_for_inference(uri: str, device: Any) -> tuple[Any, Any, dict]:
+    """Return (model in eval mode on `device`, its LabelSpace or None, the checkpoint's metadata).
+
+    The label space is None for seed checkpoints, which carry no label names: their class k is the
+    dataset's label id k, as the seed's GroceriesReal models were trained.
+    """
+    from synthval.model import build_model, load_model_state, num_classes_in_state
+
+    state = load_checkpoint(uri)
+    weights = model_state_of(state, uri)
+    info = describe(state, uri)
+    config = model_config_from(info["model_config"], uri)
+    num_classes = num_classes_in_state(weights)
+    names = info["label_names"]
+    if names is not None and len(names) + 1 != num_classes:
+        raise CheckpointError(f"{uri}: {len(names)} label names but {num_classes - 1} classes in the weights")
+    model = build_model(config, num_classes, load_backbone_weights=False)
+    load_model_state(model, weights, uri)
+    model.to(device).eval()
+    space = None
+    if names is not None:
+        from synthval.datasets.labels import LabelSpace
+
+        space = LabelSpace(tuple(names))
+    metadata = dict(info["metadata"], model_config=_config_dict(config), num_classes=num_classes)
+    log.info("loaded %s: %s with %d classes (%s)", uri, config.name, num_classes - 1, metadata["source_format"])
+    return model, space, metadata
+
+
+def _config_dict(config: Any) -> dict:
+    from synthval.config import to_dict
+
+    return to_dict(config)

@@ -1,0 +1,261 @@
+"""The training step loop and batched prediction. No file I/O: `train.py` does the wiring.
+
+A "step" is one optimizer step; with gradient accumulation it takes `grad_accum_steps` batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from synthval import distributed
+from synthval.config import TrainConfig
+from synthval.errors import TrainingDivergedError
+
+log = logging.getLogger(__name__)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over the trainable parameters, as `config.optimizer` says."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = config.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """Return the per-step learning-rate multiplier: linear warm-up, then step, cosine or constant."""
+    schedule = config.schedule
+    warmup = min(schedule.warmup_steps, max(total_steps - 1, 0))
+    milestones = sorted(m * steps_per_epoch for m in schedule.milestones)
+
+    def factor(step: int) -> float:
+        warm = 1.0
+        if step < warmup:
+            warm = schedule.warmup_factor + (1.0 - schedule.warmup_factor) * step / warmup
+        if schedule.name == "step":
+            decay = schedule.gamma ** bisect.bisect_right(milestones, step)
+        elif schedule.name == "cosine":
+            progress = min(step / max(total_steps, 1), 1.0)
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            decay = 1.0
+        return warm * decay
+
+    return factor
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler stepped once per optimizer step (milestones in `config.schedule` are epochs)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch, total_steps))
+
+
+def _to_device(images: Iterable[torch.Tensor], targets: Iterable[dict], device: torch.device):
+    non_blocking = device.type == "cuda"
+    images = [img.to(device, non_blocking=non_blocking) for img in images]
+    targets = [{k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loader: Iterable,
+    device: torch.device,
+    epoch: int,
+    *,
+    scaler: Any = None,
+    amp_dtype: torch.dtype | None = None,
+    grad_accum_steps: int = 1,
+    max_steps: int | None = None,
+    log_every: int = 20,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    global_step: int = 0,
+    total_steps: int | None = None,
+) -> dict[str, float]:
+    """Train over `loader` once (or for `max_steps` optimizer steps); return the mean losses.
+
+    `on_step(info)` runs after every optimizer step with info = {"epoch", "step" (steps done in this
+    call), "global_step", "losses" (this step's, averaged over processes), "loss", "lr",
+    "images_per_second"}. `global_step`/`total_steps` only make the progress lines show the whole run.
+    A non-finite loss raises TrainingDivergedError naming the step and each loss part.
+    The result holds the mean of each loss part and "loss", "steps", "images", "seconds",
+    "images_per_second".
+    """
+    model.train()
+    accum = max(int(grad_accum_steps), 1)
+    try:
+        steps_planned = len(loader) // accum  # type: ignore[arg-type]
+    except TypeError:
+        steps_planned = None
+    if max_steps is not None:
+        steps_planned = max_steps if steps_planned is None else min(steps_planned, max_steps)
+    world = distributed.world_size()
+    main = distributed.is_main_process()
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+
+    sums: dict[str, float] = defaultdict(float)
+    step_losses: dict[str, float] = defaultdict(float)
+    steps = images = micro = 0
+    start = last_log = time.perf_counter()
+    images_at_last_log = 0
+    optimizer.zero_grad(set_to_none=True)
+    if steps_planned == 0:
+        return {"steps": 0, "images": 0, "seconds": 0.0, "images_per_second": 0.0}
+    for batch_images, batch_targets in loader:
+        batch_images, batch_targets = _to_device(batch_images, batch_targets, device)
+        last_micro = micro + 1 == accum
+        sync = model.no_sync() if (ddp and not last_micro) else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss_dict = model(batch_images, batch_targets)
+            loss = sum(loss_dict.values())
+            reduced = distributed.reduce_dict({k: v.detach().float() for k, v in loss_dict.items()})
+            parts = {k: float(v) for k, v in reduced.items()}
+            total = sum(parts.values())
+            if not math.isfinite(total):
+                described = ", ".join(f"{k}={v:.4g}" for k, v in sorted(parts.items()))
+                raise TrainingDivergedError(
+                    f"loss became {total} at epoch {epoch}, step {global_step + steps + 1} "
+                    f"(batch {micro + 1} of {accum}): {described}; lower optimizer.lr or raise "
+                    "schedule.warmup_steps"
+                )
+            scaled = loss / accum
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        micro += 1
+        images += len(batch_images) * world
+        for k, v in parts.items():
+            step_losses[k] += v / accum
+        if not last_micro:
+            continue
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
+        micro = 0
+        steps += 1
+        for k, v in step_losses.items():
+            sums[k] += v
+        step_total = sum(step_losses.values())
+        sums["loss"] += step_total
+        now = time.perf_counter()
+        rate = images / max(now - start, 1e-9)
+        info = {"epoch": epoch, "step": steps, "global_step": global_step + steps, "losses": dict(step_losses),
+                "loss": step_total, "lr": lr, "images_per_second": rate}
+        step_losses = defaultdict(float)
+        if main and (steps % max(log_every, 1) == 0 or steps == steps_planned):
+            window_rate = (images - images_at_last_log) / max(now - last_log, 1e-9)
+            last_log, images_at_last_log = now, images
+            per_step = (now - start) / steps
+            if total_steps is not None:
+                remaining = total_steps - global_step - steps
+                where = f"step {global_step + steps}/{total_steps} (epoch {epoch}: {steps}/{steps_planned})"
+            else:
+                remaining = (steps_planned or steps) - steps
+                where = f"epoch {epoch} step {steps}/{steps_planned if steps_planned is not None else '?'}"
+            parts_text = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in sorted(info["losses"].items()))
+            log.info("train %s loss=%.4f (%s) lr=%.3g %.1f img/s ETA %s", where, step_total, parts_text, lr,
+                     window_rate, format_duration(remaining * per_step))
+        if on_step is not None:
+            on_step(info)
+        if steps_planned is not None and steps >= steps_planned:
+            break
+    seconds = time.perf_counter() - start
+    result = {k: v / max(steps, 1) for k, v in sums.items()}
+    result.update(steps=steps, images=images, seconds=seconds, images_per_second=images / max(seconds, 1e-9))
+    return result
+
+
+def _image_id(target: Any, fallback: int) -> int:
+    if isinstance(target, dict) and "image_id" in target:
+        value = target["image_id"]
+        return int(value.item() if torch.is_tensor(value) else value)
+    return fallback
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None,
+            log_every_seconds: float = 10.0) -> list[dict]:
+    """Run the model over `loader`; return one dict per image, in loader order.
+
+    Each dict: {"image_id": int, "boxes": float32 (N, 4) xyxy in the image's pixels, "scores": float32 (N,),
+    "labels": int64 (N,) model class ids}. Progress (images, rate, ETA) is logged every ~10 seconds.
+    """
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        total = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[attr-defined]
+    except TypeError:
+        total = None
+    results: list[dict] = []
+    start = last = time.perf_counter()
+    try:
+        for batch_images, batch_targets in loader:
+            images = [img.to(device, non_blocking=device.type == "cuda") for img in batch_images]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = model(images)
+            for image, target, out in zip(images, batch_targets, outputs):
+                boxes = out["boxes"].float()
+                orig = target.get("orig_size") if isinstance(target, dict) else None
+                if orig is not None:
+                    # The loader shrank the image: map boxes back to the original pixels.
+                    oh, ow = (int(v) for v in (orig.tolist() if torch.is_tensor(orig) else orig))
+                    h, w = image.shape[-2:]
+                    if (oh, ow) != (h, w):
+                        boxes = boxes * torch.tensor([ow / w, oh / h, ow / w, oh / h], device=boxes.device)
+                results.append({
+                    "image_id": _image_id(target, len(results)),
+                    "boxes": boxes.cpu().numpy().astype(np.float32, copy=False).reshape(-1, 4),
+                    "scores": out["scores"].float().cpu().numpy().astype(np.float32, copy=False),
+                    "labels": out["labels"].cpu().numpy().astype(np.int64, copy=False),
+                })
+            now = time.perf_counter()
+            if now - last >= log_every_seconds and distributed.is_main_process():
+                last = now
+                rate = len(results) / (now - start)
+                eta = (total - len(results)) / rate if total and rate > 0 else float("nan")
+                log.info("predict %d/%s images, %.1f img/s, ETA %s", len(results), total if total else "?", rate,
+                         format_duration(eta))
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    if distributed.is_main_process():
+        log.info("predicted %d images in %.1f s (%.1f img/s)", len(results), seconds,
+                 len(results) / max(seconds, 1e-9))
+    return results

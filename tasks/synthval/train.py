@@ -1,0 +1,413 @@
+"""`run_train`: the wiring of `synthval train` and `synthval finetune`.
+
+data URIs -> indexes and label space -> model (fresh, from an init checkpoint with its head mapped by
+label name, or resumed) -> per-step loop (engine) with checkpoints and TensorBoard -> validation per
+epoch -> the final checkpoint's URI.
+
+A retried pod runs the same command again: `resume="auto"` finds the newest checkpoint in the
+checkpoint dir and continues from its exact step (mid-epoch too: the batch order of an epoch is a
+function of the seed and the epoch, so the batches already trained on are skipped without loading
+them), and the run ends with the same number of steps as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from synthval import __version__, distributed, storage
+from synthval.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    checkpoint_uri,
+    describe,
+    is_synthval_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    model_config_from,
+    model_state_of,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from synthval.config import TrainConfig, to_dict
+from synthval.engine import build_optimizer, build_scheduler, predict, train_one_epoch, unwrap
+from synthval.errors import CheckpointError, ConfigError, DatasetError
+from synthval.model import ARCHITECTURE_FIELDS, build_model, init_from_checkpoint, load_model_state
+from synthval.summaries import add_scalars, open_summary_writer
+
+log = logging.getLogger(__name__)
+
+VAL_METRIC_KEYS = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "mAR1", "mAR10", "mAR100")
+
+
+def run_train(
+    config: TrainConfig,
+    train_data_uri: str,
+    val_data_uri: str | None,
+    init_checkpoint_uri: str | None,
+    checkpoint_dir_uri: str,
+    tb_log_dir_uri: str,
+    resume: str = "auto",
+    dataset_format: str = "auto",
+    bbox_definition_id: str | None = None,
+    skip_broken: bool = False,
+) -> dict:
+    """Train (or fine-tune, with `init_checkpoint_uri`) and return the small XCom result.
+
+    Result: {"checkpoint_uri": final checkpoint, "checkpoint_dir", "tb_log_dir", "epochs": epochs
+    completed, "steps": optimizer steps in all, "images_per_second": training rate of this process
+    group in this run, "val_metrics": {...} of the last validation (absent without val data)}.
+    """
+    device = distributed.resolve_device(config.device)
+    distributed.init_distributed(device)
+    try:
+        return _Run(config, device).run(
+            train_data_uri, val_data_uri, init_checkpoint_uri, checkpoint_dir_uri, tb_log_dir_uri, resume,
+            dataset_format, bbox_definition_id, skip_broken,
+        )
+    finally:
+        distributed.cleanup_distributed()
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+# Remote datasets (gs://, http(s)://, named sources) are fetched once into this local cache.
+DATA_CACHE_ROOT = os.path.join(tempfile.gettempdir(), "synthval-data")
+
+
+def local_dataset(uri: str) -> str:
+    """Return a local path for a dataset URI, fetching a remote one into the local cache once."""
+    if storage.is_local(uri):
+        return storage.local_path(uri)
+    from synthval.fetch import materialize
+
+    return materialize(uri, DATA_CACHE_ROOT)
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """One epoch of a batch sampler: this process's share under DDP, minus batches already trained on.
+
+    Batch i of the epoch goes to process i % world_size (each gets the same count, the few left over
+    are dropped), so every process sees different images and the set of batches per epoch is fixed by
+    the seed: a resumed run skips exactly the ones the checkpoint had done.
+    """
+
+    def __init__(self, batch_sampler: Any, epoch: int, skip: int = 0) -> None:
+        self.batch_sampler = batch_sampler
+        self.epoch = epoch
+        self.skip = skip
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+
+    def per_rank(self) -> int:
+        return len(self.batch_sampler) // self.world
+
+    def __len__(self) -> int:
+        return max(self.per_rank() - self.skip, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.batch_sampler.set_epoch(self.epoch)
+        limit = self.per_rank() * self.world
+        mine = (b for i, b in enumerate(self.batch_sampler) if i < limit and i % self.world == self.rank)
+        for k, batch in enumerate(mine):
+            if k >= self.skip:
+                yield batch
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        # numpy's key array as a tensor: the checkpoint stays loadable with weights_only=True
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    try:
+        torch.set_rng_state(state["torch"])
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, np.asarray(keys.numpy(), dtype=np.uint32), *rest))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        log.warning("could not restore the random number generators from the checkpoint (%s); "
+                    "continuing with fresh ones", exc)
+
+
+def _resolve_resume(resume: str, checkpoint_dir_uri: str) -> tuple[dict | None, str | None]:
+    """Return (checkpoint state, its URI) to resume from, or (None, None)."""
+    if resume == "none":
+        return None, None
+    if resume != "auto":
+        return load_checkpoint(resume), resume
+    for step, uri in reversed(list_checkpoints(checkpoint_dir_uri)):
+        try:
+            return load_checkpoint(uri), uri
+        except CheckpointError as exc:  # an unreadable newest file must not block a retried pod
+            log.warning("skipping unreadable checkpoint %s (%s)", uri, exc)
+    return None, None
+
+
+class _Run:
+    """One training run's state; `run` is the whole flow."""
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.main = distributed.is_main_process()
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _load_data(self, train_uri: str, val_uri: str | None, fmt: str, bbox_id: str | None, skip: bool):
+        from synthval.datasets import LabelSpace, load_dataset, match_labels
+
+        data = self.config.data
+        train_index = load_dataset(local_dataset(train_uri), format=fmt, split=data.split, seed=self.config.seed,
+                                   max_images=data.max_images, bbox_definition_id=bbox_id, skip_broken=skip)
+        if train_index.num_boxes == 0:
+            raise DatasetError(f"{train_uri}: split {data.split!r} holds no boxes to train on")
+        space = LabelSpace.from_index(train_index)
+        if self.main:
+            log.info("training data %s: %d images, %d boxes, %d labels (split %r)", train_uri, len(train_index),
+                     train_index.num_boxes, len(space.names), data.split)
+        val_index = None
+        if val_uri:
+            val_index = load_dataset(local_dataset(val_uri), format=fmt, split=data.val_split,
+                                     seed=self.config.seed, bbox_definition_id=bbox_id, skip_broken=skip)
+            match = match_labels(space, val_index)
+            if not match.shared:
+                raise DatasetError(f"{val_uri}: no label of the validation data is a label of the training data. "
+                                   + match.describe())
+            if self.main:
+                log.info("validation data %s: %d images (split %r). %s", val_uri, len(val_index), data.val_split,
+                         match.describe())
+        return train_index, val_index, space
+
+    def _architecture_from(self, model_config: dict, uri: str) -> None:
+        """Make the model config's shape-deciding fields those of the checkpoint's model."""
+        stored = model_config_from(model_config, uri)
+        changes = {f: getattr(stored, f) for f in ARCHITECTURE_FIELDS
+                   if getattr(stored, f) != getattr(self.config.model, f)}
+        if changes:
+            log.warning("%s holds a %s model; taking its architecture (%s) over the config's", uri, stored.name,
+                        ", ".join(f"{k}={v}" for k, v in changes.items()))
+            self.config.model = dataclasses.replace(self.config.model, **changes)
+
+    def _build_model(self, space: Any, train_index: Any, init_uri: str | None, resumed: dict | None,
+                     resumed_uri: str | None) -> nn.Module:
+        if resumed is not None:
+            if not is_synthval_checkpoint(resumed):
+                raise CheckpointError(f"{resumed_uri}: not a synthval training checkpoint, so there is no run to "
+                                      "resume; start from its weights with --init-checkpoint instead")
+            names = resumed.get("label_names")
+            if list(names or []) != list(space.names):
+                raise CheckpointError(
+                    f"{resumed_uri}: the checkpoint was trained on other labels ({len(names or [])} labels) than "
+                    f"this run's training data ({len(space.names)}); use another --checkpoint-dir or --resume none")
+            self._architecture_from(resumed["config"]["model"], resumed_uri)
+            model = build_model(self.config.model, space.num_classes, load_backbone_weights=False)
+            load_model_state(model, model_state_of(resumed, resumed_uri), resumed_uri)
+            return model
+        if init_uri is None:
+            return build_model(self.config.model, space.num_classes)
+        state = load_checkpoint(init_uri)
+        info = describe(state, init_uri)
+        self._architecture_from(info["model_config"], init_uri)
+        model = build_model(self.config.model, space.num_classes, load_backbone_weights=False)
+        weights = model_state_of(state, init_uri)
+        old_names: Sequence[str | None] | None = info["label_names"]
+        if old_names is None:
+            # A seed checkpoint: its class k is the dataset label id k (GroceriesReal's convention).
+            from synthval.model import num_classes_in_state
+
+            n_old = num_classes_in_state(weights)
+            old_names = [train_index.label_names.get(k) for k in range(1, n_old)]
+            log.info("%s carries no label names: taking its class k as label id k of the training data", init_uri)
+        mapping = init_from_checkpoint(model, weights, old_names, space.names, init_uri)
+        if self.main:
+            log.info("fine-tuning from %s: %s", init_uri, mapping.describe())
+        return model
+
+    def _loader(self, index: Any, class_ids: dict, train: bool, batch_sampler: Any = None) -> Any:
+        from synthval.datasets import DetectionDataset, collate_detection
+
+        data = self.config.data
+        dataset = DetectionDataset(index, class_ids, train=train, hflip_prob=data.hflip_prob if train else 0.0,
+                                   photometric=data.photometric and train)
+        common = {"collate_fn": collate_detection, "num_workers": data.num_workers,
+                  "pin_memory": self.device.type == "cuda", "persistent_workers": False}
+        if batch_sampler is not None:
+            return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
+        return torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, shuffle=False, **common)
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self, train_uri, val_uri, init_uri, checkpoint_dir_uri, tb_uri, resume, fmt, bbox_id, skip) -> dict:
+        config = self.config
+        if resume not in ("auto", "none") and not resume:
+            raise ConfigError("--resume: expected auto, none or a checkpoint URI")
+        _seed_everything(config.seed + distributed.rank())
+        train_index, val_index, space = self._load_data(train_uri, val_uri, fmt, bbox_id, skip)
+        resumed, resumed_uri = _resolve_resume(resume, checkpoint_dir_uri)
+        model = self._build_model(space, train_index, init_uri, resumed, resumed_uri).to(self.device)
+        class_ids = space.class_ids(train_index)
+
+        from synthval.datasets import build_batch_sampler
+
+        sampler = build_batch_sampler(train_index, config.data.batch_size, config.data.aspect_ratio_group_factor,
+                                      seed=config.seed, shuffle=True)
+        world = distributed.world_size()
+        steps_per_epoch = len(sampler) // world // config.grad_accum_steps
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size={config.data.batch_size} x grad_accum_steps={config.grad_accum_steps} x "
+                f"{world} processes needs more than the {len(train_index)} training images for one step")
+        total_steps = config.epochs * steps_per_epoch
+        if config.max_steps is not None:
+            total_steps = min(total_steps, config.max_steps)
+
+        optimizer = build_optimizer(config, model)
+        scheduler = build_scheduler(config, optimizer, steps_per_epoch, total_steps)
+        amp_dtype = distributed.resolve_amp_dtype(config.amp, self.device)
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+        epoch, epoch_step, step = 0, 0, 0
+        last_metrics: dict[str, Any] = {}
+        if resumed is not None:
+            try:
+                optimizer.load_state_dict(resumed["optimizer"])
+                scheduler.load_state_dict(resumed["scheduler"])
+                if scaler is not None and resumed.get("scaler"):
+                    scaler.load_state_dict(resumed["scaler"])
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{resumed_uri}: optimizer or scheduler state does not fit this config "
+                                      f"({exc}); use --resume none or another --checkpoint-dir") from exc
+            epoch, epoch_step, step = int(resumed["epoch"]), int(resumed["epoch_step"]), int(resumed["step"])
+            last_metrics = dict(resumed.get("metrics") or {})
+            _restore_rng(resumed.get("rng", {}))
+            if epoch_step >= steps_per_epoch:
+                epoch, epoch_step = epoch + 1, 0
+            if self.main:
+                log.info("resuming from %s: epoch %d, step %d of %d", resumed_uri, epoch, step, total_steps)
+
+        if distributed.is_distributed():
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        if self.main:
+            log.info("training %s on %s: %d classes, %d steps (%d per epoch, %d epochs%s), batch %d x %d "
+                     "accumulation x %d processes, %s, amp %s", config.model.name, self.device, len(space.names),
+                     total_steps, steps_per_epoch, config.epochs,
+                     f", capped by max_steps={config.max_steps}" if config.max_steps is not None else "",
+                     config.data.batch_size, config.grad_accum_steps, world, config.optimizer.name,
+                     amp_dtype or "off")
+        writer = open_summary_writer(tb_uri)
+        final_uri = resumed_uri if (resumed is not None and step >= total_steps) else None
+        images = seconds = 0.0
+
+        def save(at_epoch: int, at_epoch_step: int, finished: bool) -> str:
+            uri = checkpoint_uri(checkpoint_dir_uri, step)
+            if self.main:
+                save_checkpoint(uri, {
+                    "format": FORMAT, "format_version": FORMAT_VERSION, "synthval_version": __version__,
+                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "epoch": at_epoch, "epoch_step": at_epoch_step, "step": step, "total_steps": total_steps,
+                    "finished": finished, "rng": _rng_state(), "config": to_dict(config),
+                    "label_names": list(space.names), "metrics": last_metrics,
+                })
+                prune_checkpoints(checkpoint_dir_uri, config.keep_checkpoints)
+            distributed.barrier()
+            return uri
+
+        try:
+            while step < total_steps:
+                loader = self._loader(train_index, class_ids, True,
+                                      _EpochBatches(sampler, epoch, skip=epoch_step * config.grad_accum_steps))
+                epoch_start_step = step
+
+                def on_step(info: dict[str, Any]) -> None:
+                    nonlocal step
+                    step = info["global_step"]
+                    if step % config.log_every_steps == 0 or step == total_steps:
+                        add_scalars(writer, "train", {**info["losses"], "loss": info["loss"]}, step)
+                        writer.add_scalar("train/lr", info["lr"], step)
+                        writer.add_scalar("train/images_per_second", info["images_per_second"], step)
+                    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 \
+                            and step < total_steps and step - epoch_start_step + epoch_step < steps_per_epoch:
+                        save(epoch, epoch_step + step - epoch_start_step, finished=False)
+
+                stats = train_one_epoch(
+                    model, optimizer, scheduler, loader, self.device, epoch, scaler=scaler, amp_dtype=amp_dtype,
+                    grad_accum_steps=config.grad_accum_steps,
+                    max_steps=min(steps_per_epoch - epoch_step, total_steps - step),
+                    log_every=config.log_every_steps, on_step=on_step, global_step=step, total_steps=total_steps,
+                )
+                images += stats["images"]
+                seconds += stats["seconds"]
+                epoch_step += stats["steps"]
+                epoch_done = epoch_step >= steps_per_epoch
+                finished = step >= total_steps
+                add_scalars(writer, "epoch", {k: v for k, v in stats.items() if k.startswith("loss")}, epoch)
+                if val_index is not None and (finished or (epoch_done and (epoch + 1) % config.val_every_epochs == 0)):
+                    last_metrics = self._validate(model, val_index, space, amp_dtype, epoch, step, writer)
+                if epoch_done:
+                    epoch, epoch_step = epoch + 1, 0
+                final_uri = save(epoch, epoch_step, finished)
+                writer.flush()
+        finally:
+            writer.close()
+        if final_uri is None:  # nothing left to train: the resumed checkpoint is the result
+            final_uri = resumed_uri
+        result = {
+            "checkpoint_uri": final_uri, "checkpoint_dir": checkpoint_dir_uri, "tb_log_dir": tb_uri,
+            "epochs": -(-step // steps_per_epoch), "steps": step,
+            "images_per_second": round(images / seconds, 3) if seconds else 0.0,
+        }
+        if last_metrics:
+            result["val_metrics"] = {k: last_metrics.get(k) for k in ("mAP", "mAP50") if k in last_metrics}
+        if self.main:
+            log.info("training done: %d steps, final checkpoint %s", step, final_uri)
+        return result
+
+    def _validate(self, model: nn.Module, val_index: Any, space: Any, amp_dtype: Any, epoch: int, step: int,
+                  writer: Any) -> dict[str, Any]:
+        """Predict on this process's share of the validation set, score on the main process."""
+        from synthval.metrics import evaluate_detections
+
+        rank, world = distributed.rank(), distributed.world_size()
+        shard = val_index.subset(list(range(rank, len(val_index), world)))
+        val_ids = space.class_ids(val_index)
+        predictions = predict(unwrap(model), self._loader(shard, val_ids, False), self.device, amp_dtype)
+        gathered = distributed.all_gather_objects(predictions)
+        metrics: dict[str, Any] = {}
+        if self.main:
+            all_predictions = [p for part in gathered for p in part]
+            result = evaluate_detections(val_index, val_ids, all_predictions, list(space.names))
+            metrics = {k: result.get(k) for k in VAL_METRIC_KEYS}
+            add_scalars(writer, "val", metrics, step)
+            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            log.info("validation after epoch %d (step %d): %s", epoch, step, shown)
+        return distributed.broadcast_object(metrics)

@@ -1,0 +1,183 @@
+"""Checkpoints: the seed's published files load without yacs and without running pickled code."""
+
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+from synthval.checkpoint import (
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_for_inference,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from synthval.config import ModelConfig
+from synthval.errors import CheckpointError
+from synthval.model import build_model
+
+SEED_CONFIG = {
+    "estimator": "FasterRCNN", "backbone": "resnet50", "num_classes": 64, "task": "object_detection",
+    "train": {"epochs": 80, "batch_size": 8, "accumulation_steps": 8,
+              "dataset": {"name": "GroceriesReal", "args": {"version": "v3", "split": "train"}}},
+    "optimizer": {"name": "Adam", "args": {"lr": 2.0e-4}}, "pretrained": False, "pretrained_backbone": True,
+    "checkpoint_file": "None",
+}
+
+
+def fake_yacs_cfgnode():
+    """A stand-in for yacs.config.CfgNode that pickles exactly as the real one does (yacs is not installed):
+    a dict subclass whose __dict__ holds yacs' bookkeeping, referenced as GLOBAL 'yacs.config CfgNode'."""
+
+    class CfgNode(dict):
+        def __init__(self, init_dict=None, key_list=None, new_allowed=False):
+            init_dict = dict(init_dict or {})
+            for k, v in init_dict.items():
+                if isinstance(v, dict):
+                    init_dict[k] = CfgNode(v)
+            super().__init__(init_dict)
+            self.__dict__["__immutable__"] = True
+            self.__dict__["__deprecated_keys__"] = set()
+            self.__dict__["__renamed_keys__"] = {"OLD.KEY": ("NEW.KEY", "renamed")}
+            self.__dict__["__new_allowed__"] = new_allowed
+
+        def __getattr__(self, name):
+            if name in self:
+                return self[name]
+            raise AttributeError(name)
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    return CfgNode
+
+
+def save_seed_style(path, model_state, config):
+    """torch.save({"model": ..., "config": CfgNode}) with yacs importable only while saving."""
+    package, module = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+    cfgnode = fake_yacs_cfgnode()
+    module.CfgNode, package.config = cfgnode, module
+    sys.modules["yacs"], sys.modules["yacs.config"] = package, module
+    try:
+        torch.save({"model": model_state, "config": cfgnode(config)}, path)
+    finally:
+        del sys.modules["yacs"], sys.modules["yacs.config"]
+    assert b"yacs.config" in open(path, "rb").read()
+
+
+def test_seed_estimator_file_loads_without_yacs_into_a_64_class_resnet50_fpn(tmp_path):
+    import torchvision
+
+    assert "yacs" not in sys.modules
+    reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                       num_classes=64)
+    state = reference.state_dict()
+    # The seed trained on an ImageNet backbone, i.e. with FrozenBatchNorm2d: no step counters in the body.
+    state = type(state)((k, v) for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    path = tmp_path / "FasterRCNN.estimator"
+    save_seed_style(path, state, SEED_CONFIG)
+
+    loaded = load_checkpoint(str(path))
+    assert loaded["config"] == SEED_CONFIG and type(loaded["config"]["train"]) is dict
+    assert "yacs" not in sys.modules
+
+    model, space, metadata = load_model_for_inference(str(path), "cpu")
+    assert space is None and metadata["num_classes"] == 64 and metadata["source_format"] == "datasetinsights"
+    assert metadata["config"]["backbone"] == "resnet50" and not model.training
+    assert set(model.state_dict()) == set(reference.state_dict())
+    ours = model.state_dict()
+    assert all(torch.equal(ours[key], value) for key, value in state.items())
+
+
+def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    class SubtlerPayload:  # a module torch does not block by name: only the allow-list stops it
+        def __reduce__(self):
+            import subprocess
+
+            return (subprocess.call, (["touch", str(marker)],))
+
+    torch.save({"model": {}, "config": Payload()}, tmp_path / "evil.pt")
+    torch.save({"model": {"x": torch.zeros(1)}, "config": SubtlerPayload()}, tmp_path / "evil2.pt")
+    with open(tmp_path / "evil.pkl", "wb") as f:  # a bare pickle, as a pre-zip torch.save would write
+        pickle.dump({"model": {}, "config": Payload()}, f, protocol=2)
+    for name in ("evil.pt", "evil2.pt", "evil.pkl"):
+        with pytest.raises(CheckpointError, match="evil"):
+            load_checkpoint(str(tmp_path / name))
+        with pytest.raises(CheckpointError):
+            load_model_for_inference(str(tmp_path / name), "cpu")
+    assert not marker.exists()
+
+
+def test_not_a_checkpoint_and_missing_files_are_checkpoint_errors(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no Faster R-CNN weights"):
+        load_model_for_inference(str(tmp_path / "other.pt"), "cpu")
+
+
+@pytest.mark.parametrize("base", ["local", "memory"])
+def test_save_is_atomic_and_latest_is_found_by_listing(tmp_path, base):
+    folder = str(tmp_path / "ckpt") if base == "local" else f"memory://ckpt-{os.getpid()}"
+    assert find_latest_checkpoint(folder) is None
+    for step in (2, 10, 4):
+        save_checkpoint(f"{folder}/checkpoint-{step}.pt", {"step": step, "w": torch.full((2,), float(step))})
+    if base == "local":
+        (tmp_path / "ckpt" / ".checkpoint-12.pt.abc.tmp").write_bytes(b"half")  # a write cut short
+        assert sorted(os.listdir(tmp_path / "ckpt")) == [".checkpoint-12.pt.abc.tmp", "checkpoint-10.pt",
+                                                          "checkpoint-2.pt", "checkpoint-4.pt"]
+    latest = find_latest_checkpoint(folder)
+    assert latest.endswith("checkpoint-10.pt")
+    assert load_checkpoint(latest)["step"] == 10
+    prune_checkpoints(folder, keep=2)
+    assert [step for step, _ in list_checkpoints(folder)] == [4, 10]
+
+
+def test_synthval_checkpoint_gives_back_model_and_label_space(tmp_path):
+    from synthval import __version__
+    from synthval.checkpoint import FORMAT, FORMAT_VERSION
+    from synthval.config import TrainConfig, load_config, to_dict
+
+    config = load_config(TrainConfig, preset="cpu-demo")
+    model = build_model(config.model, num_classes=3)
+    uri = str(tmp_path / "checkpoint-7.pt")
+    save_checkpoint(uri, {"format": FORMAT, "format_version": FORMAT_VERSION, "synthval_version": __version__,
+                          "model": model.state_dict(), "config": to_dict(config), "label_names": ["a", "b"],
+                          "step": 7, "epoch": 1})
+    loaded, space, metadata = load_model_for_inference(uri, torch.device("cpu"))
+    assert space.names == ("a", "b") and metadata["step"] == 7 and metadata["model_config"]["name"] == "tiny"
+    assert loaded.roi_heads.box_roi_pool.output_size == (5, 5)
+
+    save_checkpoint(uri, {"format": FORMAT, "format_version": FORMAT_VERSION + 1, "model": model.state_dict(),
+                          "config": to_dict(config), "label_names": ["a", "b"]})
+    with pytest.raises(CheckpointError, match="newer"):
+        load_model_for_inference(uri, "cpu")
+
+
+def test_imagenet_structured_checkpoint_loads_without_downloading(tmp_path, monkeypatch):
+    # A model trained from ImageNet weights stores weights_backbone="imagenet"; loading it for inference
+    # must rebuild that structure from the checkpoint alone.
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    from synthval.checkpoint import FORMAT, FORMAT_VERSION
+
+    config = ModelConfig(name="mobilenet_v3_large_320_fpn", weights_backbone="imagenet")
+    model = build_model(config, num_classes=3, load_backbone_weights=False)
+    uri = str(tmp_path / "checkpoint-1.pt")
+    save_checkpoint(uri, {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.state_dict(),
+                          "config": {"model": {**vars(config)}}, "label_names": ["a", "b"]})
+    loaded, _, _ = load_model_for_inference(uri, "cpu")
+    assert type(loaded.backbone.body["0"][1]).__name__ == "FrozenBatchNorm2d"

@@ -1,0 +1,220 @@
+"""run_train end to end on tiny COCO sets drawn here: checkpoints, resume, fine-tuning, divergence."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from synthval import train as train_module
+from synthval.checkpoint import FORMAT, list_checkpoints, load_checkpoint
+from synthval.cli import main
+from synthval.config import TrainConfig, load_config
+from synthval.errors import CheckpointError, TrainingDivergedError
+from synthval.train import run_train
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 220, 40)}
+TINY = ["model.min_size=96", "model.max_size=128", "data.batch_size=4", "log_every_steps=1"]
+
+
+def make_coco(root, names, n, size=96, seed=0):
+    """A COCO folder (annotations/instances.json beside images/) of coloured squares on grey; ids from 10."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / "images")
+    os.makedirs(root / "annotations")
+    images, annotations = [], []
+    for i in range(n):
+        width = size + (size // 4 if i % 3 == 0 else 0)  # two aspect ratios, for the grouping
+        image = Image.new("RGB", (width, size), tuple(int(v) for v in rng.integers(60, 120, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 4))):
+            k, s = int(rng.integers(len(names))), int(rng.integers(size // 6, size // 3))
+            x, y = int(rng.integers(0, width - s)), int(rng.integers(0, size - s))
+            draw.rectangle([x, y, x + s - 1, y + s - 1], fill=COLOURS[names[k]])
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 10 + k,
+                                "bbox": [x, y, s, s], "area": s * s, "iscrowd": 0})
+        image.save(root / "images" / f"img_{i:03d}.png")
+        images.append({"id": i + 1, "file_name": f"img_{i:03d}.png", "width": width, "height": size})
+    categories = [{"id": 10 + k, "name": name} for k, name in enumerate(names)]
+    (root / "annotations" / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"rgb": make_coco(root / "rgb", ["red", "green", "blue"], 30),
+            "gby": make_coco(root / "gby", ["green", "blue", "yellow"], 20, seed=1)}
+
+
+def config(*overrides):
+    return load_config(TrainConfig, preset="cpu-demo", overrides=[*TINY, *overrides])
+
+
+def train(cfg, data_uri, run_dir, name, **kwargs):
+    kwargs.setdefault("val_data_uri", None)
+    kwargs.setdefault("init_checkpoint_uri", None)
+    return run_train(cfg, train_data_uri=data_uri, checkpoint_dir_uri=str(run_dir / name / "ckpt"),
+                     tb_log_dir_uri=str(run_dir / name / "tb"), **kwargs)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def watch_steps(monkeypatch):
+    """Record every global step the engine trains into `seen`; with control["stop_after"] = n, raise
+    Interrupted after n recorded steps, as a killed pod stops (after the step, before anything else)."""
+    seen, control = [], {"stop_after": None}
+    real = train_module.train_one_epoch
+
+    def wrapped(*args, on_step=None, **kwargs):
+        def hook(info):
+            seen.append(info["global_step"])
+            on_step(info)
+            if control["stop_after"] is not None and len(seen) >= control["stop_after"]:
+                raise Interrupted(f"killed after step {info['global_step']}")
+
+        return real(*args, on_step=hook, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", wrapped)
+    return seen, control
+
+
+def test_train_writes_checkpoints_tensorboard_and_a_small_result(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(config("max_steps=3", "epochs=1"), data["rgb"], tmp_path, "run", val_data_uri=data["gby"])
+    assert result["steps"] == 3 and result["epochs"] == 1
+    assert result["checkpoint_uri"] == str(tmp_path / "run" / "ckpt" / "checkpoint-3.pt")
+    assert result["images_per_second"] > 0 and set(result["val_metrics"]) == {"mAP", "mAP50"}
+    assert len(json.dumps(result)) < 1000
+
+    state = load_checkpoint(result["checkpoint_uri"])
+    assert state["format"] == FORMAT and state["format_version"] >= 1 and state["synthval_version"]
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "epoch_step", "step", "rng", "config",
+            "label_names", "metrics"} <= set(state)
+    assert state["step"] == 3 and state["finished"] is True
+    assert state["label_names"] == ["red", "green", "blue"]
+    assert state["config"]["model"]["name"] == "tiny" and state["config"]["max_steps"] == 3
+    assert {"torch", "numpy", "python"} <= set(state["rng"])
+    assert 0.0 <= state["metrics"]["mAP50"] <= 1.0
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_classifier", "train/lr", "train/images_per_second", "val/mAP",
+            "val/mAP50"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_step_count(data, tmp_path, monkeypatch, caplog):
+    # 24 training images in batches of 4: about 6 steps per epoch, so 8 steps cross an epoch boundary
+    cfg = ["max_steps=8", "checkpoint_every_steps=2", "keep_checkpoints=0"]
+    whole = train(config(*cfg), data["rgb"], tmp_path, "whole", resume="none")
+
+    seen, control = watch_steps(monkeypatch)
+    control["stop_after"] = 5
+    with pytest.raises(Interrupted):
+        train(config(*cfg), data["rgb"], tmp_path, "cut")
+    assert seen == [1, 2, 3, 4, 5]
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "cut" / "ckpt"))] == [2, 4]
+    assert load_checkpoint(str(tmp_path / "cut" / "ckpt" / "checkpoint-4.pt"))["epoch_step"] == 4  # mid-epoch
+
+    seen.clear()
+    control["stop_after"] = None
+    with caplog.at_level(logging.INFO, logger="synthval"):
+        resumed = train(config(*cfg), data["rgb"], tmp_path, "cut")  # resume="auto"
+    assert "resuming from" in caplog.text and "checkpoint-4.pt" in caplog.text
+    assert seen == [5, 6, 7, 8]  # continued from the saved step, trained each remaining step once
+    assert resumed["steps"] == whole["steps"] == 8 and resumed["epochs"] == whole["epochs"]
+    assert resumed["checkpoint_uri"].endswith("checkpoint-8.pt")
+
+    seen.clear()
+    again = train(config(*cfg), data["rgb"], tmp_path, "cut")  # a retry after success trains nothing
+    assert seen == [] and again["checkpoint_uri"] == resumed["checkpoint_uri"] and again["steps"] == 8
+
+    with pytest.raises(CheckpointError, match="other labels"):  # a checkpoint dir of another run
+        run_train(config(*cfg), data["gby"], None, None, str(tmp_path / "cut" / "ckpt"), str(tmp_path / "tb2"))
+
+
+def test_finetune_maps_the_head_by_label_name(data, tmp_path, caplog):
+    first = train(config("max_steps=2"), data["rgb"], tmp_path, "synthetic")
+    with caplog.at_level(logging.INFO, logger="synthval"):
+        tuned = train(config("max_steps=2", "optimizer.lr=0.0005"), data["gby"], tmp_path, "finetune",
+                      init_checkpoint_uri=first["checkpoint_uri"])
+    assert "2 kept (green, blue)" in caplog.text and "1 new" in caplog.text and "yellow" in caplog.text
+    assert "dropped (red)" in caplog.text
+    state = load_checkpoint(tuned["checkpoint_uri"])
+    assert state["label_names"] == ["green", "blue", "yellow"] and state["step"] == 2
+    assert state["config"]["optimizer"]["lr"] == 0.0005  # the fine-tune config's own schedule
+
+
+def test_a_diverging_run_stops_with_a_clear_error(data, tmp_path):
+    cfg = config("optimizer.name=sgd", "optimizer.lr=1.0e+30", "schedule.warmup_steps=0", "max_steps=6")
+    with pytest.raises(TrainingDivergedError) as err:
+        train(cfg, data["rgb"], tmp_path, "nan")
+    message = str(err.value)
+    assert "step" in message and "loss_classifier=" in message and "optimizer.lr" in message
+    assert not list_checkpoints(str(tmp_path / "nan" / "ckpt"))
+
+
+def test_unknown_key_in_a_config_file_exits_2_naming_it(data, tmp_path, capsys):
+    (tmp_path / "train.yaml").write_text("model:\n  name: tiny\n  roi_pool_sise: 5\n")
+    code = main(["train", "--train-data", data["rgb"], "--checkpoint-dir", str(tmp_path / "c"), "--tb-log-dir",
+                 str(tmp_path / "tb"), "--config", str(tmp_path / "train.yaml"), "--xcom-file", str(tmp_path / "x")])
+    assert code == 2
+    assert "model.roi_pool_sise" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "x").exists()
+
+
+def test_tensorboard_to_a_remote_uri_uploads_whole_event_files():
+    import fsspec
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from synthval.summaries import open_summary_writer
+
+    uri = f"memory://tb-{os.getpid()}/run"
+    writer = open_summary_writer(uri)
+    for step in range(3):
+        writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+    writer.flush()
+    writer.add_scalar("train/loss", 0.1, 3)
+    writer.close()
+    fs = fsspec.filesystem("memory")
+    files = fs.glob(f"/tb-{os.getpid()}/run/events.out.tfevents.*")
+    assert len(files) == 1
+    local = fs.cat_file(files[0])
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"synthval-test-events-{os.getpid()}")
+    with open(path, "wb") as f:
+        f.write(local)
+    try:
+        steps = [e.step for e in EventFileLoader(path).Load() if e.summary.value]
+    finally:
+        os.unlink(path)
+    assert steps == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_train_as_one(data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "ddp" / "ckpt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "synthval.cli", "train", "--train-data", data["rgb"], "--checkpoint-dir", str(ckpt),
+               "--tb-log-dir", str(tmp_path / "ddp" / "tb"), "--preset", "cpu-demo", "--xcom-file",
+               str(tmp_path / "ddp" / "x.json"), *[a for kv in TINY for a in ("--set", kv)], "--set", "max_steps=2",
+               "--set", "data.batch_size=2"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp" / "x.json").read_text())
+    assert result["steps"] == 2
+    state = load_checkpoint(result["checkpoint_uri"])
+    assert state["step"] == 2 and [s for s, _ in list_checkpoints(str(ckpt))] == [2]
+    assert proc.stderr.count("training done") == 1  # only rank 0 logs
+    assert torch.isfinite(next(iter(state["model"].values()))).all()
