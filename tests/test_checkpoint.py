@@ -14,6 +14,7 @@ from synthval.checkpoint import (
     load_checkpoint,
     load_model_for_inference,
     prune_checkpoints,
+    remove_partial_checkpoints,
     save_checkpoint,
 )
 from synthval.config import ModelConfig
@@ -139,6 +140,9 @@ def test_save_is_atomic_and_latest_is_found_by_listing(tmp_path, base):
                                                           "checkpoint-2.pt", "checkpoint-4.pt"]
     latest = find_latest_checkpoint(folder)
     assert latest.endswith("checkpoint-10.pt")
+    remove_partial_checkpoints(folder)
+    if base == "local":
+        assert not (tmp_path / "ckpt" / ".checkpoint-12.pt.abc.tmp").exists()
     assert load_checkpoint(latest)["step"] == 10
     prune_checkpoints(folder, keep=2)
     assert [step for step, _ in list_checkpoints(folder)] == [4, 10]

@@ -13,8 +13,10 @@ stand-in that becomes a plain dict, so yacs is neither needed nor run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 import pickle
 import re
 from collections import OrderedDict
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 FORMAT = "synthval-checkpoint"
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+# What storage.atomic_output leaves behind when the writing process is killed mid-write.
+_PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.pt\..*\.tmp$")
 
 
 class _ConfigNodeStandIn:
@@ -126,6 +130,23 @@ def find_latest_checkpoint(checkpoint_dir_uri: str) -> str | None:
     """Return the URI of the checkpoint with the highest step in the folder, or None."""
     found = list_checkpoints(checkpoint_dir_uri)
     return found[-1][1] if found else None
+
+
+def remove_partial_checkpoints(checkpoint_dir_uri: str) -> None:
+    """Delete temporary files of checkpoint writes that a killed process left in a local folder.
+
+    Call only when no other process writes there (a retried run before it starts training).
+    """
+    if not storage.is_local(checkpoint_dir_uri):
+        return  # remote checkpoints are staged locally and put as one object: nothing is left behind
+    folder = storage.local_path(checkpoint_dir_uri)
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if _PARTIAL_RE.match(name):
+            log.info("removing %s, left by a checkpoint write that did not finish", name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
 
 
 def prune_checkpoints(checkpoint_dir_uri: str, keep: int) -> None:

@@ -36,6 +36,7 @@ from synthval.checkpoint import (
     model_config_from,
     model_state_of,
     prune_checkpoints,
+    remove_partial_checkpoints,
     save_checkpoint,
 )
 from synthval.config import TrainConfig, to_dict
@@ -270,6 +271,8 @@ class _Run:
             raise ConfigError("--resume: expected auto, none or a checkpoint URI")
         _seed_everything(config.seed + distributed.rank())
         train_index, val_index, space = self._load_data(train_uri, val_uri, fmt, bbox_id, skip)
+        if self.main:
+            remove_partial_checkpoints(checkpoint_dir_uri)
         resumed, resumed_uri = _resolve_resume(resume, checkpoint_dir_uri)
         model = self._build_model(space, train_index, init_uri, resumed, resumed_uri).to(self.device)
         class_ids = space.class_ids(train_index)
