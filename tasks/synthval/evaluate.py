@@ -52,7 +52,7 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
     coco_ids = coco_image_ids(index, data_path)
     checkpoint_info: dict[str, Any] | None = None
     if predictions_uri is not None:
-        to_index = {public: image_id for image_id, public in coco_ids.items()}
+        to_index = {coco_id: image_id for image_id, coco_id in coco_ids.items()}
         predictions = load_coco_results(predictions_uri, index, image_ids=to_index)
         class_ids, model_names = {c: c for c in index.label_names}, None
         log.info("scoring %d detections from %s", sum(len(p["scores"]) for p in predictions), predictions_uri)
@@ -133,9 +133,13 @@ def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoin
                checkpoint_info: dict[str, Any] | None) -> dict[str, Any]:
     """The fields metrics.json adds to the metrics: where the numbers come from and how they were made.
 
-    Local URIs are recorded as absolute paths. "test_set" identifies the images scored (its
-    "image_ids_sha256" hashes their ids in order), so publish can tell whether two evaluations used the
-    same protocol.
+    Keys: "checkpoint_uri" and "checkpoint" (step, epoch, model, num_classes, source_format,
+    synthval_version and training config of the checkpoint; null when a results file was scored),
+    "source_predictions_uri" (the results file scored, or null), "predictions_uri" (the written
+    predictions.json), "data_uri", "split", "test_set" {data_uri, split, format, num_images, num_boxes,
+    image_ids_sha256: SHA-256 of the sorted image ids, so publish can tell whether two evaluations
+    scored the same images}, "config" (the resolved EvalConfig), "synthval_version", "created_at" (UTC).
+    Local URIs are recorded as absolute paths.
     """
     ids = sorted(coco_ids[r.image_id] for r in index.images)
     data_uri = _absolute(data_uri)
