@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-quick bench
+.PHONY: setup demo test test-quick bench lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,8 @@ bench: setup
 	$(PY) benchmarks/bench_index.py
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_train.py
+
+# Re-resolve the training image's dependencies from pyproject.toml (images/lock.py); CI checks
+# that the lock files still match pyproject.toml (tests/test_deploy.py).
+lock: setup
+	$(PY) images/lock.py
