@@ -1,0 +1,80 @@
+"""Evaluate a trained model on the real test split and publish its result record.
+
+The model is a checkpoint URI (for instance the `checkpoint_uri` a training run pushed) or one of
+the seed's published models by name: `real-world-760`, `synthetic-400k`, `synthetic-and-real-76`,
+`synthetic-and-real-380`, `synthetic-and-real-760` (`synthval` resolves the names to their
+storage.googleapis.com/datasetinsights/models/... URLs, so this needs network access).
+
+Tasks: `fetch_real` -> `evaluate` -> `publish`. `evaluate` writes metrics.json and the predictions
+under `<output_root>/evaluate_the_model/<run>/eval/`, logs the metrics summary and pushes it in its
+XCom; its TensorBoard button opens the sample detections.
+
+```
+airflow dags trigger evaluate_the_model --conf '{"checkpoint": "synthetic-and-real-380"}'
+airflow dags trigger evaluate_the_model --conf '{"checkpoint": "gs://bucket/runs/.../checkpoints/finetune/last.pt"}'
+```
+"""
+
+from airflow.sdk import Param
+
+from synthval_params import (
+    OVERRIDE_PATTERN,
+    PUBLISHED_MODELS,
+    URI_PATTERN,
+    compute_params,
+    dataset_param,
+    output_params,
+    recipe_dag,
+    test_split_param,
+)
+from synthval_tasks import load_settings, synthval_task
+
+settings = load_settings()
+
+with recipe_dag(
+    "evaluate_the_model",
+    __doc__,
+    params={
+        "checkpoint": Param(
+            type="string", anyOf=[{"enum": list(PUBLISHED_MODELS)}, {"pattern": URI_PATTERN}],
+            examples=list(PUBLISHED_MODELS), section="Model", title="Checkpoint",
+            description="Checkpoint URI (gs://, https://, local path) or a published model name.",
+        ),
+        "real_dataset": dataset_param("real", settings.default_real),
+        **test_split_param(),
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, section="Evaluation",
+                            title="Batch size", description="Images per batch (empty: the default)."),
+        "overrides": Param(
+            [], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN}, section="Evaluation",
+            description="Evaluation config overrides as key=value (`--set`), e.g. draw_score_thresh=0.3.",
+        ),
+        **output_params(),
+        **compute_params(),
+    },
+    tags=["evaluate"],
+) as dag:
+    fetch_real = synthval_task("fetch", [
+        "synthval", "fetch", "{{ params.real_dataset }}", "--out", "{{ run_root() }}/data/real",
+    ], task_id="fetch_real")
+
+    evaluate = synthval_task("evaluate", [
+        "synthval", "evaluate",
+        "--checkpoint", "{{ params.checkpoint }}",
+        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
+        "--split", "{{ params.test_split }}",
+        "--out", "{{ run_root() }}/eval",
+        "--tb-log-dir", "{{ tb_log_dir('evaluate') }}",
+        "{{ set_flags(params.overrides, batch_size=params.batch_size) }}",
+    ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir="{{ tb_log_dir('evaluate') }}")
+
+    publish = synthval_task("publish", [
+        "synthval", "publish",
+        "--metrics", "{{ upstream('evaluate', 'metrics_uri') }}",
+        "--results", "{{ params.output_root }}/results",
+        "--recipe", "{{ dag.dag_id }}",
+        "--run-id", "{{ run_id }}",
+        "--dataset", "real={{ params.real_dataset }}",
+        "--checkpoint", "{{ params.checkpoint }}",
+    ])
+
+    fetch_real >> evaluate >> publish

@@ -1,0 +1,575 @@
+"""The one task factory behind every synthval DAG: settings, backends, and the TensorBoard link.
+
+A DAG step is one `synthval <step> ...` command line. `synthval_task(step, argv, ...)` turns it into
+an Airflow task on the backend the deployment picks, and DAG files never branch on the backend:
+
+- ``local``: the command runs as a child process of the worker (`SynthvalLocalOperator`), with
+  ``SYNTHVAL_XCOM_FILE`` pointing at a temporary file whose JSON becomes the task's XCom, the same
+  contract as the pod's ``/airflow/xcom/return.json`` sidecar;
+- ``kubernetes``: a `KubernetesPodOperator` running the shared training image in the cluster that
+  Airflow runs in (or any cluster its Kubernetes connection reaches);
+- ``gke``: a `GKEStartPodOperator` with the same pod, for an Airflow outside the GKE cluster.
+
+Settings are read once per process when a DAG file is parsed: every ``SYNTHVAL_<NAME>`` environment
+variable, and only when ``SYNTHVAL_BACKEND`` is not set in the environment, the JSON Airflow Variable
+``synthval_settings`` (``{"backend": "gke", "image": ..., ...}``, keys in lower case). A deployment
+configured by environment therefore never touches the metadata database while parsing.
+
+This module must stay cheap to import: no torch, no synthval, no Kubernetes client unless a pod
+backend is selected.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from airflow.sdk import BaseOperator, BaseOperatorLink
+
+BACKENDS = ("local", "kubernetes", "gke")
+STEPS = ("fetch", "generate", "train", "finetune", "evaluate", "publish", "version")
+GPU_STEPS = ("train", "finetune", "evaluate")
+XCOM_FILE_ENV = "SYNTHVAL_XCOM_FILE"  # read by synthval.cli
+USIM_TOKEN_ENV = "USIM_ACCESS_TOKEN"  # read by synthval.cli
+USIM_TOKEN_FILE_ENV = "USIM_ACCESS_TOKEN_FILE"  # read by synthval.cli
+
+# Demo data made by the procedural generator, so the embedded default needs no network.
+LOCAL_DEFAULT_SYNTHETIC = "generate://synthetic?num_images=400&image_size=192&seed=0"
+LOCAL_DEFAULT_REAL = "generate://real-proxy?num_images=300&image_size=192&seed=1"
+# The seed's named sources, resolved by `synthval fetch`.
+CLUSTER_DEFAULT_SYNTHETIC = "synthdet-sample"
+CLUSTER_DEFAULT_REAL = "groceries-real"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """What one step asks of a pod: CPU and memory requests (limits equal them), time, retries."""
+
+    cpu: str
+    memory: str
+    timeout: timedelta
+    retries: int
+    uses_gpu: bool = False
+
+
+# Requests per step; a GPU step's CPU and memory are per GPU. Sized for a g2-standard-12 (1 x L4,
+# 12 vCPU, 48 GB) node per GPU, leaving room for the kubelet.
+STEP_PROFILES: dict[str, StepProfile] = {
+    "fetch": StepProfile("2", "8Gi", timedelta(hours=6), retries=3),
+    "generate": StepProfile("2", "4Gi", timedelta(hours=2), retries=1),
+    "train": StepProfile("8", "40Gi", timedelta(hours=48), retries=3, uses_gpu=True),
+    "finetune": StepProfile("8", "40Gi", timedelta(hours=24), retries=3, uses_gpu=True),
+    "evaluate": StepProfile("6", "24Gi", timedelta(hours=6), retries=2, uses_gpu=True),
+    "publish": StepProfile("500m", "1Gi", timedelta(minutes=30), retries=2),
+    "version": StepProfile("100m", "256Mi", timedelta(minutes=10), retries=0),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment settings; `load_settings()` documents where each comes from."""
+
+    backend: str = "local"
+    data_root: str = ""
+    image: str = "ghcr.io/synthval/synthval"
+    image_tag: str = ""
+    namespace: str = "synthval"
+    service_account: str | None = "synthval"
+    kubernetes_conn_id: str = "kubernetes_default"
+    gpu_node_pool: str | None = "gpu-pool"
+    gpu_accelerator: str | None = None
+    cpu_node_pool: str | None = None
+    storage_class: str | None = None
+    data_pvc: str | None = None
+    shm_size: str = "16Gi"
+    startup_timeout_s: int = 1800
+    usim_secret: str = "usim-access-token"
+    usim_secret_key: str = "token"
+    usim_conn_id: str = "usim_default"
+    tensorboard_url: str | None = None
+    gke_project: str | None = None
+    gke_location: str | None = None
+    gke_cluster: str | None = None
+    gcp_conn_id: str = "google_cloud_default"
+    default_synthetic: str = LOCAL_DEFAULT_SYNTHETIC
+    default_real: str = LOCAL_DEFAULT_REAL
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_pod_backend(self) -> bool:
+        return self.backend in ("kubernetes", "gke")
+
+    @property
+    def default_preset(self) -> str:
+        return "gpu" if self.is_pod_backend else "cpu-demo"
+
+    @property
+    def default_gpus(self) -> int:
+        return 1 if self.is_pod_backend else 0
+
+
+class SettingsError(ValueError):
+    """A deployment setting is missing or wrong; the message names it and what is accepted."""
+
+
+def _installed_version() -> str:
+    # Reads the installed distribution's metadata only; `synthval` itself is never imported here.
+    from importlib import metadata
+
+    try:
+        return metadata.version("synthval")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _variable_settings() -> dict[str, Any]:
+    from airflow.sdk import Variable
+
+    value = Variable.get("synthval_settings", default=None, deserialize_json=True)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SettingsError("Airflow Variable synthval_settings must be a JSON object of settings")
+    return {str(k).lower(): v for k, v in value.items()}
+
+
+@functools.cache
+def load_settings() -> Settings:
+    """Return the deployment settings: env ``SYNTHVAL_<NAME>``, else Variable ``synthval_settings``.
+
+    Names (env, or lower-case key of the Variable): BACKEND (local | kubernetes | gke), DATA_ROOT (root
+    URI of every run's outputs; local default ``~/synthval-data``), IMAGE, IMAGE_TAG (never
+    ``latest``; default: the installed synthval version), NAMESPACE, SERVICE_ACCOUNT,
+    KUBERNETES_CONN_ID, GPU_NODE_POOL, GPU_ACCELERATOR, CPU_NODE_POOL, STORAGE_CLASS, DATA_PVC,
+    SHM_SIZE, STARTUP_TIMEOUT_S, USIM_SECRET, USIM_SECRET_KEY, USIM_CONN_ID, TENSORBOARD_URL,
+    GKE_PROJECT, GKE_LOCATION, GKE_CLUSTER, GCP_CONN_ID, DEFAULT_SYNTHETIC, DEFAULT_REAL.
+    An empty value means "not set".
+    """
+    names = [f for f in Settings.__dataclass_fields__ if f != "extra"]
+    from_env = {n: os.environ[f"SYNTHVAL_{n.upper()}"] for n in names if os.environ.get(f"SYNTHVAL_{n.upper()}")}
+    values: dict[str, Any] = {} if "backend" in from_env else _variable_settings()
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise SettingsError(f"Variable synthval_settings: unknown setting {unknown[0]!r}; known: {', '.join(names)}")
+    values = {k: v for k, v in values.items() if v not in (None, "")}
+    values.update(from_env)
+
+    backend = str(values.get("backend", "local")).lower()
+    if backend not in BACKENDS:
+        raise SettingsError(f"SYNTHVAL_BACKEND={backend!r}: expected one of {', '.join(BACKENDS)}")
+    values["backend"] = backend
+    pod = backend != "local"
+    if "startup_timeout_s" in values:
+        try:
+            values["startup_timeout_s"] = int(values["startup_timeout_s"])
+        except ValueError:
+            raise SettingsError(f"SYNTHVAL_STARTUP_TIMEOUT_S={values['startup_timeout_s']!r}: expected seconds") from None
+    values.setdefault("image_tag", _installed_version())
+    if pod and not values["image_tag"]:
+        raise SettingsError("SYNTHVAL_IMAGE_TAG is not set and synthval is not installed to take its version from")
+    if str(values["image_tag"]).lower() == "latest":
+        raise SettingsError("SYNTHVAL_IMAGE_TAG=latest: pin a version tag, so a retry runs the same code")
+    if "data_root" not in values:
+        if not pod:
+            values["data_root"] = "~/synthval-data"
+        elif values.get("data_pvc"):
+            values["data_root"] = "/data/synthval"
+        else:
+            raise SettingsError(
+                f"SYNTHVAL_DATA_ROOT is not set: with SYNTHVAL_BACKEND={backend} every pod reads and writes "
+                "through it, so set a gs:// URI (or SYNTHVAL_DATA_PVC, a ReadWriteMany claim mounted at /data)"
+            )
+    root = str(values["data_root"])
+    values["data_root"] = os.path.expanduser(root) if "://" not in root else root.rstrip("/")
+    values.setdefault("default_synthetic", CLUSTER_DEFAULT_SYNTHETIC if pod else LOCAL_DEFAULT_SYNTHETIC)
+    values.setdefault("default_real", CLUSTER_DEFAULT_REAL if pod else LOCAL_DEFAULT_REAL)
+    if backend == "gke":
+        missing = [n for n in ("gke_project", "gke_location", "gke_cluster") if not values.get(n)]
+        if missing:
+            raise SettingsError(f"SYNTHVAL_BACKEND=gke needs SYNTHVAL_{missing[0].upper()}")
+    return Settings(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Templating helpers (registered as DAG macros by `recipe_dag`)
+
+
+def _format_arg(value: Any) -> str:
+    # PyYAML reads "1e-05" as a string, so small floats are written in fixed notation.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text or "E" in text:
+            text = f"{value:.15f}".rstrip("0").rstrip(".")
+        return text
+    return str(value)
+
+
+def flatten_argv(rendered: list[Any]) -> list[str]:
+    """Return the rendered argv as strings: a list item (an optional flag group) is spliced in."""
+    argv: list[str] = []
+    for item in rendered:
+        if isinstance(item, (list, tuple)):
+            argv.extend(flatten_argv(list(item)))
+        elif item is None:
+            continue
+        else:
+            argv.append(_format_arg(item))
+    return argv
+
+
+def run_slug(run_id: str) -> str:
+    """Return a run id made safe as one path segment of any URI scheme.
+
+    ``manual__2026-11-24T14:20:42.222917+00:00`` -> ``manual__2026-11-24T14-20-42.222917``.
+    """
+    run_id = re.sub(r"\+00:?00$", "", run_id)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")
+
+
+def _root_uri(base: str, context: Any) -> str:
+    return f"{str(base).rstrip('/')}/{context['dag'].dag_id}/{run_slug(context['run_id'])}"
+
+
+def _pass_context(fn):
+    import jinja2
+
+    return jinja2.pass_context(fn)
+
+
+@_pass_context
+def run_root(context: Any) -> str:
+    """``<output_root>/<dag_id>/<run>``: every output of this run lives below it."""
+    return _root_uri(context["params"]["output_root"], context)
+
+
+@_pass_context
+def checkpoint_dir(context: Any, step: str) -> str:
+    """Stable per run and step, so a retried step finds its checkpoints and `--resume auto` continues."""
+    base = context["params"].get("checkpoint_dir") or context["params"]["output_root"]
+    suffix = "/checkpoints" if not context["params"].get("checkpoint_dir") else ""
+    return f"{_root_uri(base, context)}{suffix}/{step}"
+
+
+@_pass_context
+def tb_log_dir(context: Any, step: str) -> str:
+    """TensorBoard log dir of one step of this run."""
+    base = context["params"].get("tb_log_dir") or context["params"]["output_root"]
+    suffix = "/tensorboard" if not context["params"].get("tb_log_dir") else ""
+    return f"{_root_uri(base, context)}{suffix}/{step}"
+
+
+@_pass_context
+def upstream(context: Any, task_id: str, key: str) -> Any:
+    """``key`` of the JSON an upstream step pushed; fails naming the task and key when absent."""
+    result = context["ti"].xcom_pull(task_ids=task_id)
+    if not isinstance(result, dict) or result.get(key) in (None, ""):
+        raise KeyError(f"upstream task {task_id!r} pushed no {key!r} in its XCom (got {result!r})")
+    return result[key]
+
+
+def optional(flag: str, value: Any) -> list[Any]:
+    """``[flag, value]``, or nothing when the value is unset (None, empty string, empty list)."""
+    if value is None or value == "" or value == []:
+        return []
+    return [flag, value]
+
+
+def set_flags(overrides: Any = (), **keys: Any) -> list[str]:
+    """``--set key=value`` for each set keyword (dots as ``__``), then for each "key=value" override."""
+    flags: list[str] = []
+    for key, value in keys.items():
+        if value is not None and value != "":
+            flags += ["--set", f"{key.replace('__', '.')}={_format_arg(value)}"]
+    for override in overrides or ():
+        flags += ["--set", str(override)]
+    return flags
+
+
+def config_flags(params: Any, prefix: str = "") -> list[str]:
+    """The training config flags from the DAG params: preset, model, epochs, lr, batch size, overrides.
+
+    With ``prefix="finetune_"`` the fine-tune params (``finetune_epochs`` ...) win where set, and
+    ``finetune_overrides`` come after ``overrides``.
+    """
+
+    def pick(name: str) -> Any:
+        value = params.get(prefix + name) if prefix else None
+        return value if value not in (None, "") else params.get(name)
+
+    overrides = list(params.get("overrides") or []) + (list(params.get(prefix + "overrides") or []) if prefix else [])
+    return ["--preset", params["preset"], *set_flags(
+        overrides, model__name=pick("model"), epochs=pick("epochs"), optimizer__lr=pick("learning_rate"),
+        data__batch_size=pick("batch_size"))]
+
+
+MACROS = {
+    "run_root": run_root,
+    "checkpoint_dir": checkpoint_dir,
+    "tb_log_dir": tb_log_dir,
+    "upstream": upstream,
+    "optional": optional,
+    "config_flags": config_flags,
+    "set_flags": set_flags,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard link
+
+
+def tensorboard_url(log_dir: str, dag_id: str | None = None, settings: Settings | None = None) -> str:
+    """Return where a person looks at ``log_dir``.
+
+    With TENSORBOARD_URL set (a TensorBoard serving the data root): that server, filtered to this
+    run's path (TensorBoard run names are paths below its logdir). Otherwise the folder itself: the
+    Cloud Storage console for gs://, a file:// URL for a local folder.
+    """
+    settings = settings or load_settings()
+    if not log_dir or "{{" in log_dir:
+        return ""
+    if settings.tensorboard_url:
+        tail = log_dir
+        if dag_id and f"/{dag_id}/" in log_dir:
+            tail = dag_id + "/" + log_dir.split(f"/{dag_id}/", 1)[1]
+        return f"{settings.tensorboard_url.rstrip('/')}/?runFilter={quote(re.escape(tail), safe='')}#timeseries"
+    if log_dir.startswith(("gs://", "gcs://")):
+        return "https://console.cloud.google.com/storage/browser/" + log_dir.split("://", 1)[1]
+    if "://" in log_dir:
+        return log_dir
+    return Path(os.path.expanduser(log_dir)).absolute().as_uri()
+
+
+class TensorBoardLink(BaseOperatorLink):
+    """The "TensorBoard" button of a train/fine-tune/evaluate task.
+
+    Airflow 3 calls ``get_link`` on the worker when the task ends, where the operator's templates are
+    rendered, and stores the URL as an XCom that the UI reads under ``xcom_key``.
+    """
+
+    name = "TensorBoard"
+
+    @property
+    def xcom_key(self) -> str:
+        return "_link_synthval_tensorboard"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        return tensorboard_url(getattr(operator, "tb_log_dir", "") or "", getattr(ti_key, "dag_id", None))
+
+
+def check_conf(context: Any) -> None:
+    """Fail, naming it, on a conf key that is no param of the DAG (Airflow itself ignores it).
+
+    A typo such as ``{"epoch": 3}`` would otherwise train with the default silently.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag_run, dag = context.get("dag_run"), context.get("dag")
+    conf = getattr(dag_run, "conf", None) or {}
+    if dag is None or not isinstance(conf, dict):
+        return
+    unknown = sorted(set(conf) - set(dag.params))
+    if unknown:
+        raise AirflowFailException(
+            f"conf key {unknown[0]!r} is not a param of {dag.dag_id}; its params are: {', '.join(sorted(dag.params))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines
+
+
+def synthval_executable() -> str:
+    """The `synthval` console script installed next to this Python, else `python -m synthval.cli`."""
+    candidate = Path(sys.executable).with_name("synthval")
+    return str(candidate) if candidate.exists() else ""
+
+
+def launch_command(argv: list[str], gpus: int, *, local: bool) -> list[str]:
+    """Return the process to start for ``argv`` (``["synthval", step, ...]``).
+
+    More than one GPU launches one process per GPU through torchrun, which runs ``python -m
+    synthval.cli`` in each. Locally the console script next to the worker's Python is used.
+    """
+    if argv[:1] != ["synthval"]:
+        raise ValueError(f"a synthval step starts with 'synthval', got {argv[:2]!r}")
+    if gpus > 1:
+        if local:
+            torchrun = [sys.executable, "-m", "torch.distributed.run"]
+        else:
+            torchrun = ["torchrun"]
+        return [*torchrun, "--standalone", "--nproc-per-node", str(gpus), "-m", "synthval.cli", *argv[1:]]
+    if local:
+        exe = synthval_executable()
+        return [exe, *argv[1:]] if exe else [sys.executable, "-m", "synthval.cli", *argv[1:]]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# Local backend
+
+
+class SynthvalLocalOperator(BaseOperator):
+    """Run one ``synthval <step>`` command as a child process of the worker.
+
+    The process gets ``SYNTHVAL_XCOM_FILE`` (a temporary file); its output streams into the task log;
+    the JSON it wrote becomes this task's XCom return value. On timeout, kill or failure the whole
+    process group is terminated. Exit code 2 (bad input or config) fails without retrying.
+    """
+
+    template_fields = ("argv", "gpus", "tb_log_dir")
+    template_fields_renderers = {"argv": "py"}
+    ui_color = "#e8f1fb"
+
+    def __init__(self, *, step: str, argv: list[Any], gpus: Any = 0, tb_log_dir: str | None = None,
+                 usim_token: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step = step
+        self.argv = argv
+        self.gpus = gpus
+        self.tb_log_dir = tb_log_dir
+        self.usim_token = usim_token
+        self._proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        """The rendered command line, as `synthval ...` (the same for every backend)."""
+        return flatten_argv(self.argv)
+
+    def execute(self, context: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+        check_conf(context)
+        argv = self.command()
+        cmd = launch_command(argv, int(self.gpus or 0), local=True)
+        with tempfile.TemporaryDirectory(prefix="synthval-task-") as tmp:
+            xcom_file = os.path.join(tmp, "return.json")
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env[XCOM_FILE_ENV] = xcom_file
+            env.pop(USIM_TOKEN_ENV, None)
+            if self.usim_token:
+                env[USIM_TOKEN_FILE_ENV] = self._write_usim_token(tmp)
+            self.log.info("Running: %s", shlex.join(argv))
+            rc = self._run(cmd, env)
+            if rc != 0:
+                message = f"synthval {self.step} exited with code {rc}"
+                if rc == 2:
+                    raise AirflowFailException(message + " (bad input or config: not retried)")
+                raise AirflowException(message)
+            try:
+                with open(xcom_file, encoding="utf-8") as f:
+                    return json.load(f)
+            except FileNotFoundError:
+                raise AirflowException(f"synthval {self.step} wrote no result to {XCOM_FILE_ENV}") from None
+
+    def _write_usim_token(self, folder: str) -> str:
+        from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowFailException
+
+        conn_id = load_settings().usim_conn_id
+        try:
+            token = BaseHook.get_connection(conn_id).password
+        except Exception as exc:  # noqa: BLE001 - the connection API raises several types
+            raise AirflowFailException(
+                f"Unity Simulation token: Airflow connection {conn_id!r} is missing ({exc}); create it with "
+                f"the token as its password"
+            ) from None
+        if not token:
+            raise AirflowFailException(f"Unity Simulation token: connection {conn_id!r} has no password")
+        path = os.path.join(folder, "usim-token")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token)
+        return path
+
+    def _run(self, cmd: list[str], env: dict[str, str]) -> int:
+        self._proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, text=True, errors="replace", bufsize=1,
+        )
+        try:
+            assert self._proc.stdout is not None
+            for line in self._proc.stdout:
+                self.log.info("%s", line.rstrip("\n"))
+            return self._proc.wait()
+        finally:
+            self._terminate()
+
+    def _terminate(self, grace_s: float = 10.0) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        self.log.warning("Stopping synthval %s (process group %d)", self.step, proc.pid)
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def on_kill(self) -> None:
+        self._terminate()
+
+
+# ---------------------------------------------------------------------------------------------
+# The factory
+
+
+def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpus: Any = 0,
+                  tb_log_dir: str | None = None, usim_token: bool = False, **kwargs: Any) -> BaseOperator:
+    """Return the task that runs ``argv`` (``["synthval", step, ...]``, templated) on the set backend.
+
+    ``gpus`` (a number or template) applies to train/fine-tune/evaluate; with more than one, torchrun
+    starts one process per GPU. ``tb_log_dir`` feeds the TensorBoard link. ``usim_token`` gives the
+    process the Unity Simulation token: from the Kubernetes Secret (env USIM_ACCESS_TOKEN via
+    secretKeyRef) in a pod, from the Airflow connection (a 0600 file named by USIM_ACCESS_TOKEN_FILE)
+    locally. Other keyword arguments go to the operator (trigger_rule, retries, ...).
+    """
+    if step not in STEPS:
+        raise ValueError(f"unknown synthval step {step!r}; expected one of {', '.join(STEPS)}")
+    if argv[:2] != ["synthval", step]:
+        raise ValueError(f"argv of step {step!r} must start with ['synthval', {step!r}], got {argv[:2]!r}")
+    settings = load_settings()
+    profile = STEP_PROFILES[step]
+    common: dict[str, Any] = dict(
+        task_id=task_id or step,
+        step=step,
+        argv=argv,
+        gpus=gpus if profile.uses_gpu else 0,
+        tb_log_dir=tb_log_dir,
+        # A pod's failure is often the node's (preemption, eviction), worth retrying with --resume auto;
+        # a local one is usually deterministic, so it is retried once.
+        retries=profile.retries if settings.is_pod_backend else min(profile.retries, 1),
+        retry_delay=timedelta(minutes=1),
+        retry_exponential_backoff=True,
+        execution_timeout=profile.timeout,
+    )
+    common.update(kwargs)
+    if settings.backend == "local":
+        op: BaseOperator = SynthvalLocalOperator(usim_token=usim_token, **common)
+    else:
+        from synthval_pods import pod_task
+
+        op = pod_task(settings, usim_token=usim_token, **common)
+    if tb_log_dir:
+        op.operator_extra_links = (*type(op).operator_extra_links, TensorBoardLink())
+    return op

@@ -1,0 +1,82 @@
+"""Train Faster R-CNN on a synthetic dataset (the SynthDet sample by default), evaluate it on real images.
+
+The seed's first question: how well does a detector trained on synthetic images alone do on real
+ones? This recipe fetches the synthetic dataset (`synthdet-sample` in a cluster; generated demo data
+on the local backend; any dataset URI by param) and the real test set, trains on the synthetic
+images, evaluates on the real test split and publishes the result record.
+
+Tasks: `fetch_synthetic`, `fetch_real` -> `train` -> `evaluate` -> `publish`. Each task is one
+`synthval <step>` command (see its Rendered Template); XComs carry URIs: train -> evaluate
+(checkpoint) -> publish (metrics). Outputs: `<output_root>/train_on_synthdet_sample/<run>/`. The
+TensorBoard button of train and evaluate opens their logs.
+
+```
+airflow dags trigger train_on_synthdet_sample --conf '{"epochs": 12, "gpus": 1}'
+airflow dags trigger train_on_synthdet_sample --conf '{"synthetic_dataset": "gs://bucket/my-synthetic-set"}'
+```
+"""
+
+from synthval_params import (
+    compute_params,
+    dataset_param,
+    output_params,
+    recipe_dag,
+    test_split_param,
+    training_params,
+)
+from synthval_tasks import load_settings, synthval_task
+
+settings = load_settings()
+
+with recipe_dag(
+    "train_on_synthdet_sample",
+    __doc__,
+    params={
+        "synthetic_dataset": dataset_param("synthetic", settings.default_synthetic),
+        "real_dataset": dataset_param("real", settings.default_real),
+        **test_split_param(),
+        **training_params(),
+        **output_params(),
+        **compute_params(),
+    },
+    tags=["train"],
+) as dag:
+    fetch_synthetic = synthval_task("fetch", [
+        "synthval", "fetch", "{{ params.synthetic_dataset }}", "--out", "{{ run_root() }}/data/synthetic",
+    ], task_id="fetch_synthetic")
+    fetch_real = synthval_task("fetch", [
+        "synthval", "fetch", "{{ params.real_dataset }}", "--out", "{{ run_root() }}/data/real",
+    ], task_id="fetch_real")
+
+    train = synthval_task("train", [
+        "synthval", "train",
+        "--train-data", "{{ upstream('fetch_synthetic', 'dataset_uri') }}",
+        "--checkpoint-dir", "{{ checkpoint_dir('train') }}",
+        "--tb-log-dir", "{{ tb_log_dir('train') }}",
+        "--resume", "auto",
+        "{{ config_flags(params) }}",
+    ], gpus="{{ params.gpus }}", tb_log_dir="{{ tb_log_dir('train') }}")
+
+    evaluate = synthval_task("evaluate", [
+        "synthval", "evaluate",
+        "--checkpoint", "{{ upstream('train', 'checkpoint_uri') }}",
+        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
+        "--split", "{{ params.test_split }}",
+        "--out", "{{ run_root() }}/eval",
+        "--tb-log-dir", "{{ tb_log_dir('evaluate') }}",
+    ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir="{{ tb_log_dir('evaluate') }}")
+
+    publish = synthval_task("publish", [
+        "synthval", "publish",
+        "--metrics", "{{ upstream('evaluate', 'metrics_uri') }}",
+        "--results", "{{ params.output_root }}/results",
+        "--recipe", "{{ dag.dag_id }}",
+        "--run-id", "{{ run_id }}",
+        "--dataset", "synthetic={{ params.synthetic_dataset }}",
+        "--dataset", "real={{ params.real_dataset }}",
+        "--checkpoint", "{{ upstream('train', 'checkpoint_uri') }}",
+        "--real-budget", "0",
+    ])
+
+    fetch_synthetic >> train
+    [train, fetch_real] >> evaluate >> publish

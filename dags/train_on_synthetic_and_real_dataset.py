@@ -1,0 +1,142 @@
+"""Train Faster R-CNN on a synthetic dataset, then fine-tune it on a budget of real images.
+
+How much is a synthetic dataset worth when real labels are scarce? This recipe trains on the
+synthetic dataset, fine-tunes that model on a real split (`train_small` ~76 images, `train_medium`
+~380, `train` 760, or `real_count` images of it), evaluates **both** the synthetic-only and the
+fine-tuned model on the real test split, and publishes the fine-tuned result.
+
+**Start from a synthetic checkpoint**: set `start_from_checkpoint` (a URI, or a published model such
+as `synthetic-400k`) and the synthetic fetch and training are skipped (shown as skipped in the grid).
+
+Tasks: `choose_start` -> (`fetch_synthetic` -> `train` | `use_given_checkpoint`), `fetch_real` ->
+`evaluate_synthetic`, `finetune` -> `evaluate` -> `publish`. Each task is one `synthval <step>`
+command (see its Rendered Template); XComs carry URIs: train -> finetune (checkpoint) -> evaluate
+(checkpoint) -> publish (metrics). Outputs: `<output_root>/train_on_synthetic_and_real_dataset/<run>/`.
+The TensorBoard button of train, finetune and evaluate opens their logs.
+
+```
+airflow dags trigger train_on_synthetic_and_real_dataset --conf '{"real_split": "train_small"}'
+airflow dags trigger train_on_synthetic_and_real_dataset \\
+    --conf '{"start_from_checkpoint": "synthetic-400k", "real_split": "train_medium", "gpus": 2}'
+```
+"""
+
+from airflow.sdk import Param, task
+
+from synthval_params import (
+    PUBLISHED_MODELS,
+    URI_PATTERN,
+    compute_params,
+    dataset_param,
+    output_params,
+    real_split_params,
+    recipe_dag,
+    test_split_param,
+    training_params,
+)
+from synthval_tasks import check_conf, load_settings, synthval_task
+
+settings = load_settings()
+
+with recipe_dag(
+    "train_on_synthetic_and_real_dataset",
+    __doc__,
+    params={
+        "synthetic_dataset": dataset_param("synthetic", settings.default_synthetic),
+        "real_dataset": dataset_param("real", settings.default_real),
+        **real_split_params(),
+        **test_split_param(),
+        "start_from_checkpoint": Param(
+            None, type=["null", "string"], anyOf=[{"type": "null"}, {"enum": list(PUBLISHED_MODELS)},
+                                                  {"type": "string", "pattern": URI_PATTERN}],
+            examples=list(PUBLISHED_MODELS), section="Fine-tuning", title="Start from checkpoint",
+            description="Skip synthetic training and fine-tune this checkpoint (URI or published model name).",
+        ),
+        **training_params(finetune=True),
+        **output_params(),
+        **compute_params(),
+    },
+    tags=["train", "finetune"],
+) as dag:
+
+    @task.branch
+    def choose_start(params=None, **context) -> str:
+        """Train on synthetic data, unless a synthetic checkpoint to start from was given."""
+        check_conf(context)
+        return "use_given_checkpoint" if params["start_from_checkpoint"] else "fetch_synthetic"
+
+    @task
+    def use_given_checkpoint(params=None) -> dict:
+        """Hand the given checkpoint on like `train` would."""
+        return {"checkpoint_uri": params["start_from_checkpoint"]}
+
+    start = choose_start()
+    given = use_given_checkpoint()
+
+    fetch_synthetic = synthval_task("fetch", [
+        "synthval", "fetch", "{{ params.synthetic_dataset }}", "--out", "{{ run_root() }}/data/synthetic",
+    ], task_id="fetch_synthetic")
+    fetch_real = synthval_task("fetch", [
+        "synthval", "fetch", "{{ params.real_dataset }}", "--out", "{{ run_root() }}/data/real",
+    ], task_id="fetch_real")
+
+    train = synthval_task("train", [
+        "synthval", "train",
+        "--train-data", "{{ upstream('fetch_synthetic', 'dataset_uri') }}",
+        "--checkpoint-dir", "{{ checkpoint_dir('train') }}",
+        "--tb-log-dir", "{{ tb_log_dir('train') }}",
+        "--resume", "auto",
+        "{{ config_flags(params) }}",
+    ], gpus="{{ params.gpus }}", tb_log_dir="{{ tb_log_dir('train') }}")
+
+    # The checkpoint fine-tuning starts from: the given one, or the one `train` just wrote.
+    start_checkpoint = ("{{ params.start_from_checkpoint or upstream('train', 'checkpoint_uri') }}")
+
+    evaluate_synthetic = synthval_task("evaluate", [
+        "synthval", "evaluate",
+        "--checkpoint", start_checkpoint,
+        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
+        "--split", "{{ params.test_split }}",
+        "--out", "{{ run_root() }}/eval/synthetic",
+        "--tb-log-dir", "{{ tb_log_dir('evaluate_synthetic') }}",
+    ], task_id="evaluate_synthetic", gpus="{{ [params.gpus, 1] | min }}",
+        tb_log_dir="{{ tb_log_dir('evaluate_synthetic') }}", trigger_rule="none_failed_min_one_success")
+
+    finetune = synthval_task("finetune", [
+        "synthval", "finetune",
+        "--train-data", "{{ upstream('fetch_real', 'dataset_uri') }}",
+        "--train-split", "{{ params.real_split }}",
+        "{{ optional('--max-images', params.real_count) }}",
+        "--init-checkpoint", start_checkpoint,
+        "--checkpoint-dir", "{{ checkpoint_dir('finetune') }}",
+        "--tb-log-dir", "{{ tb_log_dir('finetune') }}",
+        "--resume", "auto",
+        "{{ config_flags(params, prefix='finetune_') }}",
+    ], gpus="{{ params.gpus }}", tb_log_dir="{{ tb_log_dir('finetune') }}",
+        trigger_rule="none_failed_min_one_success")
+
+    evaluate = synthval_task("evaluate", [
+        "synthval", "evaluate",
+        "--checkpoint", "{{ upstream('finetune', 'checkpoint_uri') }}",
+        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
+        "--split", "{{ params.test_split }}",
+        "--out", "{{ run_root() }}/eval/finetuned",
+        "--tb-log-dir", "{{ tb_log_dir('evaluate') }}",
+    ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir="{{ tb_log_dir('evaluate') }}")
+
+    publish = synthval_task("publish", [
+        "synthval", "publish",
+        "--metrics", "{{ upstream('evaluate', 'metrics_uri') }}",
+        "--results", "{{ params.output_root }}/results",
+        "--recipe", "{{ dag.dag_id }}",
+        "--run-id", "{{ run_id }}",
+        "{{ [] if params.start_from_checkpoint else ['--dataset', 'synthetic=' ~ params.synthetic_dataset] }}",
+        "--dataset", "real={{ params.real_dataset }}",
+        "--checkpoint", "{{ upstream('finetune', 'checkpoint_uri') }}",
+        "{{ optional('--real-budget', params.real_count) }}",
+    ])
+
+    start >> [fetch_synthetic, given]
+    fetch_synthetic >> train
+    [train, given, fetch_real] >> evaluate_synthetic
+    [train, given, fetch_real] >> finetune >> evaluate >> publish

@@ -1,0 +1,94 @@
+"""Train Faster R-CNN on the images of a Unity Simulation run, evaluate it on real images.
+
+Fetches the dataset a Unity Simulation run execution produced (`usim://<project_id>/<run_execution_id>`)
+and the real test set, trains on the synthetic images, evaluates on the real test split and
+publishes the result record.
+
+**The access token never passes through conf, arguments or logs.** On the kubernetes and gke
+backends the fetch pod reads it from the Kubernetes Secret named by the `SYNTHVAL_USIM_SECRET`
+setting (default `usim-access-token`, key `token`) through a secretKeyRef:
+`kubectl -n synthval create secret generic usim-access-token --from-literal=token=...`.
+On the local backend it comes from the Airflow connection `usim_default` (its password), handed to
+the process as a 0600 file named by `USIM_ACCESS_TOKEN_FILE`:
+`airflow connections add usim_default --conn-type generic --conn-password ...`.
+
+Tasks: `fetch_synthetic`, `fetch_real` -> `train` -> `evaluate` -> `publish`. XComs carry URIs.
+Outputs: `<output_root>/train_on_synthetic_dataset_unity_simulation/<run>/`.
+
+```
+airflow dags trigger train_on_synthetic_dataset_unity_simulation \\
+    --conf '{"project_id": "8a6b...", "run_execution_id": "yJ3kQ2x"}'
+```
+"""
+
+from airflow.sdk import Param
+
+from synthval_params import (
+    compute_params,
+    dataset_param,
+    output_params,
+    recipe_dag,
+    test_split_param,
+    training_params,
+)
+from synthval_tasks import load_settings, synthval_task
+
+settings = load_settings()
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+with recipe_dag(
+    "train_on_synthetic_dataset_unity_simulation",
+    __doc__,
+    params={
+        "project_id": Param(type="string", pattern=ID_PATTERN, section="Unity Simulation", title="Project id",
+                            description="Unity project id the simulation ran under."),
+        "run_execution_id": Param(type="string", pattern=ID_PATTERN, section="Unity Simulation",
+                                  title="Run execution id", description="The run execution to fetch."),
+        "real_dataset": dataset_param("real", settings.default_real),
+        **test_split_param(),
+        **training_params(),
+        **output_params(),
+        **compute_params(),
+    },
+    tags=["train", "unity-simulation"],
+) as dag:
+    fetch_synthetic = synthval_task("fetch", [
+        "synthval", "fetch", "usim://{{ params.project_id }}/{{ params.run_execution_id }}",
+        "--out", "{{ run_root() }}/data/synthetic",
+    ], task_id="fetch_synthetic", usim_token=True)
+    fetch_real = synthval_task("fetch", [
+        "synthval", "fetch", "{{ params.real_dataset }}", "--out", "{{ run_root() }}/data/real",
+    ], task_id="fetch_real")
+
+    train = synthval_task("train", [
+        "synthval", "train",
+        "--train-data", "{{ upstream('fetch_synthetic', 'dataset_uri') }}",
+        "--checkpoint-dir", "{{ checkpoint_dir('train') }}",
+        "--tb-log-dir", "{{ tb_log_dir('train') }}",
+        "--resume", "auto",
+        "{{ config_flags(params) }}",
+    ], gpus="{{ params.gpus }}", tb_log_dir="{{ tb_log_dir('train') }}")
+
+    evaluate = synthval_task("evaluate", [
+        "synthval", "evaluate",
+        "--checkpoint", "{{ upstream('train', 'checkpoint_uri') }}",
+        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
+        "--split", "{{ params.test_split }}",
+        "--out", "{{ run_root() }}/eval",
+        "--tb-log-dir", "{{ tb_log_dir('evaluate') }}",
+    ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir="{{ tb_log_dir('evaluate') }}")
+
+    publish = synthval_task("publish", [
+        "synthval", "publish",
+        "--metrics", "{{ upstream('evaluate', 'metrics_uri') }}",
+        "--results", "{{ params.output_root }}/results",
+        "--recipe", "{{ dag.dag_id }}",
+        "--run-id", "{{ run_id }}",
+        "--dataset", "synthetic=usim://{{ params.project_id }}/{{ params.run_execution_id }}",
+        "--dataset", "real={{ params.real_dataset }}",
+        "--checkpoint", "{{ upstream('train', 'checkpoint_uri') }}",
+        "--real-budget", "0",
+    ])
+
+    fetch_synthetic >> train
+    [train, fetch_real] >> evaluate >> publish

@@ -1,0 +1,471 @@
+"""The Airflow DAGs: they load, import no training code, have the recipes' task order, validate conf,
+build command lines the CLI accepts, and (slow) run a recipe end to end on the local backend.
+
+Airflow is pointed at a throwaway AIRFLOW_HOME (SQLite) before it is first imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DAGS = ROOT / "dags"
+PYTHON_BIN = Path(sys.executable).parent
+# One throwaway Airflow home for every test module of this session, never the developer's own.
+os.environ.setdefault("SYNTHVAL_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="synthval-airflow-test-"))
+AIRFLOW_ENV = {
+    "AIRFLOW_HOME": os.environ["SYNTHVAL_TEST_AIRFLOW_HOME"],
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+}
+os.environ.update(AIRFLOW_ENV)
+if str(DAGS) not in sys.path:
+    sys.path.insert(0, str(DAGS))  # as Airflow's DAG bundle does for the DAG folder
+
+DAG_IDS = {
+    "train_on_synthdet_sample",
+    "train_on_real_world_dataset",
+    "train_on_synthetic_and_real_dataset",
+    "train_on_synthetic_dataset_unity_simulation",
+    "evaluate_the_model",
+}
+# Task -> its upstream tasks, per DAG: the recipes of the seed.
+TASK_ORDER = {
+    "train_on_synthdet_sample": {
+        "fetch_synthetic": set(), "fetch_real": set(), "train": {"fetch_synthetic"},
+        "evaluate": {"train", "fetch_real"}, "publish": {"evaluate"},
+    },
+    "train_on_real_world_dataset": {
+        "fetch_real": set(), "train": {"fetch_real"}, "evaluate": {"train"}, "publish": {"evaluate"},
+    },
+    "train_on_synthetic_and_real_dataset": {
+        "choose_start": set(), "fetch_synthetic": {"choose_start"}, "use_given_checkpoint": {"choose_start"},
+        "fetch_real": set(), "train": {"fetch_synthetic"},
+        "evaluate_synthetic": {"train", "use_given_checkpoint", "fetch_real"},
+        "finetune": {"train", "use_given_checkpoint", "fetch_real"},
+        "evaluate": {"finetune"}, "publish": {"evaluate"},
+    },
+    "train_on_synthetic_dataset_unity_simulation": {
+        "fetch_synthetic": set(), "fetch_real": set(), "train": {"fetch_synthetic"},
+        "evaluate": {"train", "fetch_real"}, "publish": {"evaluate"},
+    },
+    "evaluate_the_model": {"fetch_real": set(), "evaluate": {"fetch_real"}, "publish": {"evaluate"}},
+}
+# What each step pushes (the CLI's result JSON), as upstream XComs for rendering.
+UPSTREAM_XCOMS = {
+    "fetch_synthetic": {"dataset_uri": "gs://bucket/runs/data/synthetic", "format": "perception", "num_images": 400},
+    "fetch_real": {"dataset_uri": "gs://bucket/runs/data/real", "format": "groceries", "num_images": 300},
+    "train": {"checkpoint_uri": "gs://bucket/runs/checkpoints/train/checkpoint-000120.pt", "step": 120},
+    "finetune": {"checkpoint_uri": "gs://bucket/runs/checkpoints/finetune/checkpoint-000040.pt", "step": 40},
+    "evaluate": {"metrics_uri": "gs://bucket/runs/eval/metrics.json", "summary": {"mAP": 0.1}},
+    "evaluate_synthetic": {"metrics_uri": "gs://bucket/runs/eval/synthetic/metrics.json", "summary": {"mAP": 0.05}},
+}
+RUN_ID = "manual__2026-11-24T14:20:42.222917+00:00"
+# Conf that each DAG needs beyond its defaults (required params).
+REQUIRED_CONF = {
+    "train_on_synthetic_dataset_unity_simulation": {"project_id": "proj-1", "run_execution_id": "yJ3kQ2x"},
+    "evaluate_the_model": {"checkpoint": "synthetic-400k"},
+}
+
+
+class FakeTI:
+    """The task instance as templates and pod operators read it, with canned upstream XComs."""
+
+    def __init__(self, dag_id: str, task_id: str, xcoms: dict[str, Any]) -> None:
+        self.dag_id, self.task_id, self.run_id = dag_id, task_id, RUN_ID
+        self.try_number, self.map_index, self.start_date = 1, -1, None
+        self.xcoms = xcoms
+
+    def xcom_pull(self, task_ids: Any = None, key: str = "return_value", **_: Any) -> Any:
+        return self.xcoms.get(task_ids)
+
+
+def load_dags(monkeypatch: pytest.MonkeyPatch, backend: str = "local", **settings: str) -> dict[str, Any]:
+    """Parse dags/ with these settings (env SYNTHVAL_<NAME>); return the DAGs by id."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    import synthval_tasks
+
+    for key in [k for k in os.environ if k.startswith("SYNTHVAL_") and k != "SYNTHVAL_TEST_AIRFLOW_HOME"]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
+    for name, value in settings.items():
+        monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
+    synthval_tasks.load_settings.cache_clear()
+    try:
+        bag = DagBag(dag_folder=str(DAGS), safe_mode=False)
+    finally:
+        synthval_tasks.load_settings.cache_clear()
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.dags
+
+
+def render(dag: Any, task: Any, conf: dict[str, Any] | None = None, xcoms: dict[str, Any] | None = None) -> Any:
+    """Render a copy of ``task`` as a run with ``conf`` would; return the copy."""
+    import copy
+
+    merged = copy.deepcopy(dag.params)
+    merged.update(conf or {})
+    params = merged.validate()
+    task = copy.deepcopy(task)
+    ti = FakeTI(dag.dag_id, task.task_id, UPSTREAM_XCOMS if xcoms is None else xcoms)
+    context = {"params": params, "dag": dag, "task": task, "run_id": RUN_ID, "ti": ti, "task_instance": ti}
+    task.render_template_fields(context)
+    task.test_context = context
+    return task
+
+
+def synthval_tasks_of(dag: Any) -> list[Any]:
+    return [t for t in dag.tasks if hasattr(t, "command")]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_dags() -> dict[str, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SYNTHVAL_DATA_ROOT", "/tmp/synthval-test-root")
+        return load_dags(mp, "local", data_root="/tmp/synthval-test-root")
+
+
+def test_every_dag_loads_with_its_file_name_and_docs(local_dags):
+    assert set(local_dags) == DAG_IDS
+    for dag_id, dag in local_dags.items():
+        assert Path(dag.fileloc).stem == dag_id
+        module_doc = ast.get_docstring(ast.parse(Path(dag.fileloc).read_text()), clean=False)
+        assert dag.doc_md == module_doc and len(dag.doc_md) > 200, dag_id
+        assert "synthval" in dag.tags
+        for name in dag.params:
+            assert dag.params.get_param(name).schema.get("section"), (dag_id, name)
+
+
+def test_task_order_of_each_recipe(local_dags):
+    for dag_id, expected in TASK_ORDER.items():
+        dag = local_dags[dag_id]
+        actual = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
+        assert actual == expected, dag_id
+
+
+@pytest.mark.parametrize("backend", ["local", "kubernetes"])
+def test_parsing_imports_neither_torch_nor_synthval(backend, tmp_path):
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(DAGS)!r})
+t0 = time.perf_counter()
+from airflow.dag_processing.dagbag import DagBag
+t1 = time.perf_counter()
+bag = DagBag(dag_folder={str(DAGS)!r})
+t2 = time.perf_counter()
+assert not bag.import_errors, bag.import_errors
+assert len(bag.dags) == 5, sorted(bag.dags)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "synthval"))
+print("LEAKED", leaked)
+print(f"TIMES import_airflow={{t1 - t0:.2f}} parse_all_dags={{t2 - t1:.2f}}")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHVAL_")}
+    env.update(AIRFLOW_ENV, SYNTHVAL_BACKEND=backend, SYNTHVAL_DATA_ROOT="gs://bucket/synthval")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LEAKED []" in proc.stdout, proc.stdout
+    print(backend, re.search(r"TIMES .*", proc.stdout).group(0))
+
+
+def test_contract_every_command_line_is_accepted_by_the_cli(local_dags, monkeypatch):
+    """Every argv any DAG builds, with default and with non-default params, parses with the real parser."""
+    from synthval.cli import get_parser
+
+    parser = get_parser()
+    variants = [{}, {"gpus": 2, "epochs": 3, "learning_rate": 1e-5, "batch_size": 2, "model": "tiny",
+                     "overrides": ["max_steps=2", "model.min_size=96"], "real_count": 40, "real_split": "train_small",
+                     "finetune_epochs": 1, "finetune_overrides": ["optimizer.lr=0.0001"],
+                     "start_from_checkpoint": "synthetic-400k", "checkpoint_dir": "gs://other/ckpt",
+                     "tb_log_dir": "gs://other/tb"}]
+    checked = 0
+    for dag_id, dag in local_dags.items():
+        for variant in variants:
+            conf = {k: v for k, v in {**REQUIRED_CONF.get(dag_id, {}), **variant}.items() if k in dag.params}
+            for task in synthval_tasks_of(dag):
+                argv = render(dag, task, conf).command()
+                assert argv[0] == "synthval" and all(isinstance(a, str) and a for a in argv), argv
+                assert not any("{{" in a or "None" == a for a in argv), argv
+                args = parser.parse_args(argv[1:])
+                assert args.command == task.step
+                checked += 1
+    assert checked >= 40
+
+
+def test_command_lines_carry_upstream_uris_and_params(local_dags):
+    dag = local_dags["train_on_synthetic_and_real_dataset"]
+    conf = {"real_split": "train_small", "real_count": 40, "epochs": 3, "learning_rate": 1e-5,
+            "overrides": ["max_steps=2"], "finetune_overrides": ["epochs=1"]}
+    finetune = render(dag, dag.task_dict["finetune"], conf).command()
+    root = f"/tmp/synthval-test-root/train_on_synthetic_and_real_dataset/manual__2026-11-24T14-20-42.222917"
+    assert finetune == [
+        "synthval", "finetune", "--train-data", "gs://bucket/runs/data/real", "--train-split", "train_small",
+        "--max-images", "40", "--init-checkpoint", UPSTREAM_XCOMS["train"]["checkpoint_uri"],
+        "--checkpoint-dir", f"{root}/checkpoints/finetune", "--tb-log-dir", f"{root}/tensorboard/finetune",
+        "--resume", "auto", "--preset", "cpu-demo", "--set", "epochs=3", "--set", "optimizer.lr=0.00001",
+        "--set", "max_steps=2", "--set", "epochs=1",
+    ]
+    evaluate = render(dag, dag.task_dict["evaluate"], conf).command()
+    assert evaluate[evaluate.index("--checkpoint") + 1] == UPSTREAM_XCOMS["finetune"]["checkpoint_uri"]
+    publish = render(dag, dag.task_dict["publish"], conf).command()
+    assert publish[publish.index("--metrics") + 1] == UPSTREAM_XCOMS["evaluate"]["metrics_uri"]
+    assert publish[publish.index("--run-id") + 1] == RUN_ID
+
+
+def test_start_from_checkpoint_skips_synthetic_training_and_uses_it(local_dags):
+    dag = local_dags["train_on_synthetic_and_real_dataset"]
+    conf = {"start_from_checkpoint": "gs://b/synthetic.pt"}
+    xcoms = {k: v for k, v in UPSTREAM_XCOMS.items() if k not in ("train", "fetch_synthetic")}
+    for task_id in ("finetune", "evaluate_synthetic"):
+        argv = render(dag, dag.task_dict[task_id], conf, xcoms).command()
+        flag = "--init-checkpoint" if task_id == "finetune" else "--checkpoint"
+        assert argv[argv.index(flag) + 1] == "gs://b/synthetic.pt"
+    publish = render(dag, dag.task_dict["publish"], conf, xcoms).command()
+    assert not any(a.startswith("synthetic=") for a in publish)
+    # The branch picks the visible skip path.
+    choose = dag.task_dict["choose_start"]
+    assert choose.python_callable(params={"start_from_checkpoint": "gs://b/synthetic.pt"}) == "use_given_checkpoint"
+    assert choose.python_callable(params={"start_from_checkpoint": None}) == "fetch_synthetic"
+    assert dag.task_dict["finetune"].trigger_rule == "none_failed_min_one_success"
+
+
+def test_two_runs_never_share_an_output_folder(local_dags):
+    dag = local_dags["train_on_synthdet_sample"]
+    task = render(dag, dag.task_dict["train"])
+    argv = task.command()
+    other = dag.task_dict["train"]
+    import copy
+
+    other = copy.deepcopy(other)
+    ti = FakeTI(dag.dag_id, "train", UPSTREAM_XCOMS)
+    other.render_template_fields({"params": copy.deepcopy(dag.params).validate(), "dag": dag, "task": other,
+                                  "run_id": "manual__2026-11-24T15:00:00+00:00", "ti": ti})
+    dirs = lambda a: {a[a.index(f) + 1] for f in ("--checkpoint-dir", "--tb-log-dir")}  # noqa: E731
+    assert not dirs(argv) & dirs(other.command())
+
+
+def test_dag_enums_match_the_cli(local_dags):
+    from synthval import config
+
+    import synthval_params
+
+    assert set(synthval_params.MODEL_NAMES) == set(config.MODEL_NAMES)
+    assert set(synthval_params.PRESETS) == set(config.PRESETS)
+    try:
+        from synthval.fetch import NAMED_SOURCES
+    except ImportError:
+        pytest.skip("synthval.fetch.NAMED_SOURCES not there yet")
+    assert set(synthval_params.PUBLISHED_MODELS) <= set(NAMED_SOURCES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Params: bad conf is refused before a run (and so any task) exists
+
+
+BAD_CONF = [
+    ({"epochs": "many"}, "epochs"),
+    ({"model": "resnet9000"}, "model"),
+    ({"gpus": -1}, "gpus"),
+    ({"learning_rate": 0}, "learning_rate"),
+    ({"overrides": ["not an override"]}, "overrides"),
+    ({"image_tag": "latest"}, "image_tag"),
+    ({"real_split": "train_huge"}, "real_split"),
+    ({"checkpoint": "not-a-model"}, "checkpoint"),
+    ({"project_id": ""}, "project_id"),
+]
+
+
+def _serialized(dag: Any) -> Any:
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag))
+
+
+@pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
+def test_invalid_conf_is_rejected_naming_the_field(local_dags, dag_id):
+    """The check `create_dagrun` makes (the trigger CLI, the REST API and `dags test` all go through it)."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    serialized = _serialized(local_dags[dag_id])
+    required = REQUIRED_CONF.get(dag_id, {})
+    serialized.params.deep_merge(required).validate()  # the defaults plus required params are valid
+    tried = 0
+    for conf, field in BAD_CONF:
+        if field not in serialized.params:
+            continue
+        with pytest.raises(ParamValidationError, match=rf"param {field}\b"):
+            serialized.params.deep_merge({**required, **conf}).validate()
+        tried += 1
+    assert tried >= 3
+    if required:
+        with pytest.raises(ParamValidationError, match=rf"param {next(iter(required))}\b"):
+            serialized.params.deep_merge({}).validate()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> dict[str, str]:
+    """`airflow db migrate` once into the session's throwaway AIRFLOW_HOME; return the env to run airflow."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHVAL_") or k == "SYNTHVAL_TEST_AIRFLOW_HOME"}
+    env.update(AIRFLOW_ENV, SYNTHVAL_BACKEND="local", PATH=f"{PYTHON_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([str(PYTHON_BIN / "airflow"), "db", "migrate"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return env
+
+
+@pytest.mark.slow
+def test_trigger_cli_rejects_bad_conf_and_creates_no_run(airflow_db, tmp_path):
+    env = dict(airflow_db, SYNTHVAL_DATA_ROOT=str(tmp_path))
+    airflow = str(PYTHON_BIN / "airflow")
+    subprocess.run([airflow, "dags", "reserialize"], capture_output=True, text=True, env=env, timeout=300, check=True)
+    proc = subprocess.run([airflow, "dags", "trigger", "train_on_real_world_dataset", "--conf", '{"epochs": "many"}'],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "Invalid input for param epochs" in proc.stdout + proc.stderr
+    runs = subprocess.run([airflow, "dags", "list-runs", "train_on_real_world_dataset", "-o", "json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert json.loads(runs.stdout or "[]") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def test_settings_come_from_env_else_the_variable(monkeypatch):
+    import synthval_tasks
+
+    for key in [k for k in os.environ if k.startswith("SYNTHVAL_") and k != "SYNTHVAL_TEST_AIRFLOW_HOME"]:
+        monkeypatch.delenv(key)
+    synthval_tasks.load_settings.cache_clear()
+    # No SYNTHVAL_BACKEND in env: the Variable (here through Airflow's own env form of a Variable).
+    monkeypatch.setenv("AIRFLOW_VAR_SYNTHVAL_SETTINGS", json.dumps(
+        {"backend": "kubernetes", "data_root": "gs://b/r/", "image_tag": "1.2.3", "gpu_accelerator": "nvidia-l4"}))
+    s = synthval_tasks.load_settings()
+    assert (s.backend, s.data_root, s.image_tag, s.gpu_accelerator) == ("kubernetes", "gs://b/r", "1.2.3", "nvidia-l4")
+    assert (s.default_synthetic, s.default_real, s.default_preset, s.default_gpus) == (
+        "synthdet-sample", "groceries-real", "gpu", 1)
+    # SYNTHVAL_BACKEND in env: env only, the Variable is not read.
+    monkeypatch.setenv("SYNTHVAL_BACKEND", "local")
+    synthval_tasks.load_settings.cache_clear()
+    s = synthval_tasks.load_settings()
+    assert s.backend == "local" and s.data_root == os.path.expanduser("~/synthval-data")
+    assert s.default_synthetic.startswith("generate://synthetic") and s.default_preset == "cpu-demo"
+    for bad, message in (({"SYNTHVAL_BACKEND": "slurm"}, "SYNTHVAL_BACKEND"),
+                         ({"SYNTHVAL_IMAGE_TAG": "latest"}, "latest"),
+                         ({"SYNTHVAL_BACKEND": "kubernetes"}, "SYNTHVAL_DATA_ROOT"),
+                         ({"SYNTHVAL_BACKEND": "gke", "SYNTHVAL_DATA_ROOT": "gs://b"}, "SYNTHVAL_GKE_PROJECT")):
+        with monkeypatch.context() as mp:
+            for k, v in bad.items():
+                mp.setenv(k, v)
+            synthval_tasks.load_settings.cache_clear()
+            with pytest.raises(synthval_tasks.SettingsError, match=message):
+                synthval_tasks.load_settings()
+    synthval_tasks.load_settings.cache_clear()
+
+
+def test_tensorboard_link_points_at_the_task_log_dir(monkeypatch):
+    import synthval_tasks
+    from synthval_tasks import Settings, tensorboard_url
+
+    log_dir = "gs://b/synthval/train_on_synthdet_sample/manual__2026-11-24T14-20-42/tensorboard/train"
+    served = Settings(backend="kubernetes", tensorboard_url="http://tb.example:6006/")
+    url = tensorboard_url(log_dir, "train_on_synthdet_sample", served)
+    assert url.startswith("http://tb.example:6006/?runFilter=train_on_synthdet_sample")
+    assert url.endswith("#timeseries")
+    assert tensorboard_url(log_dir, settings=Settings(backend="kubernetes")) == (
+        "https://console.cloud.google.com/storage/browser/" + log_dir[5:])
+    assert tensorboard_url("/data/tb/train", settings=Settings()) == "file:///data/tb/train"
+    assert tensorboard_url("{{ tb_log_dir('train') }}", settings=Settings()) == ""
+    link = synthval_tasks.TensorBoardLink()
+    op = type("Op", (), {"tb_log_dir": "/data/tb/train"})()
+    monkeypatch.setattr(synthval_tasks, "load_settings", lambda: Settings())
+    assert link.get_link(op, ti_key=None) == "file:///data/tb/train"
+
+
+def test_train_and_evaluate_tasks_carry_the_tensorboard_link(local_dags):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    for dag in local_dags.values():
+        encoded = DagSerialization.to_dict(dag)["dag"]["tasks"]
+        for item in encoded:
+            op = item.get("__var", item)
+            links = op.get("_operator_extra_links") or {}
+            if op["task_id"] in ("train", "finetune", "evaluate", "evaluate_synthetic"):
+                assert "TensorBoard" in links, (dag.dag_id, op["task_id"])
+            else:
+                assert "TensorBoard" not in links, (dag.dag_id, op["task_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the local backend
+
+
+METRIC_KEYS = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "mAR1", "mAR10", "mAR100")
+TINY_CONF = {
+    "synthetic_dataset": "generate://synthetic?num_images=12&image_size=96&seed=0",
+    "real_dataset": "generate://real-proxy?num_images=40&image_size=96&seed=1",
+    "real_split": "train_small",
+    "preset": "cpu-demo",
+    "batch_size": 4,
+    "overrides": ["max_steps=2", "model.min_size=96", "model.max_size=96"],
+}
+
+
+def _xcoms(db: Path, dag_id: str) -> dict[str, Any]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT task_id, value FROM xcom WHERE dag_id = ? AND key = 'return_value'", (dag_id,)).fetchall()
+    out = {}
+    for task_id, value in rows:
+        value = json.loads(value) if isinstance(value, (str, bytes)) else value
+        out[task_id] = json.loads(value) if isinstance(value, str) else value
+    return out
+
+
+@pytest.mark.slow
+def test_dags_test_synthetic_then_real_on_the_local_backend(airflow_db, tmp_path):
+    env = dict(airflow_db, SYNTHVAL_DATA_ROOT=str(tmp_path / "data"), OMP_NUM_THREADS="1")
+    dag_id = "train_on_synthetic_and_real_dataset"
+    started = time.monotonic()
+    proc = subprocess.run([str(PYTHON_BIN / "airflow"), "dags", "test", dag_id, "--conf", json.dumps(TINY_CONF)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    elapsed = time.monotonic() - started
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert re.search(r"DagRun Finished: dag_id=train_on_synthetic_and_real_dataset.*state=success", log), log[-6000:]
+    xcoms = _xcoms(Path(airflow_db["AIRFLOW_HOME"]) / "airflow.db", dag_id)
+    train_ckpt = xcoms["train"]["checkpoint_uri"]
+    finetune_ckpt = xcoms["finetune"]["checkpoint_uri"]
+    assert Path(train_ckpt).is_file() and Path(finetune_ckpt).is_file()
+    assert train_ckpt != finetune_ckpt
+    run_root = tmp_path / "data" / dag_id
+    assert Path(train_ckpt).is_relative_to(run_root) and Path(finetune_ckpt).is_relative_to(run_root)
+    # train -> finetune -> evaluate through XCom: the command lines the tasks logged.
+    assert re.search(rf"Running: synthval finetune .*--init-checkpoint {re.escape(train_ckpt)}", log)
+    assert re.search(rf"Running: synthval evaluate --checkpoint {re.escape(finetune_ckpt)}", log)
+    assert re.search(rf"Running: synthval evaluate --checkpoint {re.escape(train_ckpt)}", log)
+    for task_id in ("evaluate", "evaluate_synthetic"):
+        metrics = json.loads(Path(xcoms[task_id]["metrics_uri"]).read_text())
+        for key in METRIC_KEYS:
+            assert key in metrics, (task_id, key)
+        assert set(xcoms[task_id]["summary"]) >= {"mAP", "mAP50"}
+    assert Path(xcoms["publish"]["result_uri"]).is_file()
+    assert "use_given_checkpoint" not in xcoms  # the skipped path
+    print(f"dags test {dag_id}: {elapsed:.1f} s")

@@ -1,0 +1,168 @@
+"""Every task of every DAG rendered as the pod the kubernetes and gke backends would create, without a
+cluster: templates rendered with a run's context, `build_pod_request_obj(dry_run=True)`, serialized as
+the API server receives it, and validated against the Kubernetes schema.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from test_dags import REQUIRED_CONF, RUN_ID, UPSTREAM_XCOMS, load_dags, render, synthval_tasks_of
+
+K8S_VERSION = "1.33"  # a GKE regular-channel version
+IMAGE = "europe-west4-docker.pkg.dev/proj/synthval/training"
+FAKE_TOKEN = "usim-FAKE-token-3f9c1e77a0"
+CLUSTER_SETTINGS = {
+    "data_root": "gs://bucket/synthval",
+    "image": IMAGE,
+    "image_tag": "0.1.0",
+    "gpu_node_pool": "gpu-pool",
+    "gpu_accelerator": "nvidia-l4",
+    "usim_secret": "usim-access-token",
+}
+GKE_SETTINGS = {**CLUSTER_SETTINGS, "gke_project": "proj", "gke_location": "europe-west4", "gke_cluster": "synthval"}
+GPU_STEPS = {"train", "finetune", "evaluate"}
+
+
+@pytest.fixture(scope="module", params=["kubernetes", "gke"])
+def parsed(request):
+    settings = GKE_SETTINGS if request.param == "gke" else CLUSTER_SETTINGS
+    with pytest.MonkeyPatch.context() as mp:
+        return request.param, load_dags(mp, request.param, **settings)
+
+
+@pytest.fixture
+def backend(parsed, monkeypatch):
+    # Present in the worker's environment and in a connection: neither may reach a pod spec.
+    monkeypatch.setenv("USIM_ACCESS_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("AIRFLOW_CONN_USIM_DEFAULT", json.dumps({"conn_type": "generic", "password": FAKE_TOKEN}))
+    return parsed
+
+
+def build_pod(dag: Any, task: Any, conf: dict[str, Any]) -> dict[str, Any]:
+    """Render ``task`` for a run with ``conf``; return its pod as the Kubernetes API would receive it."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from kubernetes.client import ApiClient
+
+    import synthval_tasks
+
+    task = render(dag, task, conf)
+    if type(task).__name__ == "SynthvalGKEPodOperator":
+        # The GKE hook asks the GKE API for the cluster endpoint; the pod itself does not depend on it.
+        task.__dict__["hook"] = KubernetesHook(conn_id=None)
+    synthval_tasks.load_settings.cache_clear()
+    pod = task.build_pod_request_obj(task.test_context, dry_run=True)
+    return ApiClient().sanitize_for_serialization(pod)
+
+
+def all_pods(dags: dict[str, Any], conf: dict[str, Any], monkeypatch, backend: str):
+    settings = GKE_SETTINGS if backend == "gke" else CLUSTER_SETTINGS
+    for name, value in settings.items():
+        monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
+    monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
+    for dag_id, dag in sorted(dags.items()):
+        full = {k: v for k, v in {**REQUIRED_CONF.get(dag_id, {}), **conf}.items() if k in dag.params}
+        for task in synthval_tasks_of(dag):
+            yield dag, task, render(dag, task, full).command(), build_pod(dag, task, full)
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_every_task_pod_is_valid_and_shaped_for_its_step(backend, gpus, monkeypatch):
+    name, dags = backend
+    seen = set()
+    for dag, task, argv, pod in all_pods(dags, {"gpus": gpus, "storage_gib": 200}, monkeypatch, name):
+        where = f"{dag.dag_id}.{task.task_id}"
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        spec = pod["spec"]
+        main, sidecar = spec["containers"]
+        assert sidecar["name"] == "airflow-xcom-sidecar", where  # do_xcom_push
+        assert main["image"] == f"{IMAGE}:0.1.0", where
+        assert pod["metadata"]["namespace"] == "synthval" and spec["serviceAccountName"] == "synthval"
+        assert spec["restartPolicy"] == "Never"
+        assert spec["activeDeadlineSeconds"] > 0
+        # The command is the task's synthval argv, the same the local backend runs.
+        step_gpus = min(gpus, 1) if task.step == "evaluate" else gpus
+        if task.step in GPU_STEPS and step_gpus > 1:
+            assert main["command"] == ["torchrun"], where
+            assert main["args"][:5] == ["--standalone", "--nproc-per-node", str(gpus), "-m", "synthval.cli"]
+            assert main["args"][5:] == argv[1:], where
+        else:
+            assert main["command"] + main["args"] == argv, where
+        limits, requests = main["resources"]["limits"], main["resources"]["requests"]
+        mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert mounts["scratch"] == "/scratch"
+        assert {"name": "TMPDIR", "value": "/scratch"} in main["env"]
+        claim = volumes["scratch"]["ephemeral"]["volumeClaimTemplate"]["spec"]
+        assert claim["resources"]["requests"]["storage"] == "200Gi"
+        assert requests["cpu"] == limits["cpu"] and requests["memory"] == limits["memory"]
+        if task.step in GPU_STEPS:
+            assert limits["nvidia.com/gpu"] == str(step_gpus), where
+            assert spec["nodeSelector"] == {"cloud.google.com/gke-nodepool": "gpu-pool",
+                                            "cloud.google.com/gke-accelerator": "nvidia-l4"}, where
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+            assert mounts["dshm"] == "/dev/shm"
+            assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        else:
+            assert "nvidia.com/gpu" not in limits, where
+            assert not spec.get("nodeSelector") and not spec.get("tolerations"), where
+            assert "dshm" not in volumes
+        assert FAKE_TOKEN not in json.dumps(pod), where
+        seen.add(task.step)
+    assert seen == {"fetch", "train", "finetune", "evaluate", "publish"}
+
+
+def test_pods_carry_templated_upstream_uris(backend, monkeypatch):
+    name, dags = backend
+    dag = dags["train_on_synthetic_and_real_dataset"]
+    pods = {task.task_id: pod for d, task, _, pod in all_pods({dag.dag_id: dag}, {"gpus": 1}, monkeypatch, name)}
+    args = {task_id: pod["spec"]["containers"][0]["args"] for task_id, pod in pods.items()}
+    after = lambda task_id, flag: args[task_id][args[task_id].index(flag) + 1]  # noqa: E731
+    assert after("train", "--train-data") == UPSTREAM_XCOMS["fetch_synthetic"]["dataset_uri"]
+    assert after("finetune", "--init-checkpoint") == UPSTREAM_XCOMS["train"]["checkpoint_uri"]
+    assert after("finetune", "--train-data") == UPSTREAM_XCOMS["fetch_real"]["dataset_uri"]
+    assert after("evaluate", "--checkpoint") == UPSTREAM_XCOMS["finetune"]["checkpoint_uri"]
+    assert after("evaluate_synthetic", "--checkpoint") == UPSTREAM_XCOMS["train"]["checkpoint_uri"]
+    assert after("publish", "--metrics") == UPSTREAM_XCOMS["evaluate"]["metrics_uri"]
+    run_root = "gs://bucket/synthval/train_on_synthetic_and_real_dataset/manual__2026-11-24T14-20-42.222917"
+    assert after("train", "--checkpoint-dir") == f"{run_root}/checkpoints/train"
+    assert after("train", "--resume") == "auto"
+    assert after("publish", "--run-id") == RUN_ID
+
+
+def test_unity_simulation_token_comes_only_from_the_secret(backend, monkeypatch):
+    name, dags = backend
+    dag = dags["train_on_synthetic_dataset_unity_simulation"]
+    pods = {task.task_id: pod for _, task, _, pod in all_pods({dag.dag_id: dag}, {}, monkeypatch, name)}
+    fetch = pods["fetch_synthetic"]["spec"]["containers"][0]
+    token_env = [e for e in fetch["env"] if e["name"] == "USIM_ACCESS_TOKEN"]
+    assert token_env == [{"name": "USIM_ACCESS_TOKEN",
+                          "valueFrom": {"secretKeyRef": {"name": "usim-access-token", "key": "token"}}}]
+    assert fetch["args"][:2] == ["fetch", "usim://proj-1/yJ3kQ2x"]
+    for task_id, pod in pods.items():
+        assert FAKE_TOKEN not in json.dumps(pod)
+        if task_id != "fetch_synthetic":  # only the step that needs it gets it
+            assert "usim-access-token" not in json.dumps(pod), task_id
+
+
+def test_operators_clean_up_and_wait_for_a_cold_gpu_pool(backend):
+    name, dags = backend
+    expected = "SynthvalGKEPodOperator" if name == "gke" else "SynthvalPodOperator"
+    for dag in dags.values():
+        for task in synthval_tasks_of(dag):
+            assert type(task).__name__ == expected
+            assert task.do_xcom_push and task.get_logs
+            assert task.on_finish_action.value == "delete_pod"
+            assert task.on_kill_action.value == "delete_pod"
+            assert task.startup_timeout_seconds >= 1800 and task.schedule_timeout_seconds >= 1800
+            assert task.image_pull_policy == "IfNotPresent"
+            if task.step in ("train", "finetune"):
+                assert task.retries >= 2  # with --resume auto in the argv
+            if name == "gke":
+                assert (task.project_id, task.location, task.cluster_name) == ("proj", "europe-west4", "synthval")
+                assert "KubernetesEnginePodLink" in {type(link).__name__ for link in task.operator_extra_links}
+            if task.step in GPU_STEPS:
+                assert "TensorBoardLink" in {type(link).__name__ for link in task.operator_extra_links}
