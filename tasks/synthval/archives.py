@@ -1,0 +1,327 @@
+"""Safe extraction of .zip and .tar(.gz|.bz2|.xz) archives that someone else made.
+
+Every member is checked before anything is written: no absolute paths, no `..`, no device files,
+FIFOs or sockets, links only to places inside the destination. Sizes are checked twice: the sizes
+the archive declares (all of them up front for zip, member by member for a tar stream) and the
+bytes actually written, so an archive that lies about its sizes is stopped as well. Any refusal
+raises FetchError naming the archive and the member; the caller extracts into a temporary folder
+and throws it away, so nothing half-extracted is ever left where a dataset is expected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import tarfile
+import time
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from synthval.errors import FetchError
+
+log = logging.getLogger(__name__)
+
+# Recognised by name only: a torch checkpoint is itself a zip file, and must stay one file.
+ZIP_SUFFIXES = (".zip",)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+DEFAULT_MAX_MEMBERS = 10_000_000
+CHUNK = 1 << 20
+PROGRESS_INTERVAL_S = 10.0
+_MAX_LINK_TARGET = 4096
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def archive_kind(name: str) -> str | None:
+    """Return "zip" or "tar" for an archive file name (URL query ignored), else None."""
+    lower = name.split("?", 1)[0].lower()
+    if lower.endswith(ZIP_SUFFIXES):
+        return "zip"
+    if lower.endswith(TAR_SUFFIXES):
+        return "tar"
+    return None
+
+
+def safe_member_path(name: str, where: str) -> str | None:
+    """Return a member name as a clean relative "/" path, None for the root entry ("./").
+
+    Refuses (FetchError naming `where` and the member) absolute paths, Windows drive paths, NUL
+    bytes and any `..` component. Backslashes count as separators, as archivers on Windows write them.
+    """
+    if "\x00" in name:
+        raise FetchError(f"{where}: member {name!r} has a NUL byte in its name; refusing the archive")
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or _DRIVE.match(unified):
+        raise FetchError(f"{where}: member {name!r} has an absolute path; refusing the archive")
+    parts = [p for p in unified.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise FetchError(f"{where}: member {name!r} escapes the destination with '..'; refusing the archive")
+    return "/".join(parts) if parts else None
+
+
+@dataclass
+class ExtractStats:
+    files: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class _Member:
+    name: str
+    kind: str  # "file", "dir", "symlink", "hardlink"
+    size: int
+    mode: int
+    link: str = ""
+
+
+class _Writer:
+    """Writes checked members under `root`, never following a link out of it."""
+
+    def __init__(self, root: str, label: str, max_bytes: int, max_members: int) -> None:
+        self.root = os.path.realpath(root)
+        self.label = label
+        self.max_bytes = max_bytes
+        self.max_members = max_members
+        self.members = 0
+        self.declared = 0
+        self.stats = ExtractStats()
+        self._last_log = time.monotonic()
+
+    # --- limits -------------------------------------------------------------------------------
+    def count_member(self, name: str) -> None:
+        self.members += 1
+        if self.members > self.max_members:
+            raise FetchError(f"{self.label}: member {name!r} is number {self.members}, over the limit of "
+                             f"{self.max_members} members; refusing the archive (possible archive bomb)")
+
+    def declare(self, name: str, size: int) -> None:
+        self.declared += size
+        if self.declared > self.max_bytes:
+            raise FetchError(f"{self.label}: member {name!r} brings the declared uncompressed size to "
+                             f"{self.declared} bytes, over the limit of {self.max_bytes}; refusing the archive "
+                             f"(possible archive bomb; raise --max-extract-bytes if it is genuine)")
+
+    def _add_bytes(self, name: str, n: int) -> None:
+        self.stats.bytes += n
+        if self.stats.bytes > self.max_bytes:
+            raise FetchError(f"{self.label}: member {name!r} expands past the limit of {self.max_bytes} "
+                             f"bytes while extracting; refusing the archive (possible archive bomb)")
+
+    # --- paths --------------------------------------------------------------------------------
+    def _inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root + os.sep)
+
+    def _parent(self, rel: str, name: str) -> str:
+        """Create the member's parent folders one by one, refusing to pass through a link that leads out."""
+        current = self.root
+        for part in rel.split("/")[:-1]:
+            current = os.path.join(current, part)
+            if os.path.islink(current):
+                if not self._inside(os.path.realpath(current)):
+                    raise FetchError(f"{self.label}: member {name!r} would be written through a link that "
+                                     f"leads outside the destination; refusing the archive")
+                current = os.path.realpath(current)
+                if not os.path.isdir(current):
+                    raise FetchError(f"{self.label}: member {name!r} needs {part!r} to be a folder")
+            elif os.path.isdir(current):
+                continue
+            elif os.path.lexists(current):
+                raise FetchError(f"{self.label}: member {name!r} needs {part!r} to be a folder, "
+                                 f"but a file of that name came first")
+            else:
+                os.mkdir(current)
+        return current
+
+    def _clear(self, path: str, name: str) -> None:
+        """Make room for a member: an earlier file or link of the same name is replaced (tar semantics)."""
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+        elif os.path.lexists(path):
+            raise FetchError(f"{self.label}: member {name!r} collides with a folder of the same name")
+
+    # --- members ------------------------------------------------------------------------------
+    def mkdir(self, rel: str, name: str) -> None:
+        parent = self._parent(rel, name)
+        path = os.path.join(parent, rel.rsplit("/", 1)[-1])
+        if os.path.islink(path):
+            raise FetchError(f"{self.label}: member {name!r} is a folder where the archive made a link")
+        os.makedirs(path, exist_ok=True)
+
+    def write(self, rel: str, name: str, source: BinaryIO, declared: int, mode: int) -> None:
+        parent = self._parent(rel, name)
+        path = os.path.join(parent, rel.rsplit("/", 1)[-1])
+        self._clear(path, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        written = 0
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                chunk = source.read(CHUNK)
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > declared:
+                    raise FetchError(f"{self.label}: member {name!r} holds more than the {declared} bytes it "
+                                     f"declares; refusing the archive")
+                self._add_bytes(name, len(chunk))
+                out.write(chunk)
+                self._progress()
+        if mode & 0o111:
+            os.chmod(path, 0o755)  # keep scripts runnable; never setuid, never group/world-writable
+        self.stats.files += 1
+
+    def symlink(self, rel: str, name: str, target: str) -> None:
+        if not target or "\x00" in target or target.startswith("/") or _DRIVE.match(target):
+            raise FetchError(f"{self.label}: member {name!r} is a link to {target!r}, outside the destination; "
+                             f"refusing the archive")
+        parent_rel = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        lexical = os.path.normpath(os.path.join(parent_rel, target))
+        if lexical == ".." or lexical.startswith("../"):
+            raise FetchError(f"{self.label}: member {name!r} is a link to {target!r}, outside the destination; "
+                             f"refusing the archive")
+        parent = self._parent(rel, name)
+        if not self._inside(os.path.realpath(os.path.join(parent, target))):
+            raise FetchError(f"{self.label}: member {name!r} is a link to {target!r}, outside the destination; "
+                             f"refusing the archive")
+        path = os.path.join(parent, rel.rsplit("/", 1)[-1])
+        self._clear(path, name)
+        os.symlink(target, path)
+        self.stats.files += 1
+
+    def hardlink(self, rel: str, name: str, target_name: str) -> None:
+        """A tar hard link names an earlier member; it becomes a copy of that file."""
+        try:
+            target_rel = safe_member_path(target_name, self.label)
+        except FetchError:
+            target_rel = None
+        source = os.path.join(self.root, *(target_rel or "").split("/"))
+        if (target_rel is None or os.path.islink(source) or not os.path.isfile(source)
+                or not self._inside(os.path.realpath(source))):
+            raise FetchError(f"{self.label}: member {name!r} is a hard link to {target_name!r}, which is not a "
+                             f"file extracted before it inside the destination; refusing the archive")
+        size = os.path.getsize(source)
+        with open(source, "rb") as src:
+            self.write(rel, name, src, size, os.stat(source).st_mode)
+
+    def check_links(self) -> None:
+        """Links are checked as they are made; a later link can still re-route an earlier one, so look again."""
+        for folder, dirs, files in os.walk(self.root):
+            for entry in dirs + files:
+                path = os.path.join(folder, entry)
+                if os.path.islink(path) and not self._inside(os.path.realpath(path)):
+                    rel = os.path.relpath(path, self.root)
+                    raise FetchError(f"{self.label}: member {rel!r} ends up as a link leading outside the "
+                                     f"destination; refusing the archive")
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= PROGRESS_INTERVAL_S:
+            self._last_log = now
+            log.info("extracting %s: %d files, %.1f MiB so far", self.label, self.stats.files,
+                     self.stats.bytes / 2**20)
+
+
+def _zip_members(zf: zipfile.ZipFile) -> Iterator[tuple[_Member, zipfile.ZipInfo]]:
+    for info in zf.infolist():
+        mode = info.external_attr >> 16
+        ftype = stat.S_IFMT(mode)
+        if info.is_dir():
+            kind = "dir"
+        elif ftype == stat.S_IFLNK:
+            kind = "symlink"
+        elif ftype in (0, stat.S_IFREG):
+            kind = "file"
+        else:
+            kind = "special"
+        yield _Member(info.filename, kind, info.file_size, mode), info
+
+
+def _extract_zip(path: str, writer: _Writer) -> None:
+    with zipfile.ZipFile(path) as zf:
+        members = list(_zip_members(zf))
+        # The central directory lists everything: check all names and declared sizes before writing.
+        for member, _ in members:
+            writer.count_member(member.name)
+            if member.kind == "special":
+                raise FetchError(f"{writer.label}: member {member.name!r} is a device file, FIFO or socket; "
+                                 f"refusing the archive")
+            safe_member_path(member.name, writer.label)
+            writer.declare(member.name, member.size)
+        for member, info in members:
+            rel = safe_member_path(member.name, writer.label)
+            if rel is None:
+                continue
+            if member.kind == "dir":
+                writer.mkdir(rel, member.name)
+            elif member.kind == "symlink":
+                if member.size > _MAX_LINK_TARGET:
+                    raise FetchError(f"{writer.label}: member {member.name!r} is a link with an oversized target")
+                target = zf.read(info).decode("utf-8", "surrogateescape")
+                writer.symlink(rel, member.name, target)
+            else:
+                with zf.open(info) as src:
+                    writer.write(rel, member.name, src, member.size, member.mode)
+
+
+def _extract_tar(path: str, writer: _Writer) -> None:
+    # A tar stream has no index: names and declared sizes are checked member by member, before
+    # each member is written, so a compressed tar is read once rather than twice.
+    with tarfile.open(path, "r:*") as tf:
+        while (info := tf.next()) is not None:
+            tf.members.clear()  # read once as a stream: do not keep every header of a huge archive
+            writer.count_member(info.name)
+            if not (info.isdir() or info.isreg() or info.issym() or info.islnk()):
+                raise FetchError(f"{writer.label}: member {info.name!r} is a device file, FIFO or socket; "
+                                 f"refusing the archive")
+            rel = safe_member_path(info.name, writer.label)
+            if info.isreg():
+                writer.declare(info.name, info.size)
+            if rel is None:
+                continue
+            if info.isdir():
+                writer.mkdir(rel, info.name)
+            elif info.issym():
+                writer.symlink(rel, info.name, info.linkname)
+            elif info.islnk():
+                writer.hardlink(rel, info.name, info.linkname)
+            else:
+                src = tf.extractfile(info)
+                if src is None:
+                    raise FetchError(f"{writer.label}: member {info.name!r} cannot be read")
+                with src:
+                    writer.write(rel, info.name, src, info.size, info.mode)
+
+
+def extract_archive(archive_path: str, dest_dir: str, *, max_bytes: int,
+                    max_members: int = DEFAULT_MAX_MEMBERS, label: str | None = None) -> ExtractStats:
+    """Extract a zip or tar archive into the existing folder `dest_dir`; return files and bytes written.
+
+    `label` names the archive in errors (its source URI); the kind is taken from the name of
+    `label` or `archive_path`. On FetchError `dest_dir` holds a partial tree the caller must remove.
+    """
+    label = label or archive_path
+    kind = archive_kind(os.path.basename(archive_path)) or archive_kind(label)
+    if kind is None:
+        raise FetchError(f"{label}: not a .zip or .tar archive")
+    writer = _Writer(dest_dir, label, max_bytes, max_members)
+    started = time.monotonic()
+    try:
+        if kind == "zip":
+            _extract_zip(archive_path, writer)
+        else:
+            _extract_tar(archive_path, writer)
+    except FetchError:
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, UnicodeError) as exc:
+        raise FetchError(f"{label}: corrupt or truncated archive ({exc})") from exc
+    except RuntimeError as exc:  # zipfile: encrypted members
+        raise FetchError(f"{label}: cannot extract ({exc})") from exc
+    except OSError as exc:  # disk full, permissions, a name the filesystem refuses
+        raise FetchError(f"{label}: cannot extract ({exc})") from exc
+    writer.check_links()
+    log.info("extracted %s: %d files, %.1f MiB in %.1fs", label, writer.stats.files,
+             writer.stats.bytes / 2**20, time.monotonic() - started)
+    return writer.stats
