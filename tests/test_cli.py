@@ -51,3 +51,13 @@ def test_module_entry_point_runs_for_torchrun(tmp_path):
 def test_parser_is_reusable():
     args = get_parser().parse_args(["evaluate", "--predictions", "p.json", "--data", "d", "--out", "o"])
     assert args.checkpoint is None and args.predictions == "p.json"
+
+
+def test_sigterm_ends_a_step_promptly_with_143(tmp_path):
+    # A deleted pod gets SIGTERM; as PID 1 Python would ignore it without a handler.
+    code = ("import os, signal, threading, synthval.cli as c\n"
+            "c.run_command = lambda args: os.kill(os.getpid(), signal.SIGTERM) or {}\n"
+            "raise SystemExit(c.main(['version']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 143, proc.stderr
+    assert "interrupted (signal 15)" in proc.stderr

@@ -610,3 +610,24 @@ def test_cli_usim_token_from_env_never_on_the_command_line(http_server, tmp_path
     assert tree(tmp_path / "run") == bodies
     captured = capsys.readouterr()
     assert TOKEN not in captured.out + captured.err + xcom.read_text()
+
+
+def test_generate_source_makes_demo_data_once(tmp_path):
+    out = tmp_path / "synthetic"
+    source = "generate://synthetic?num_images=4&image_size=64&seed=3"
+    first = fetch.run_fetch(source, str(out))
+    assert first["dataset_uri"] == str(out) and first["files"] == 4
+    stamp = (out / "_SUCCESS").stat().st_mtime_ns
+    again = fetch.run_fetch(source, str(out))  # a retried fetch task finds the finished dataset
+    assert again["dataset_uri"] == str(out) and (out / "_SUCCESS").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("source, named", [
+    ("generate://synthetic?num_imgs=4", "num_imgs"),
+    ("generate://synthetic?num_images=four", "num_images"),
+    ("generate://synthetic", "num_images"),
+])
+def test_generate_source_rejects_bad_parameters(tmp_path, source, named):
+    with pytest.raises(FetchError, match=named):
+        fetch.run_fetch(source, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +27,7 @@ DEFAULT_XCOM_FILE = "/airflow/xcom/return.json"
 XCOM_ENV = "SYNTHVAL_XCOM_FILE"
 USIM_TOKEN_ENV = "USIM_ACCESS_TOKEN"
 USIM_TOKEN_FILE_ENV = "USIM_ACCESS_TOKEN_FILE"
+USIM_API_ENV = "SYNTHVAL_USIM_API"
 DATASET_FORMATS = ("auto", "perception", "solo", "coco", "groceries")
 
 
@@ -73,7 +76,8 @@ def get_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("fetch", help="download a dataset or model (http, gs, usim, named source)")
-    p.add_argument("source", help="URI, usim://PROJECT/RUN_EXECUTION, or a name: groceries-real, synthdet-sample")
+    p.add_argument("source", help="URI, usim://PROJECT/RUN_EXECUTION, a name (groceries-real, synthdet-sample, "
+                   "a published model), or generate://KIND?num_images=N for procedural demo data")
     p.add_argument("--out", required=True, metavar="URI", help="destination folder")
     p.add_argument("--checksum", default=None, metavar="ALGO:HEX", help="crc32:..., md5:... or sha256:...")
     p.add_argument("--no-extract", action="store_true", help="keep archives as they are")
@@ -138,6 +142,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-budget", type=int, default=None, help="real images used for training")
     _add_common(p)
 
+    _add_report_commands(sub)
+
     p = sub.add_parser("version", help="print the version; a no-op step for measuring orchestration")
     _add_common(p)
     return parser
@@ -168,6 +174,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
             source=args.source, out_uri=args.out, checksum=args.checksum, extract=not args.no_extract,
             max_extract_bytes=args.max_extract_bytes, retries=args.retries,
             usim_token=_usim_token(args.usim_token_file) if args.source.startswith("usim://") else None,
+            usim_api=os.environ.get(USIM_API_ENV),
         )
     if args.command == "generate":
         from synthval.generate import run_generate
@@ -217,9 +224,86 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         return run_publish(metrics_uri=args.metrics, results_uri=args.results, recipe=args.recipe,
                            run_id=args.run_id, datasets=datasets, checkpoint_uri=args.checkpoint,
                            real_budget=args.real_budget)
+    if args.command in REPORT_COMMANDS:
+        return _run_report_command(args)
     if args.command == "version":
         return {"version": __version__}
     raise UsageError(f"unknown command {args.command!r}")
+
+
+# --- reports: report, compare, stats (issue 6) -------------------------------------------------------
+
+REPORT_COMMANDS = ("report", "compare", "stats")
+
+
+def _add_bootstrap_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicates", type=int, default=1000, help="bootstrap resamples of the test images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+
+
+def _add_report_commands(sub: Any) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML report of an evaluation, with confidence intervals")
+    p.add_argument("--metrics", required=True, metavar="URI", help="metrics.json written by evaluate")
+    p.add_argument("--predictions", default=None, metavar="URI",
+                   help="COCO results JSON (default: the predictions_uri metrics.json names)")
+    p.add_argument("--data", default=None, metavar="URI", help="test set (default: the data_uri metrics.json names)")
+    p.add_argument("--split", default=None, help="split of --data (default: the split metrics.json names)")
+    p.add_argument("--out", required=True, metavar="URI", help="an .html file, or a folder for report.html")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="draw detections scoring at least this (default: the evaluation's draw_score_thresh)")
+    p.add_argument("--gallery-size", type=int, default=6, help="worst and best images shown, each")
+    _add_bootstrap_options(p)
+    _add_dataset_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("compare", help="several results side by side: is each difference larger than its noise?")
+    p.add_argument("--metrics", required=True, nargs="+", metavar="URI",
+                   help="metrics.json files or published result records (two or more)")
+    p.add_argument("--names", nargs="+", default=None, help="a display name per result, in order")
+    p.add_argument("--data", default=None, metavar="URI", help="test set for all (default: each metrics.json's own)")
+    p.add_argument("--split", default=None)
+    p.add_argument("--format", default="auto", choices=DATASET_FORMATS, help="dataset format (default: detect)")
+    p.add_argument("--out", required=True, metavar="URI", help="an .html file, or a folder for compare.html")
+    _add_bootstrap_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("stats", help="dataset statistics, and the distance to a second dataset (domain gap)")
+    p.add_argument("--data", required=True, metavar="URI")
+    p.add_argument("--split", default=None, help="split of --data (default: all images)")
+    p.add_argument("--name", default=None, help="display name of --data (default: its folder name)")
+    p.add_argument("--compare-data", default=None, metavar="URI", help="a second dataset, e.g. the real test set")
+    p.add_argument("--compare-split", default=None)
+    p.add_argument("--compare-format", default="auto", choices=DATASET_FORMATS)
+    p.add_argument("--compare-name", default=None)
+    p.add_argument("--pixel-sample", type=int, default=64,
+                   help="images decoded for brightness statistics (0: none; everything else reads no pixels)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pixel sample")
+    p.add_argument("--out", required=True, metavar="URI", help="folder for stats.json, stats.html and plots/")
+    _add_dataset_options(p)
+    _add_common(p)
+
+
+def _run_report_command(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "report":
+        from synthval.report import run_report
+
+        return run_report(metrics_uri=args.metrics, out_uri=args.out, predictions_uri=args.predictions,
+                          data_uri=args.data, split=args.split, dataset_format=args.format,
+                          bbox_definition_id=args.bbox_definition, skip_broken=args.skip_broken,
+                          score_threshold=args.score_threshold, replicates=args.replicates, seed=args.seed,
+                          gallery_size=args.gallery_size)
+    if args.command == "compare":
+        from synthval.report import run_compare
+
+        return run_compare(metrics_uris=args.metrics, out_uri=args.out, names=args.names, data_uri=args.data,
+                           split=args.split, dataset_format=args.format, replicates=args.replicates, seed=args.seed)
+    from synthval.stats import run_stats
+
+    return run_stats(data_uri=args.data, out_uri=args.out, split=args.split, dataset_format=args.format,
+                     bbox_definition_id=args.bbox_definition, skip_broken=args.skip_broken, name=args.name,
+                     compare_data_uri=args.compare_data, compare_split=args.compare_split,
+                     compare_format=args.compare_format, compare_name=args.compare_name,
+                     pixel_sample=args.pixel_sample, seed=args.seed)
 
 
 def write_xcom(result: dict[str, Any], path: str | None) -> None:
@@ -238,7 +322,15 @@ def write_xcom(result: dict[str, Any], path: str | None) -> None:
     storage.write_text(target, text + "\n")
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # As a container's PID 1, Python ignores SIGTERM by default; a deleted pod would wait out its whole
+    # grace period. Raising unwinds through the atomic writers, so nothing half-written is left.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = get_parser()
     try:
         args = parser.parse_args(argv)
@@ -255,9 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SynthvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"error: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
+        return 143 if str(exc).startswith("signal") else 130
     except Exception:
         log.exception("unexpected failure")
         return 1

@@ -617,6 +617,8 @@ def run_fetch(source: str, out_uri: str, checksum: str | None = None, extract: b
     archive is extracted unless `extract` is False; a single other file keeps its name, and its
     URI comes back as "file_uri". A destination already holding this same fetch is left as it is.
     """
+    if storage.scheme_of(source) == "generate":
+        return _generate_source(source, out_uri)
     named = NAMED_SOURCES.get(source)
     url = resolve_source(source)
     if checksum is None and named:
@@ -691,6 +693,35 @@ def run_fetch(source: str, out_uri: str, checksum: str | None = None, extract: b
         shutil.rmtree(work_root, ignore_errors=True)
     log.info("fetched %s into %s: %d files", redact(url), out_uri, files)
     return _result(out_uri, new_marker, cached=False)
+
+
+GENERATE_PARAMS = {"num_images": int, "image_size": int, "seed": int, "format": str}
+
+
+def _generate_source(source: str, out_uri: str) -> dict[str, Any]:
+    """`generate://KIND?num_images=N&image_size=S&seed=K&format=F`: make procedural demo data.
+
+    Lets every recipe's fetch step, and so its default params, work with no network (the embedded
+    default and CI): the data are drawn by `synthval.generate`, NOT real images.
+    """
+    from synthval.generate import run_generate
+
+    parts = urllib.parse.urlsplit(source)
+    kind = parts.netloc
+    options: dict[str, Any] = {}
+    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if key not in GENERATE_PARAMS:
+            raise FetchError(f"{source}: unknown parameter {key!r}; accepted: {', '.join(GENERATE_PARAMS)}")
+        try:
+            options[key] = GENERATE_PARAMS[key](value)
+        except ValueError as exc:
+            raise FetchError(f"{source}: parameter {key}={value!r} is not a whole number") from exc
+    if "num_images" not in options:
+        raise FetchError(f"{source}: num_images is required, e.g. generate://synthetic?num_images=400")
+    result = run_generate(kind=kind, out_uri=out_uri, num_images=options["num_images"],
+                          image_size=options.get("image_size", 256), seed=options.get("seed", 0),
+                          layout=options.get("format", "perception"))
+    return {"dataset_uri": result["dataset_uri"], "files": result["num_images"], "cached": False}
 
 
 def _fetch_into(url: str, scheme: str, staging: str, download_dir: str, work_root: str, retries: int,
