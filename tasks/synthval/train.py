@@ -267,7 +267,7 @@ class _Run:
 
     def run(self, train_uri, val_uri, init_uri, checkpoint_dir_uri, tb_uri, resume, fmt, bbox_id, skip) -> dict:
         config = self.config
-        if resume not in ("auto", "none") and not resume:
+        if not resume:
             raise ConfigError("--resume: expected auto, none or a checkpoint URI")
         _seed_everything(config.seed + distributed.rank())
         train_index, val_index, space = self._load_data(train_uri, val_uri, fmt, bbox_id, skip)
