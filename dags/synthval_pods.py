@@ -25,13 +25,13 @@ from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartP
 from kubernetes.client import models as k8s
 
 from synthval_tasks import (
-    STEP_PROFILES,
     USIM_TOKEN_ENV,
     Settings,
     check_conf,
     flatten_argv,
     launch_command,
     load_settings,
+    step_profile,
 )
 
 
@@ -58,7 +58,7 @@ class SynthvalPodMixin:
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
         self._restore_strings()
         settings = load_settings()
-        profile = STEP_PROFILES[self.step]
+        profile = step_profile(self.step)
         gpus = int(self.gpus or 0) if profile.uses_gpu else 0
         cmd = launch_command(self.command(), gpus, local=False)
         self.cmds, self.arguments = cmd[:1], cmd[1:]
@@ -156,7 +156,7 @@ def volumes(settings: Settings, gpus: int, storage_gib: int) -> tuple[list[k8s.V
 
 def pod_task(settings: Settings, *, step: str, usim_token: bool, **common: Any) -> KubernetesPodOperator:
     """Return the pod operator of ``step`` for the kubernetes or gke backend."""
-    profile = STEP_PROFILES[step]
+    profile = step_profile(step)
     kwargs: dict[str, Any] = dict(
         image=f"{settings.image}:{{{{ params.image_tag }}}}",
         image_pull_policy="IfNotPresent",

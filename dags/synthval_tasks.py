@@ -39,8 +39,6 @@ from urllib.parse import quote
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
 BACKENDS = ("local", "kubernetes", "gke")
-STEPS = ("fetch", "generate", "train", "finetune", "evaluate", "publish", "version")
-GPU_STEPS = ("train", "finetune", "evaluate")
 XCOM_FILE_ENV = "SYNTHVAL_XCOM_FILE"  # read by synthval.cli
 USIM_TOKEN_ENV = "USIM_ACCESS_TOKEN"  # read by synthval.cli
 USIM_TOKEN_FILE_ENV = "USIM_ACCESS_TOKEN_FILE"  # read by synthval.cli
@@ -79,6 +77,13 @@ STEP_PROFILES: dict[str, StepProfile] = {
     "publish": StepProfile("500m", "1Gi", timedelta(minutes=30), retries=2),
     "version": StepProfile("100m", "256Mi", timedelta(minutes=10), retries=0),
 }
+# Any other subcommand (report, leaderboard, discover, ...) runs with this one.
+DEFAULT_PROFILE = StepProfile("1", "4Gi", timedelta(hours=2), retries=1)
+
+
+def step_profile(step: str) -> StepProfile:
+    """The resources and retry policy of a `synthval <step>` task."""
+    return STEP_PROFILES.get(step, DEFAULT_PROFILE)
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,8 @@ def load_settings() -> Settings:
         try:
             values["startup_timeout_s"] = int(values["startup_timeout_s"])
         except ValueError:
-            raise SettingsError(f"SYNTHVAL_STARTUP_TIMEOUT_S={values['startup_timeout_s']!r}: expected seconds") from None
+            value = values["startup_timeout_s"]
+            raise SettingsError(f"SYNTHVAL_STARTUP_TIMEOUT_S={value!r}: expected a number of seconds") from None
     values.setdefault("image_tag", _installed_version())
     if pod and not values["image_tag"]:
         raise SettingsError("SYNTHVAL_IMAGE_TAG is not set and synthval is not installed to take its version from")
@@ -544,12 +550,10 @@ def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpu
     secretKeyRef) in a pod, from the Airflow connection (a 0600 file named by USIM_ACCESS_TOKEN_FILE)
     locally. Other keyword arguments go to the operator (trigger_rule, retries, ...).
     """
-    if step not in STEPS:
-        raise ValueError(f"unknown synthval step {step!r}; expected one of {', '.join(STEPS)}")
     if argv[:2] != ["synthval", step]:
         raise ValueError(f"argv of step {step!r} must start with ['synthval', {step!r}], got {argv[:2]!r}")
     settings = load_settings()
-    profile = STEP_PROFILES[step]
+    profile = step_profile(step)
     common: dict[str, Any] = dict(
         task_id=task_id or step,
         step=step,

@@ -214,7 +214,7 @@ def test_command_lines_carry_upstream_uris_and_params(local_dags):
     conf = {"real_split": "train_small", "real_count": 40, "epochs": 3, "learning_rate": 1e-5,
             "overrides": ["max_steps=2"], "finetune_overrides": ["epochs=1"]}
     finetune = render(dag, dag.task_dict["finetune"], conf).command()
-    root = f"/tmp/synthval-test-root/train_on_synthetic_and_real_dataset/manual__2026-11-24T14-20-42.222917"
+    root = "/tmp/synthval-test-root/train_on_synthetic_and_real_dataset/manual__2026-11-24T14-20-42.222917"
     assert finetune == [
         "synthval", "finetune", "--train-data", "gs://bucket/runs/data/real", "--train-split", "train_small",
         "--max-images", "40", "--init-checkpoint", UPSTREAM_XCOMS["train"]["checkpoint_uri"],
