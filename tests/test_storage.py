@@ -119,3 +119,11 @@ def test_join_and_basename():
     assert storage.basename("https://h/p/v3.zip?sig=1") == "v3.zip"
     assert storage.basename("gs://bucket") == ""
     assert storage.basename("/data/set/") == "set"
+
+
+def test_atomic_local_write_has_the_mode_of_a_plain_open(tmp_path):
+    target = tmp_path / "metrics.json"
+    storage.write_json(str(target), {"mAP": 0.5})
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (target.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)

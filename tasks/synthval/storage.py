@@ -26,6 +26,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from synthval.errors import FetchError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 REMOTE_SCHEMES = ("gs", "gcs", "http", "https")
 GCS_SCHEMES = ("gs", "gcs")
 HTTP_SCHEMES = ("http", "https")
@@ -166,6 +169,8 @@ def atomic_output(uri: str) -> Iterator[str]:
         os.close(fd)
         try:
             yield tmp
+            # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).
+            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):

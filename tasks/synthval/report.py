@@ -1,0 +1,931 @@
+"""HTML reports people look at: one evaluation (`synthval report`), several side by side (`synthval compare`),
+and dataset statistics (the page `synthval stats` writes).
+
+Every report is one self-contained HTML file: charts and images are embedded as base64 PNG/JPEG, the
+styles are inline, and there is no script, no external stylesheet or font and no link to another
+file, so the page reads the same from disk, from `gs://` through a signed URL, or as an e-mail
+attachment. On GCS the object is written with Content-Type text/html so a browser shows it rather
+than downloading it.
+
+The run report holds: headline metrics with 95% bootstrap intervals over the test images
+(`synthval.bootstrap`), AP per class with intervals, precision-recall curves, class confusions (a
+prediction above the score threshold on a true box of another class at IoU >= .5), and a gallery of
+the worst and best test images with true positives, false positives and misses drawn (`plots`). The
+numbers at the top are metrics.json's; the intervals come from re-scoring the predictions file, whose
+unresampled value equals them (a note says so if it does not).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from synthval import __version__, storage
+from synthval.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, DEFAULT_SEED, SUMMARY_NAMES,
+                                BootstrapResult, CocoBootstrap, Difference, independent_difference,
+                                paired_difference)
+from synthval.datasets.index import DatasetIndex
+from synthval.errors import ConfigError, DatasetError, SynthvalError
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+COMPARE_FILE = "compare.html"
+DEFAULT_SCORE_THRESHOLD = 0.5
+DEFAULT_GALLERY_SIZE = 6
+GALLERY_IOU = 0.5
+HEADLINE = (("mAP", "mAP@[.5:.95]"), ("mAP50", "mAP@.5"), ("mAP75", "mAP@.75"), ("mAR100", "mAR@100"))
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInputs:
+    """What a run report is made from: metrics.json, the test set's index and the scored predictions.
+
+    `predictions` are `metrics.load_coco_results` dicts (index image ids, test-set label ids), or None
+    when no predictions file could be found (the report then has no intervals and no gallery).
+    """
+
+    metrics_uri: str
+    metrics: dict[str, Any]
+    index: DatasetIndex
+    data_uri: str
+    split: str | None
+    predictions_uri: str | None
+    predictions: list[dict[str, Any]] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_run_inputs(metrics_uri: str, predictions_uri: str | None = None, data_uri: str | None = None,
+                    split: str | None = None, dataset_format: str = "auto", bbox_definition_id: str | None = None,
+                    skip_broken: bool = False) -> RunInputs:
+    """Read metrics.json and, by default, the test set and predictions it names.
+
+    `data_uri`, `split` and `predictions_uri` default to metrics.json's "data_uri", "split" and
+    "predictions_uri". The predictions file's image ids are the test set's public ids (a COCO file's
+    own ids), as `synthval evaluate` writes them.
+    """
+    from synthval.datasets import load_dataset
+    from synthval.evaluate import coco_image_ids
+    from synthval.metrics import load_coco_results
+
+    metrics = storage.read_json(metrics_uri)
+    if not isinstance(metrics, dict) or "per_class" not in metrics:
+        raise DatasetError(f"{metrics_uri}: not a metrics.json written by synthval evaluate (no 'per_class')")
+    test_set = metrics.get("test_set") or {}
+    data_uri = data_uri or metrics.get("data_uri") or test_set.get("data_uri")
+    if not data_uri:
+        raise ConfigError(f"{metrics_uri} names no test set (data_uri); pass --data")
+    split = split if split is not None else metrics.get("split", test_set.get("split"))
+    data_path = local_dataset_path(data_uri)
+    index = load_dataset(data_path, format=dataset_format, split=split, bbox_definition_id=bbox_definition_id,
+                         skip_broken=skip_broken)
+    public = coco_image_ids(index, data_path)
+    notes = []
+    expected = test_set.get("image_ids_sha256")
+    if expected:
+        ids = sorted(public[r.image_id] for r in index.images)
+        actual = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+        if actual != expected:
+            notes.append(f"The test set read from {data_uri} (split {split}) is not the one metrics.json was "
+                         "scored on (its image ids differ); intervals and pictures describe the images read now.")
+    predictions_uri = predictions_uri or metrics.get("predictions_uri")
+    predictions = None
+    if predictions_uri and storage.exists(predictions_uri):
+        to_index = {p: i for i, p in public.items()}
+        predictions = load_coco_results(predictions_uri, index, image_ids=to_index)
+    else:
+        notes.append(f"No predictions file found ({predictions_uri or 'none named in metrics.json'}): the report "
+                     "has no intervals and no gallery.")
+        log.warning("%s", notes[-1])
+    return RunInputs(metrics_uri, metrics, index, data_uri, split, predictions_uri, predictions, notes)
+
+
+def local_dataset_path(uri: str) -> str:
+    """A local path for a dataset URI; a remote one is fetched once into the cache training uses."""
+    if storage.is_local(uri):
+        return storage.local_path(uri)
+    from synthval.train import local_dataset  # imports torch: only for remote data
+
+    return local_dataset(uri)
+
+
+# --- analysis ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageOutcome:
+    """One test image at the score threshold and IoU .5: what was found, falsely found and missed."""
+
+    position: int
+    image_id: int
+    path: str
+    tp: int
+    fp: int
+    miss: int
+    confused: int
+    items: list[dict[str, Any]]
+
+    @property
+    def f1(self) -> float | None:
+        """2 TP / (2 TP + FP + misses); None for an image with no box and no detection."""
+        total = 2 * self.tp + self.fp + self.miss
+        return None if total == 0 else 2 * self.tp / total
+
+
+@dataclass
+class RunAnalysis:
+    """Everything a run report shows, computed once (notebooks use it directly)."""
+
+    inputs: RunInputs
+    score_threshold: float
+    bootstrap: BootstrapResult | None
+    coco: CocoBootstrap | None
+    outcomes: list[ImageOutcome]
+    confusion: dict[str, dict[str, int]]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.inputs.metrics
+
+    def worst(self, n: int = DEFAULT_GALLERY_SIZE) -> list[ImageOutcome]:
+        """The n images with the lowest F1 at the threshold (most errors first among equals)."""
+        scored = [o for o in self.outcomes if o.f1 is not None]
+        return sorted(scored, key=lambda o: (o.f1, -(o.fp + o.miss), o.image_id))[:n]
+
+    def best(self, n: int = DEFAULT_GALLERY_SIZE, exclude: Sequence[ImageOutcome] = ()) -> list[ImageOutcome]:
+        """The n images with the highest F1 (most true positives first among equals), not in `exclude`."""
+        skip = {o.image_id for o in exclude}
+        scored = [o for o in self.outcomes if o.f1 is not None and o.image_id not in skip]
+        return sorted(scored, key=lambda o: (-o.f1, -o.tp, o.image_id))[:n]
+
+
+def analyze_run(inputs: RunInputs, score_threshold: float | None = None, replicates: int = DEFAULT_REPLICATES,
+                seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE) -> RunAnalysis:
+    """Bootstrap the metrics and classify every detection and true box of the test set."""
+    if score_threshold is None:
+        score_threshold = float((inputs.metrics.get("config") or {}).get("draw_score_thresh", DEFAULT_SCORE_THRESHOLD))
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ConfigError(f"score threshold {score_threshold} must lie in [0, 1]")
+    if inputs.predictions is None:
+        return RunAnalysis(inputs, score_threshold, None, None, [], {})
+    coco = CocoBootstrap(inputs.index, inputs.predictions)
+    result = coco.run(replicates=replicates, seed=seed, confidence=confidence)
+    for key in SUMMARY_NAMES:
+        reported, recomputed = inputs.metrics.get(key), result.estimate[key]
+        if reported is not None and np.isfinite(recomputed) and abs(reported - recomputed) > 1e-9:
+            inputs.notes.append(f"{key} recomputed from the predictions file is {recomputed:.6f}, metrics.json "
+                                f"says {reported:.6f}: the file is not the one these metrics were scored from.")
+    outcomes, confusion = image_outcomes(coco, score_threshold)
+    return RunAnalysis(inputs, score_threshold, result, coco, outcomes, confusion)
+
+
+def _iou_xywh(box: Sequence[float], others: np.ndarray) -> np.ndarray:
+    if len(others) == 0:
+        return np.zeros(0)
+    x1 = np.maximum(box[0], others[:, 0])
+    y1 = np.maximum(box[1], others[:, 1])
+    x2 = np.minimum(box[0] + box[2], others[:, 0] + others[:, 2])
+    y2 = np.minimum(box[1] + box[3], others[:, 1] + others[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    union = box[2] * box[3] + others[:, 2] * others[:, 3] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def image_outcomes(coco: CocoBootstrap, score_threshold: float) -> tuple[list[ImageOutcome], dict[str, dict[str, int]]]:
+    """Per image: detections >= threshold as TP/FP and true boxes as found/missed, at IoU .5.
+
+    The matching is pycocotools' own (its greedy, score-ordered matching at IoU .5, from `evalImgs`);
+    matching runs in score order, so dropping detections below the threshold afterwards gives what
+    matching only those above it would. A false positive on a true box of another class (IoU >= .5)
+    counts as a confusion: {true label: {predicted label: count}}.
+    """
+    ev, gt, dt = coco.evaluation, coco.gt, coco.dt
+    t = int(np.argmin(np.abs(coco.iou_thresholds - GALLERY_IOU)))
+    names = coco.index.label_names
+    n_img = len(coco.img_ids)
+    per_image: dict[int, dict[str, Any]] = {int(r.image_id): {"tp": 0, "fp": 0, "miss": 0, "confused": 0, "items": []}
+                                            for r in coco.index.images}
+    confusion: dict[str, dict[str, int]] = {}
+    false_positives: list[tuple[int, dict[str, Any], int]] = []
+    for k, cat in enumerate(coco.cat_ids):
+        for e in ev.evalImgs[k * n_img:(k + 1) * n_img]:
+            if e is None:
+                continue
+            slot = per_image[int(e["image_id"])]
+            det_score = {d: s for d, s in zip(e["dtIds"], e["dtScores"])}
+            for d, score, match in zip(e["dtIds"], e["dtScores"], e["dtMatches"][t]):
+                if score < score_threshold:
+                    continue
+                ann = dt.anns[d]
+                label = names[cat]
+                if match > 0:
+                    slot["tp"] += 1
+                    slot["items"].append({"box": _xyxy(ann["bbox"]), "kind": "TP", "text": f"TP {label} {score:.2f}",
+                                          "label": label, "score": float(score)})
+                else:
+                    slot["fp"] += 1
+                    item = {"box": _xyxy(ann["bbox"]), "kind": "FP", "text": f"FP {label} {score:.2f}",
+                            "label": label, "score": float(score)}
+                    slot["items"].append(item)
+                    false_positives.append((int(e["image_id"]), item, cat))
+            for g, match in zip(e["gtIds"], e["gtMatches"][t]):
+                if match > 0 and det_score.get(int(match), -1.0) >= score_threshold:
+                    continue
+                slot["miss"] += 1
+                label = names[cat]
+                slot["items"].append({"box": _xyxy(gt.anns[g]["bbox"]), "kind": "MISS", "text": f"MISS {label}",
+                                      "label": label})
+    for image_id, item, cat in false_positives:
+        anns = [a for a in gt.imgToAnns.get(image_id, []) if a["category_id"] != cat]
+        if not anns:
+            continue
+        x1, y1, x2, y2 = item["box"]
+        ious = _iou_xywh([x1, y1, x2 - x1, y2 - y1], np.array([a["bbox"] for a in anns], dtype=np.float64))
+        best = int(np.argmax(ious))
+        if ious[best] >= GALLERY_IOU:
+            true_label = names[anns[best]["category_id"]]
+            item["text"] += f" on {true_label}"
+            item["confused_with"] = true_label
+            per_image[image_id]["confused"] += 1
+            row = confusion.setdefault(true_label, {})
+            row[item["label"]] = row.get(item["label"], 0) + 1
+    outcomes = [ImageOutcome(position=i, image_id=int(r.image_id), path=r.path, **per_image[int(r.image_id)])
+                for i, r in enumerate(coco.index.images)]
+    return outcomes, confusion
+
+
+def _xyxy(bbox: Sequence[float]) -> list[float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return [x, y, x + w, y + h]
+
+
+def draw_outcome(outcome: ImageOutcome, score_threshold: float, display_size: int = 360) -> Any:
+    """The test image with its TP / FP / MISS boxes drawn and a caption (a PIL image)."""
+    from PIL import Image
+
+    from synthval.plots import draw_detections
+
+    with Image.open(outcome.path) as image:
+        image.load()
+        caption = (f"id {outcome.image_id}: TP {outcome.tp}  FP {outcome.fp}  MISS {outcome.miss}"
+                   f"  (score >= {score_threshold:g}, IoU >= {GALLERY_IOU:g})")
+        return draw_detections(image, outcome.items, display_size=display_size, caption=caption)
+
+
+def tensorboard_images(index: DatasetIndex, predictions: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any],
+                       class_ids: Mapping[int, int] | None = None, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+                       num_images: int = 4) -> dict[str, np.ndarray]:
+    """The run report's pictures as HWC uint8 RGB arrays by TensorBoard tag, for
+    `writer.add_image(tag, array, step, dataformats="HWC")` during training and evaluation.
+
+    Tags: eval/per_class_AP, eval/pr_curves, eval/confusion (only when classes are confused), and
+    eval/worst/<i>, eval/best/<i> (images with TP/FP/MISS drawn). `predictions` are `engine.predict`
+    dicts (index image ids, xyxy boxes, scores, labels); with `class_ids` ({dataset label id: model
+    class}) their labels are model classes, mapped back (classes the test set lacks are dropped), else
+    they are dataset label ids already. `metrics` is the evaluator's result dict.
+    """
+    from synthval import plots
+
+    if class_ids is not None:
+        to_data = {int(m): int(d) for d, m in class_ids.items()}
+        converted = []
+        for pred in predictions:
+            labels = np.asarray(pred["labels"]).reshape(-1)
+            keep = np.array([int(c) in to_data for c in labels.tolist()], dtype=bool)
+            item = {"image_id": pred["image_id"], "scores": np.asarray(pred["scores"]).reshape(-1)[keep],
+                    "labels": np.array([to_data[int(c)] for c in labels[keep].tolist()], dtype=np.int64)}
+            if "boxes_xywh" in pred:
+                item["boxes_xywh"] = np.asarray(pred["boxes_xywh"], dtype=np.float64).reshape(-1, 4)[keep]
+            else:
+                item["boxes"] = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)[keep]
+            converted.append(item)
+        predictions = converted
+    images = {"eval/per_class_AP": plots.figure_array(plots.per_class_ap_figure(metrics)),
+              "eval/pr_curves": plots.figure_array(plots.pr_curves_figure(metrics))}
+    coco = CocoBootstrap(index, predictions)
+    outcomes, confusion = image_outcomes(coco, score_threshold)
+    if confusion:
+        images["eval/confusion"] = plots.figure_array(plots.confusion_figure(confusion))
+    holder = RunAnalysis(RunInputs("", dict(metrics), index, "", None, None, None), score_threshold, None, coco,
+                         outcomes, confusion)
+    worst = holder.worst(num_images)
+    for name, chosen in (("worst", worst), ("best", holder.best(num_images, exclude=worst))):
+        for i, outcome in enumerate(chosen):
+            try:
+                images[f"eval/{name}/{i}"] = plots.image_array(draw_outcome(outcome, score_threshold))
+            except Exception as exc:  # pictures are a courtesy: one unreadable image must not fail a step
+                log.warning("TensorBoard image %s skipped: %s", outcome.path, exc)
+    return images
+
+
+# --- HTML building blocks ----------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+main{max-width:1240px;margin:0 auto;padding:20px 28px 48px}
+h1{font-size:1.55em;margin:.2em 0 .1em}h2{font-size:1.2em;margin:1.6em 0 .5em;border-bottom:2px solid #dde1e7;padding-bottom:.2em}
+.sub{color:#5b6475;margin:.2em 0 1em}
+table{border-collapse:collapse;background:#fff;margin:.4em 0 1em;font-size:.92em}
+th,td{border:1px solid #dde1e7;padding:4px 9px;text-align:right;vertical-align:top}
+th{background:#eef1f5}td.l,th.l{text-align:left}
+.big td{font-size:1.15em}.ci{color:#5b6475;font-size:.85em}
+.yes{color:#0a7d32;font-weight:600}.no{color:#8a5a00}
+.note{background:#fff6e0;border-left:4px solid #f0a800;padding:6px 10px;margin:.6em 0}
+.fig{background:#fff;border:1px solid #dde1e7;padding:6px;margin:.4em 0 1em;max-width:100%;height:auto}
+.gallery .fig{max-width:calc(50% - 20px);margin:0}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #dde1e7;padding:6px;width:372px}
+.card img{width:360px;height:auto;display:block}.card p{margin:.3em 0 0;font-size:.85em;color:#39404d;word-break:break-all}
+.legend span{display:inline-block;padding:1px 8px;margin-right:8px;border-radius:3px;color:#fff;font-size:.9em}
+details{margin:.4em 0 1em}code{background:#eef1f5;padding:0 3px}
+footer{color:#7a8294;font-size:.85em;margin-top:2em}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _page(title: str, body: str, data: Mapping[str, Any] | None = None) -> str:
+    """A whole HTML document: inline styles, no script; `data` is embedded as inert JSON for tools."""
+    payload = ""
+    if data is not None:
+        text = json.dumps(_finite(data), sort_keys=True).replace("</", "<\\/")
+        payload = f'<script type="application/json" id="synthval-data">{text}</script>\n'
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'\">\n"
+        f"<link rel=\"icon\" href=\"data:,\">\n<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<body>\n<main>\n{body}\n<footer>synthval {_e(__version__)} &middot; generated {_e(stamp)}</footer>\n"
+        f"</main>\n{payload}</body>\n</html>\n"
+    )
+
+
+def _img(data: bytes, alt: str, mime: str = "image/png", css: str = "fig") -> str:
+    return (f'<img class="{css}" alt="{_e(alt)}" src="data:{mime};base64,'
+            f'{base64.b64encode(data).decode("ascii")}">')
+
+
+def _jpeg(image: Any, quality: int = 85) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _ci(low: Any, high: Any) -> str:
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "n/a"
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    return obj
+
+
+def _notes(notes: Sequence[str]) -> str:
+    return "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+
+
+def _figure_html(fig: Any, alt: str) -> str:
+    from synthval.plots import figure_png
+
+    return _img(figure_png(fig), alt)
+
+
+# --- run report --------------------------------------------------------------------------------------
+
+
+def headline_html(metrics: Mapping[str, Any], boot: BootstrapResult | None) -> str:
+    """The headline table (mAP, mAP50, mAP75, mAR100 with intervals) and how the intervals were made."""
+    rows = []
+    for key, label in HEADLINE:
+        value = metrics.get(key)
+        low = boot.low.get(key) if boot else None
+        high = boot.high.get(key) if boot else None
+        finite = boot is not None and low is not None and high is not None and math.isfinite(low) and math.isfinite(high)
+        half = f"&plusmn;{(high - low) / 2:.3f}" if finite else "n/a"
+        rows.append(f'<tr><td class="l">{_e(label)} <span class="ci">{_e(key)}</span></td><td>{_fmt(value)}</td>'
+                    f"<td>{_ci(low, high)}</td><td>{half}</td></tr>")
+    pct = int(round((boot.confidence if boot else DEFAULT_CONFIDENCE) * 100))
+    out = ('<table class="big"><tr><th class="l">metric</th><th>value</th>'
+           f"<th>{pct}% interval</th><th>about</th></tr>{''.join(rows)}</table>")
+    if boot is not None:
+        out += (f'<p class="sub">Intervals: percentile bootstrap over the {boot.num_items} test images '
+                f"({boot.replicates.shape[0]} resamples with replacement, seed {boot.seed}), each resample "
+                "scored with pycocotools' matching and accumulation. A difference between two models smaller "
+                "than these half-widths is within the noise of this test set; use <code>synthval compare</code>"
+                " for a paired test.</p>")
+    return out
+
+
+def render_run_report(analysis: RunAnalysis, title: str | None = None, gallery_size: int = DEFAULT_GALLERY_SIZE) -> str:
+    """The run report of an analysis as one HTML string."""
+    from synthval import plots
+
+    inputs, metrics = analysis.inputs, analysis.metrics
+    boot = analysis.bootstrap
+    intervals = boot.to_dict() if boot is not None else None
+    title = title or f"synthval evaluation: {storage.basename(inputs.data_uri) or inputs.data_uri} ({inputs.split})"
+    checkpoint = metrics.get("checkpoint_uri") or metrics.get("source_predictions_uri") or "n/a"
+    parts = [f"<h1>{_e(title)}</h1>",
+             f'<p class="sub">{metrics.get("num_images", len(inputs.index))} test images, '
+             f'{metrics.get("num_gt", inputs.index.num_boxes)} boxes, {metrics.get("num_predictions", "?")} '
+             f"detections scored &middot; model or results: <code>{_e(checkpoint)}</code></p>"]
+    parts.append(_notes(inputs.notes))
+
+    parts.append("<h2>Headline metrics</h2>" + headline_html(metrics, boot))
+    others = [(k, metrics.get(k)) for k in ("mAP_small", "mAP_medium", "mAP_large", "mAR1", "mAR10",
+                                             "mAR_small", "mAR_medium", "mAR_large")]
+    parts.append("<details><summary>All COCO summary numbers</summary><table><tr>"
+                 + "".join(f"<th>{_e(k)}</th>" for k, _ in others) + "</tr><tr>"
+                 + "".join(f"<td>{_fmt(v)}</td>" for _, v in others) + "</tr></table></details>")
+
+    match = metrics.get("label_match") or {}
+    if match.get("only_in_model") or match.get("only_in_data"):
+        parts.append(_notes([
+            f"Labels are matched by name: {len(match.get('shared', []))} shared. "
+            + (f"Test labels the model cannot predict (AP 0 where they have boxes): {', '.join(match['only_in_data'])}. "
+               if match.get("only_in_data") else "")
+            + (f"Model classes absent from the test set (not scored): {', '.join(match['only_in_model'])}."
+               if match.get("only_in_model") else "")]))
+
+    parts.append("<h2>AP per class</h2>")
+    parts.append(_figure_html(plots.per_class_ap_figure(metrics, intervals), "AP per class"))
+    parts.append(_per_class_table(metrics, boot))
+
+    parts.append("<h2>Precision-recall curves</h2>")
+    parts.append(_figure_html(plots.pr_curves_figure(metrics), "precision-recall curves at IoU .5"))
+
+    parts.append("<h2>Class confusion</h2>")
+    if analysis.coco is None:
+        parts.append("<p>Needs the predictions file.</p>")
+    elif analysis.confusion:
+        total = sum(sum(r.values()) for r in analysis.confusion.values())
+        parts.append(f"<p>{total} detection(s) with score &ge; {analysis.score_threshold:g} lie on a true box of "
+                     "another class (IoU &ge; .5): the model found the object but named it wrongly.</p>")
+        parts.append(_figure_html(plots.confusion_figure(analysis.confusion), "class confusion"))
+    else:
+        parts.append(f"<p>No detection with score &ge; {analysis.score_threshold:g} lies on a true box of another "
+                     "class (IoU &ge; .5).</p>")
+
+    parts.append("<h2>Worst and best test images</h2>")
+    if analysis.coco is None:
+        parts.append("<p>Needs the predictions file.</p>")
+    else:
+        parts.append(_legend(analysis.score_threshold))
+        worst = analysis.worst(gallery_size)
+        best = analysis.best(gallery_size, exclude=worst)
+        parts.append("<h3>Worst (lowest F1 at the threshold)</h3>" + _gallery(worst, analysis.score_threshold))
+        parts.append("<h3>Best (highest F1)</h3>" + _gallery(best, analysis.score_threshold))
+
+    parts.append("<h2>Provenance</h2>")
+    prov = [("metrics", inputs.metrics_uri), ("predictions", inputs.predictions_uri),
+            ("test set", f"{inputs.data_uri} (split {inputs.split}, {inputs.index.format})"),
+            ("checkpoint", metrics.get("checkpoint_uri")), ("results file scored", metrics.get("source_predictions_uri")),
+            ("evaluated at", metrics.get("created_at")), ("evaluated by synthval", metrics.get("synthval_version"))]
+    parts.append("<table>" + "".join(f'<tr><th class="l">{_e(k)}</th><td class="l"><code>{_e(v)}</code></td></tr>'
+                                     for k, v in prov if v) + "</table>")
+    data = {"kind": "run_report", "metrics_uri": inputs.metrics_uri,
+            "metrics": {k: metrics.get(k) for k, _ in HEADLINE}, "intervals": intervals,
+            "score_threshold": analysis.score_threshold, "confusion": analysis.confusion}
+    return _page(title, "\n".join(parts), data)
+
+
+def _legend(threshold: float) -> str:
+    from synthval.plots import FP_COLOR, MISS_COLOR, TP_COLOR
+
+    def swatch(color: tuple[int, int, int], text: str, dark: bool = False) -> str:
+        fg = "#000" if dark else "#fff"
+        return f'<span style="background:rgb{color};color:{fg}">{_e(text)}</span>'
+
+    return ('<p class="legend">' + swatch(TP_COLOR, "TP: detection matching a true box")
+            + swatch(FP_COLOR, "FP: detection matching none (\u201con X\u201d: on a box of class X)", dark=True)
+            + swatch(MISS_COLOR, "MISS: true box found by no detection (dashed)")
+            + f"<br>Detections drawn: score &ge; <b>{threshold:g}</b>; matched at IoU &ge; {GALLERY_IOU:g}. "
+            "Images ranked by F1 = 2TP / (2TP + FP + MISS).</p>")
+
+
+def _gallery(outcomes: Sequence[ImageOutcome], threshold: float) -> str:
+    if not outcomes:
+        return "<p>No images.</p>"
+    cards = []
+    for o in outcomes:
+        try:
+            picture = _img(_jpeg(draw_outcome(o, threshold)), f"test image {o.image_id}", "image/jpeg", css="")
+        except Exception as exc:  # one unreadable image must not lose the whole report
+            log.warning("gallery: %s skipped (%s)", o.path, exc)
+            picture = f"<p>image unreadable: {_e(exc)}</p>"
+        cards.append(f'<div class="card">{picture}<p>F1 {_fmt(o.f1, 2)} &middot; TP {o.tp}, FP {o.fp} '
+                     f"({o.confused} on another class), MISS {o.miss}<br><code>{_e(o.path)}</code></p></div>")
+    return '<div class="gallery">' + "".join(cards) + "</div>"
+
+
+def _per_class_table(metrics: Mapping[str, Any], boot: BootstrapResult | None) -> str:
+    per_class = metrics.get("per_class") or {}
+    from synthval.plots import _class_order
+
+    rows = []
+    for name in _class_order(per_class):
+        row = per_class[name]
+        ap_ci = _ci(boot.low.get(f"AP/{name}"), boot.high.get(f"AP/{name}")) if boot else "n/a"
+        ap50_ci = _ci(boot.low.get(f"AP50/{name}"), boot.high.get(f"AP50/{name}")) if boot else "n/a"
+        rows.append(f'<tr><td class="l">{_e(name)}</td><td>{row.get("num_gt", "")}</td><td>{row.get("num_predictions", "")}</td>'
+                    f'<td>{_fmt(row.get("AP"))} <span class="ci">{ap_ci}</span></td>'
+                    f'<td>{_fmt(row.get("AP50"))} <span class="ci">{ap50_ci}</span></td>'
+                    f'<td>{_fmt(row.get("AR100"))}</td></tr>')
+    return ('<details><summary>Table</summary><table><tr><th class="l">class</th><th>test boxes</th><th>detections</th>'
+            "<th>AP@[.5:.95] [95%]</th><th>AP@.5 [95%]</th><th>AR@100</th></tr>" + "".join(rows) + "</table></details>")
+
+
+def write_run_report(metrics_uri: str, out_uri: str, predictions_uri: str | None = None, data_uri: str | None = None,
+                     split: str | None = None, dataset_format: str = "auto", bbox_definition_id: str | None = None,
+                     skip_broken: bool = False, score_threshold: float | None = None,
+                     replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED,
+                     confidence: float = DEFAULT_CONFIDENCE, gallery_size: int = DEFAULT_GALLERY_SIZE,
+                     title: str | None = None) -> dict[str, Any]:
+    """Write the run report of the evaluation at `metrics_uri` to the HTML file `out_uri`.
+
+    The call publish makes. Returns {"report_uri", "intervals"} where "intervals" is
+    `BootstrapResult.to_dict()` of the headline metrics (None without predictions).
+    """
+    inputs = load_run_inputs(metrics_uri, predictions_uri, data_uri, split, dataset_format, bbox_definition_id,
+                             skip_broken)
+    analysis = analyze_run(inputs, score_threshold, replicates, seed, confidence)
+    write_html(out_uri, render_run_report(analysis, title, gallery_size))
+    boot = analysis.bootstrap
+    if boot is not None:
+        log.info("run report: %s", ", ".join(f"{k} {_fmt(boot.estimate[k])} {_ci(*boot.interval(k))}"
+                                              for k in ("mAP", "mAP50", "mAR100")))
+    log.info("wrote %s", out_uri)
+    return {"report_uri": out_uri, "intervals": boot.to_dict(list(SUMMARY_NAMES)) if boot else None}
+
+
+def report_file_uri(out_uri: str, default_name: str) -> str:
+    """`out_uri` itself when it names an .html file, else `<out_uri>/<default_name>`."""
+    if out_uri.lower().endswith((".html", ".htm")):
+        return storage.local_path(out_uri) if storage.is_local(out_uri) else out_uri
+    return storage.join_uri(out_uri, default_name)
+
+
+def sibling_uri(uri: str, name: str) -> str:
+    """The URI of `name` in the folder holding `uri` (e.g. report.html beside metrics.json)."""
+    if storage.is_local(uri):
+        import os
+
+        return os.path.join(os.path.dirname(storage.local_path(uri)), name)
+    return uri.split("?", 1)[0].rsplit("/", 1)[0] + "/" + name
+
+
+def run_report(metrics_uri: str, out_uri: str, predictions_uri: str | None = None, data_uri: str | None = None,
+               split: str | None = None, dataset_format: str = "auto", bbox_definition_id: str | None = None,
+               skip_broken: bool = False, score_threshold: float | None = None,
+               replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED,
+               gallery_size: int = DEFAULT_GALLERY_SIZE) -> dict[str, Any]:
+    """`synthval report`: the run report at `out_uri` (an .html file, or a folder for report.html).
+
+    Returns {"report_uri", "summary": {metric: {"value", "low", "high"}}}.
+    """
+    _check_replicates(replicates)
+    target = report_file_uri(out_uri, REPORT_FILE)
+    result = write_run_report(metrics_uri, target, predictions_uri, data_uri, split, dataset_format,
+                              bbox_definition_id, skip_broken, score_threshold, replicates, seed,
+                              gallery_size=gallery_size)
+    summary = (result["intervals"] or {}).get("values")
+    return {"report_uri": target, "summary": summary}
+
+
+def _check_replicates(replicates: int) -> None:
+    if replicates < 10:
+        raise ConfigError(f"bootstrap replicates {replicates}: use at least 10 (1000 for reported intervals)")
+
+
+def write_html(uri: str, text: str) -> None:
+    """Write an HTML page atomically; on GCS with Content-Type text/html so a browser renders it."""
+    write_published(uri, text.encode("utf-8"), "text/html; charset=utf-8")
+
+
+def write_published(uri: str, data: bytes, content_type: str) -> None:
+    """Write bytes atomically; remote objects get `content_type` (gcsfs' default would be a download)."""
+    if storage.is_local(uri):
+        storage.write_bytes(uri, data)
+        return
+    import os
+    import tempfile
+
+    fs, path = storage.filesystem(uri)
+    with tempfile.TemporaryDirectory(prefix="synthval-put-") as tmpdir:
+        tmp = os.path.join(tmpdir, "object")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            fs.put_file(tmp, path, content_type=content_type)
+        except TypeError:  # a filesystem without content types (memory, ...)
+            fs.put_file(tmp, path)
+
+
+# --- comparison report -------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareEntry:
+    name: str
+    metrics_uri: str
+    metrics: dict[str, Any]
+    inputs: RunInputs | None = None
+    bootstrap: BootstrapResult | None = None
+
+
+def resolve_result(uri: str) -> tuple[str, dict[str, Any], str | None]:
+    """(metrics URI, metrics, default name) for a metrics.json or a published result record."""
+    doc = storage.read_json(uri)
+    if not isinstance(doc, dict):
+        raise DatasetError(f"{uri}: expected a metrics.json or a result record (a JSON object)")
+    if "record_id" in doc and isinstance(doc.get("evaluation"), dict):
+        metrics_uri = doc["evaluation"].get("metrics_uri")
+        if not metrics_uri:
+            raise DatasetError(f"{uri}: result record without 'evaluation.metrics_uri'")
+        name = doc.get("recipe") or doc["record_id"]
+        if doc.get("real_budget") is not None:
+            name = f"{name} (real {doc['real_budget']})"
+        return metrics_uri, storage.read_json(metrics_uri), name
+    if "per_class" not in doc:
+        raise DatasetError(f"{uri}: neither a metrics.json (no 'per_class') nor a result record (no 'record_id')")
+    return uri, doc, None
+
+
+def _test_set_key(metrics: Mapping[str, Any]) -> tuple:
+    t = metrics.get("test_set") or {}
+    return (t.get("data_uri"), t.get("split"), t.get("image_ids_sha256"))
+
+
+def run_compare(metrics_uris: Sequence[str], out_uri: str, names: Sequence[str] | None = None,
+                data_uri: str | None = None, split: str | None = None, dataset_format: str = "auto",
+                replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED,
+                confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
+    """`synthval compare`: metrics and intervals of several results side by side, and which differences
+    are larger than their noise.
+
+    Inputs are metrics.json files or result records. Results scored on the same test images get a
+    paired bootstrap (the same resamples for all, so image difficulty cancels); others an independent
+    one. Returns {"report_uri", "differences": [{"a", "b", "metric", "difference", "low", "high",
+    "significant"}]}.
+    """
+    if len(metrics_uris) < 2:
+        raise ConfigError("compare needs at least two results")
+    if names and len(names) != len(metrics_uris):
+        raise ConfigError(f"--names gives {len(names)} names for {len(metrics_uris)} results")
+    _check_replicates(replicates)
+    entries = []
+    for i, uri in enumerate(metrics_uris):
+        metrics_uri, metrics, default = resolve_result(uri)
+        name = names[i] if names else default or f"{i + 1}: {storage.basename(storage.join_uri(metrics_uri, '..')) or metrics_uri}"
+        entries.append(CompareEntry(name, metrics_uri, metrics))
+    if len({e.name for e in entries}) != len(entries):
+        for i, e in enumerate(entries):
+            e.name = f"{i + 1}. {e.name}"
+    # Load each distinct test set once; bootstrap every result that has its predictions.
+    index_cache: dict[tuple, RunInputs] = {}
+    for e in entries:
+        key = _test_set_key(e.metrics) if data_uri is None else (data_uri, split)
+        try:
+            base = index_cache.get(key)
+            if base is None:
+                base = load_run_inputs(e.metrics_uri, None, data_uri, split, dataset_format)
+                index_cache[key] = base
+                e.inputs = base
+            else:
+                e.inputs = _with_predictions(base, e)
+        except SynthvalError as exc:  # a result whose test set or predictions cannot be read: no intervals
+            log.warning("%s: no intervals (%s)", e.name, exc)
+            continue
+        if e.inputs.predictions is not None:
+            e.bootstrap = CocoBootstrap(e.inputs.index, e.inputs.predictions).run(replicates, seed, confidence)
+    differences = []
+    for i in range(len(entries)):
+        for j in range(i + 1, len(entries)):
+            a, b = entries[i], entries[j]
+            paired = (a.bootstrap is not None and b.bootstrap is not None
+                      and _test_set_key(a.metrics) == _test_set_key(b.metrics) and a.inputs.index is b.inputs.index)
+            for key in ("mAP", "mAP50", "mAR100"):
+                if a.bootstrap is None or b.bootstrap is None:
+                    va, vb = a.metrics.get(key), b.metrics.get(key)
+                    diff = Difference(key, (va - vb) if va is not None and vb is not None else float("nan"),
+                                      float("nan"), float("nan"))
+                    how = "no predictions: untested"
+                elif paired:
+                    diff, how = paired_difference(a.bootstrap, b.bootstrap, key), "paired"
+                else:
+                    diff, how = independent_difference(a.bootstrap, b.bootstrap, key), "independent (different test sets)"
+                differences.append({"a": a.name, "b": b.name, "metric": key, "difference": _finite(diff.value),
+                                    "low": _finite(diff.low), "high": _finite(diff.high),
+                                    "significant": diff.significant, "method": how})
+    target = report_file_uri(out_uri, COMPARE_FILE)
+    write_html(target, render_compare_report(entries, differences, confidence))
+    for d in differences:
+        log.info("%s - %s %s: %s %s %s", d["a"], d["b"], d["metric"], _fmt(d["difference"]),
+                 _ci(d["low"], d["high"]), "larger than noise" if d["significant"] else "within noise")
+    return {"report_uri": target, "differences": differences}
+
+
+def _with_predictions(base: RunInputs, entry: CompareEntry) -> RunInputs:
+    """Another result on the same test set: reuse the index, read this result's predictions."""
+    from synthval.evaluate import coco_image_ids
+    from synthval.metrics import load_coco_results
+
+    uri = entry.metrics.get("predictions_uri")
+    predictions = None
+    if uri and storage.exists(uri):
+        public = coco_image_ids(base.index, local_dataset_path(base.data_uri))
+        predictions = load_coco_results(uri, base.index, image_ids={p: i for i, p in public.items()})
+    return RunInputs(entry.metrics_uri, entry.metrics, base.index, base.data_uri, base.split, uri, predictions, [])
+
+
+def render_compare_report(entries: Sequence[CompareEntry], differences: Sequence[Mapping[str, Any]],
+                          confidence: float = DEFAULT_CONFIDENCE, title: str = "synthval comparison") -> str:
+    """The comparison page as one HTML string."""
+    from synthval import plots
+
+    pct = int(round(confidence * 100))
+    parts = [f"<h1>{_e(title)}</h1>",
+             f'<p class="sub">{len(entries)} results &middot; {pct}% bootstrap intervals over test images</p>']
+    test_sets = {_test_set_key(e.metrics) for e in entries}
+    if len(test_sets) > 1:
+        parts.append(_notes(["These results were scored on different test sets: their numbers are not directly "
+                             "comparable, and differences are tested without pairing."]))
+    head = "".join(f"<th>{_e(e.name)}</th>" for e in entries)
+    rows = []
+    for key, label in HEADLINE:
+        cells = []
+        for e in entries:
+            value = e.metrics.get(key)
+            ci = _ci(e.bootstrap.low.get(key), e.bootstrap.high.get(key)) if e.bootstrap else "n/a"
+            cells.append(f'<td>{_fmt(value)}<br><span class="ci">{ci}</span></td>')
+        rows.append(f'<tr><td class="l">{_e(label)}</td>{"".join(cells)}</tr>')
+    rows.append('<tr><td class="l">test images</td>' + "".join(f"<td>{e.metrics.get('num_images', '')}</td>"
+                                                               for e in entries) + "</tr>")
+    parts.append(f'<h2>Metrics</h2><table class="big"><tr><th class="l">metric</th>{head}</tr>{"".join(rows)}</table>')
+    figure_rows = [(e.name, (e.bootstrap.to_dict(list(SUMMARY_NAMES))["values"] if e.bootstrap else
+                             {k: {"value": e.metrics.get(k)} for k in SUMMARY_NAMES})) for e in entries]
+    parts.append(_figure_html(plots.metric_intervals_figure(figure_rows), "metrics with intervals"))
+
+    parts.append("<h2>Differences: larger than the noise?</h2>")
+    parts.append(f"<p>Each difference <i>a &minus; b</i> with its {pct}% bootstrap interval. Paired: both results "
+                 "were scored on the same test images, resampled together, so what an image's difficulty adds to both "
+                 "cancels. A difference is <b>larger than its noise</b> when its interval excludes 0.</p>")
+    drows = []
+    for d in differences:
+        verdict = ('<span class="yes">yes</span>' if d["significant"]
+                   else '<span class="no">no, within noise</span>' if d["low"] is not None else "untested")
+        drows.append(f'<tr><td class="l">{_e(d["a"])}</td><td class="l">{_e(d["b"])}</td><td class="l">{_e(d["metric"])}</td>'
+                     f'<td>{_fmt(d["difference"])}</td><td>{_ci(d["low"], d["high"])}</td><td class="l">{verdict}</td>'
+                     f'<td class="l">{_e(d["method"])}</td></tr>')
+    parts.append('<table><tr><th class="l">a</th><th class="l">b</th><th class="l">metric</th><th>a &minus; b</th>'
+                 f'<th>{pct}% interval</th><th class="l">larger than noise?</th><th class="l">bootstrap</th></tr>'
+                 + "".join(drows) + "</table>")
+
+    names = list(dict.fromkeys(n for e in entries for n in (e.metrics.get("per_class") or {})))
+    if names:
+        prow = []
+        for n in names:
+            cells = "".join(f"<td>{_fmt(((e.metrics.get('per_class') or {}).get(n) or {}).get('AP50'))}</td>" for e in entries)
+            prow.append(f'<tr><td class="l">{_e(n)}</td>{cells}</tr>')
+        parts.append(f'<h2>AP@.5 per class</h2><details><summary>Table</summary><table><tr><th class="l">class</th>{head}</tr>'
+                     + "".join(prow) + "</table></details>")
+    parts.append("<h2>Sources</h2><table>" + "".join(
+        f'<tr><th class="l">{_e(e.name)}</th><td class="l"><code>{_e(e.metrics_uri)}</code></td></tr>' for e in entries)
+        + "</table>")
+    data = {"kind": "compare_report", "results": [{"name": e.name, "metrics_uri": e.metrics_uri,
+                                                   "intervals": e.bootstrap.to_dict(list(SUMMARY_NAMES)) if e.bootstrap else None}
+                                                  for e in entries], "differences": list(differences)}
+    return _page(title, "\n".join(parts), data)
+
+
+# --- dataset statistics report -----------------------------------------------------------------------
+
+
+def _row(label: str, cells: Sequence[Any]) -> str:
+    return f'<tr><td class="l">{_e(label)}</td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _quantiles(values: np.ndarray, digits: int = 3) -> str:
+    if len(values) == 0:
+        return "n/a"
+    p = np.quantile(values, [0.05, 0.5, 0.95])
+    return (f"{np.mean(values):.{digits}f} <span class=\"ci\">(median {p[1]:.{digits}f}; "
+            f"5-95%: {p[0]:.{digits}f}-{p[2]:.{digits}f})</span>")
+
+
+def stats_summary_html(datasets: Sequence[Any]) -> str:
+    """A table of one or more `stats.DatasetStats` side by side."""
+    head = "".join(f"<th>{_e(d.name)}</th>" for d in datasets)
+    q = _quantiles
+    rows = [_row("images", [d.num_images for d in datasets]), _row("boxes", [d.num_boxes for d in datasets]),
+            _row("labels with boxes", [sum(1 for v in d.label_counts.values() if v) for d in datasets]),
+            _row("objects per image: mean", [q(d.objects_per_image.astype(float), 2) for d in datasets]),
+            _row("images without boxes", [int(np.count_nonzero(d.objects_per_image == 0)) for d in datasets]),
+            _row("box size sqrt(area / image area)", [q(d.box_size) for d in datasets]),
+            _row("box width (px)", [q(d.box_width_px, 1) for d in datasets]),
+            _row("box aspect ratio w/h", [q(d.aspect_ratio, 2) for d in datasets]),
+            _row("COCO small / medium / large boxes", ["{small} / {medium} / {large}".format(**d.size_counts())
+                                                       for d in datasets]),
+            _row("image sizes", [", ".join(f"{k} ({v})" for k, v in list(d.image_sizes.items())[:3])
+                                 + (" ..." if len(d.image_sizes) > 3 else "") for d in datasets])]
+    if any(d.pixel for d in datasets):
+        rows.append(_row("brightness, sampled images (0-255)",
+                         [q(np.asarray(d.pixel["brightness"]), 1) + f" <span class=\"ci\">n={d.pixel['sampled_images']}</span>"
+                          if d.pixel else "not measured" for d in datasets]))
+    return f'<table><tr><th class="l">statistic</th>{head}</tr>{"".join(rows)}</table>'
+
+
+def distances_html(distances: Mapping[str, Any]) -> str:
+    """The domain-gap table of `stats.compare_stats`, with what the distances mean."""
+    parts = ["<p>How far apart the two datasets' distributions are, before any training. Wasserstein-1 is "
+             "the average distance values must move to turn one distribution into the other, in the "
+             f"statistic's unit, and in standard deviations of {_e(distances['b'])} to rank them; total "
+             "variation (share of mass that differs) and Jensen-Shannon divergence (base 2) lie in [0, 1] "
+             "and are 0 for identical distributions.</p>"]
+    drows = []
+    for _, r in sorted(distances["one_d"].items(), key=lambda kv: -(kv[1]["w1_std"] or 0)):
+        drows.append(f'<tr><td class="l">{_e(r["title"])}</td><td class="l">Wasserstein-1</td><td>{r["w1"]:.4g} '
+                     f'<span class="ci">{_e(r["unit"])}</span></td><td>{_fmt(r["w1_std"], 2)}</td>'
+                     f'<td>{r["mean_a"]:.3g} vs {r["mean_b"]:.3g}</td></tr>')
+    lab = distances["labels"]
+    drows.append(f'<tr><td class="l">objects per label (share of boxes)</td><td class="l">TV / JS</td>'
+                 f'<td>{lab["tv"]:.3f} / {lab["js"]:.3f}</td><td></td><td></td></tr>')
+    if "position_heatmap" in distances:
+        pos = distances["position_heatmap"]
+        drows.append(f'<tr><td class="l">box centre position (heat map, {pos.get("bins", "")}x{pos.get("bins", "")} '
+                     f'cells)</td><td class="l">TV / JS</td><td>{pos["tv"]:.3f} / {pos["js"]:.3f}</td><td></td><td></td></tr>')
+    size = distances["coco_size_share"]
+    drows.append(f'<tr><td class="l">COCO size class share (small/medium/large)</td><td class="l">TV</td>'
+                 f'<td>{size["tv"]:.3f}</td><td></td><td>'
+                 + " / ".join(f"{size['a'][k]:.2f}" for k in ("small", "medium", "large")) + " vs "
+                 + " / ".join(f"{size['b'][k]:.2f}" for k in ("small", "medium", "large")) + "</td></tr>")
+    parts.append('<table><tr><th class="l">statistic</th><th class="l">distance</th><th>value</th>'
+                 f'<th>in std of {_e(distances["b"])}</th><th>mean a vs b</th></tr>' + "".join(drows) + "</table>")
+    if lab["only_in_a"] or lab["only_in_b"]:
+        parts.append(_notes([f"Labels only in {distances['a']}: {', '.join(lab['only_in_a']) or 'none'}. "
+                             f"Labels only in {distances['b']}: {', '.join(lab['only_in_b']) or 'none'}. "
+                             "Labels are matched by name; unmatched ones are neither trained nor scored together."]))
+    return "".join(parts)
+
+
+def write_stats_report(datasets: Sequence[Any], distances: Mapping[str, Any] | None, pngs: Mapping[str, bytes],
+                       title: str = "synthval dataset statistics") -> str:
+    """The statistics page (one or two `stats.DatasetStats`, their distances, the plots' PNG bytes) as HTML."""
+    head = "".join(f"<th>{_e(d.name)}</th>" for d in datasets)
+    parts = [f"<h1>{_e(title)}</h1>",
+             '<p class="sub">' + " &middot; ".join(f"{_e(d.name)}: <code>{_e(d.uri)}</code> ({_e(d.format)})"
+                                                   for d in datasets) + "</p>",
+             "<h2>Summary</h2>" + stats_summary_html(datasets)]
+    if distances:
+        parts.append(f"<h2>Domain gap: {_e(distances['a'])} vs {_e(distances['b'])}</h2>" + distances_html(distances))
+    captions = {"objects_per_label": "Objects per label", "objects_per_image": "Objects per image",
+                "box_size": "Box size", "aspect_ratio": "Box aspect ratio", "position_heatmap": "Position heat map",
+                "brightness": "Brightness"}
+    wide = ("objects_per_label", "position_heatmap")
+    if "objects_per_label" in pngs:
+        parts.append(f"<h2>{captions['objects_per_label']}</h2>" + _img(pngs["objects_per_label"], "objects per label"))
+    small = [k for k in pngs if k not in wide]
+    if small:
+        parts.append('<h2>Distributions</h2><div class="gallery">'
+                     + "".join(_img(pngs[k], captions.get(k, k)) for k in small) + "</div>")
+    if "position_heatmap" in pngs:
+        parts.append(f"<h2>{captions['position_heatmap']}</h2>" + _img(pngs["position_heatmap"], "position heat map"))
+    names = list(dict.fromkeys(n for d in datasets for n in d.label_counts))
+    lrows = [_row(n, [f"{d.label_counts[n]} <span class=\"ci\">in {d.images_per_label.get(n, 0)} images</span>"
+                      if n in d.label_counts else "&ndash;" for d in datasets]) for n in names]
+    parts.append(f'<h2>Objects per label</h2><details><summary>Table</summary><table><tr><th class="l">label</th>{head}</tr>'
+                 + "".join(lrows) + "</table></details>")
+    return _page(title, "\n".join(parts), {"kind": "stats_report", "distances": distances})
