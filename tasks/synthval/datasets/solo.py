@@ -1,0 +1,129 @@
+"""Unity Perception SOLO datasets: sequence.N/stepM.frame_data.json beside the images.
+
+Each frame file holds `captures[]`; a camera capture names its image (`filename`, relative to the
+sequence folder; names may contain spaces) and its `dimension` [width, height], and carries
+`annotations[]`. The 2D boxes are the annotation whose `@type` ends in `BoundingBox2DAnnotation`, values
+`{instanceId, labelId, labelName, origin [x, y], dimension [w, h]}` in pixels, origin top-left. Label
+names come from that annotation's definition in `annotation_definitions.json`
+(`annotationDefinitions[]`, `spec[]` of `{label_id, label_name}`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from synthval.datasets.index import (
+    IMAGE_EXTENSIONS,
+    Progress,
+    RawIndex,
+    RawIndexBuilder,
+    field_error,
+    natural_key,
+    read_json_file,
+)
+from synthval.datasets.perception import label_names_of
+from synthval.errors import DatasetError
+
+log = logging.getLogger(__name__)
+BBOX_TYPE_SUFFIX = "BoundingBox2DAnnotation"
+DEFINITIONS_FILE = "annotation_definitions.json"
+_SEQUENCE = re.compile(r"sequence\.\d+$")
+_FRAME = re.compile(r"step\d+\.frame_data\.json$")
+
+
+def find_sequences(root: str) -> list[str]:
+    """The sequence.N folders of `root` in numeric order (empty if none)."""
+    try:
+        names = [e.name for e in os.scandir(root) if e.is_dir() and _SEQUENCE.match(e.name)]
+    except OSError:
+        return []
+    return [os.path.join(root, n) for n in sorted(names, key=natural_key)]
+
+
+def _pick_definition(definitions: list[dict], requested: str | None, where: str) -> dict:
+    boxes = [d for d in definitions if str(d.get("@type", "")).endswith(BBOX_TYPE_SUFFIX)]
+    listing = ", ".join(f"{d.get('id')!s} ({d.get('@type', '?')})" for d in definitions) or "none"
+    if requested is not None:
+        for d in definitions:
+            if str(d.get("id")) == str(requested):
+                if d not in boxes:
+                    raise DatasetError(f"{where}: definition {requested!r} is a {d.get('@type')}, not a 2D box "
+                                       f"annotation; the 2D box definitions there are: "
+                                       f"{', '.join(str(b.get('id')) for b in boxes) or 'none'}")
+                return d
+        raise DatasetError(f"{where}: no annotation definition with id {requested!r}; the definitions there "
+                           f"are: {listing}")
+    if len(boxes) == 1:
+        return boxes[0]
+    raise DatasetError(f"{where}: {len(boxes)} definitions of @type ...{BBOX_TYPE_SUFFIX}; choose one with "
+                       f"bbox_definition_id. The definitions there are: {listing}")
+
+
+def read_solo(root: str, bbox_definition_id: str | None = None) -> RawIndex:
+    """Read every camera capture of a SOLO dataset at local folder `root` into a RawIndex."""
+    sequences = find_sequences(root)
+    if not sequences:
+        raise DatasetError(f"{root}: no sequence.N folders; not a SOLO dataset")
+    definitions_path = os.path.join(root, DEFINITIONS_FILE)
+    doc = read_json_file(definitions_path)
+    definitions = doc.get("annotationDefinitions") if isinstance(doc, dict) else None
+    if not isinstance(definitions, list):
+        raise DatasetError(f"{definitions_path}: expected an object with an 'annotationDefinitions' list")
+    definition = _pick_definition(definitions, bbox_definition_id, definitions_path)
+    label_names = label_names_of(definition, definitions_path)
+    def_id = definition.get("id")
+
+    builder = RawIndexBuilder()
+    progress = Progress(log, f"reading {root}", len(sequences), "sequences")
+    for k, sequence in enumerate(sequences):
+        progress.update(k)
+        frames = sorted((e.name for e in os.scandir(sequence) if _FRAME.match(e.name)), key=natural_key)
+        for frame in frames:
+            rel = os.path.relpath(os.path.join(sequence, frame), root)
+            frame_doc = read_json_file(os.path.join(sequence, frame))
+            _read_frame(builder, frame_doc, rel, sequence, def_id)
+    return builder.build(os.path.abspath(root), "solo", label_names,
+                         coord_names=("origin[0]", "origin[1]", "dimension[0]", "dimension[1]"),
+                         label_field="labelId")
+
+
+def _read_frame(builder: RawIndexBuilder, doc: Any, rel: str, folder: str, def_id: Any) -> None:
+    ci = ai = vi = -1
+    value: Any = doc
+    try:
+        for ci, capture in enumerate(doc["captures"]):
+            ai = vi = -1
+            value = capture
+            filename = capture["filename"]
+            if not filename.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            width, height = capture["dimension"][:2]
+            if width != int(width) or height != int(height) or width <= 0 or height <= 0:
+                raise ValueError("dimension must be two positive whole numbers")
+            builder.add_image(os.path.abspath(os.path.join(folder, filename)), int(width), int(height),
+                              f"{rel}: captures[{ci}] (filename {filename!r})",
+                              f"{rel}: captures[{ci}] (image {filename!r})")
+            seen = 0
+            for ai, annotation in enumerate(capture.get("annotations") or ()):
+                value = annotation
+                if not str(annotation.get("@type", "")).endswith(BBOX_TYPE_SUFFIX) or annotation.get("id") != def_id:
+                    continue
+                vi = -1
+                seen += 1
+                if seen == 1:
+                    builder.box_where[-1] = f"{rel}: captures[{ci}].annotations[{ai}].values[{{}}] (image {filename!r})"
+                else:
+                    raise ValueError(f"a second {BBOX_TYPE_SUFFIX} with id {def_id!r} on one capture")
+                for vi, value in enumerate(annotation.get("values") or ()):
+                    (x, y), (w, h) = value["origin"][:2], value["dimension"][:2]
+                    builder.add_box(x, y, w, h, value["labelId"], vi)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        where = f"{rel}: captures[{ci}]" if ci >= 0 else rel
+        if ai >= 0:
+            where += f".annotations[{ai}]"
+        if vi >= 0:
+            where += f".values[{vi}]"
+        raise field_error(where, exc, value) from exc

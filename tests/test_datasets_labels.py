@@ -1,0 +1,54 @@
+"""Model classes against dataset labels, matched by name."""
+
+import pytest
+
+from synthval.datasets import DatasetIndex, LabelSpace, match_labels
+
+
+def index_with(label_names):
+    return DatasetIndex(root="/data", format="coco", label_names=label_names)
+
+
+def test_label_space_from_index_is_ordered_by_label_id():
+    space = LabelSpace.from_index(index_with({34: "bicycle", 25: " person ", 27: "car"}))
+    assert space.names == ("person", "car", "bicycle")
+    assert space.num_classes == 4
+    assert space.class_ids(index_with({34: "bicycle", 25: "person", 27: "car"})) == {25: 1, 27: 2, 34: 3}
+
+
+def test_class_ids_map_shared_names_across_numberings():
+    space = LabelSpace(("cereal", "milk", "soda"))
+    real = index_with({7: "soda", 11: "cereal", 12: "juice", 13: "Milk"})
+    assert space.class_ids(real) == {7: 3, 11: 1}  # case-sensitive: "Milk" is not "milk"
+
+
+def test_match_labels_names_the_unmatched():
+    space = LabelSpace(("cereal", "milk", "soda", "tea"))
+    match = match_labels(space, index_with({1: "soda", 2: "cereal ", 3: "juice", 4: "Milk"}))
+    assert match.shared == ("cereal", "soda")
+    assert match.only_in_model == ("milk", "tea")
+    assert match.only_in_data == ("juice", "Milk")
+    text = match.describe()
+    assert "2 of the model's 4 classes match the dataset's 4 labels by name" in text
+    assert "'milk', 'tea'" in text and "'juice', 'Milk'" in text
+    assert "differ only in case (not matched): 'milk' vs 'Milk'" in text
+    assert "\n" not in text
+
+
+def test_match_labels_all_and_none():
+    space = LabelSpace(("a", "b"))
+    assert match_labels(space, index_with({5: "b", 9: "a"})).describe() == (
+        "All 2 labels match between the model and the dataset by name.")
+    none = match_labels(space, index_with({1: "c"}))
+    assert none.shared == () and "No label is shared" in none.describe()
+
+
+def test_label_space_rejects_repeats_and_blanks():
+    with pytest.raises(ValueError, match="repeat"):
+        LabelSpace(("a", "a "))
+    with pytest.raises(ValueError, match="non-empty"):
+        LabelSpace(())
+    # a dataset naming two ids alike yields one class, and both ids map to it
+    index = index_with({1: "a", 2: "a", 3: "b"})
+    space = LabelSpace.from_index(index)
+    assert space.names == ("a", "b") and space.class_ids(index) == {1: 1, 2: 1, 3: 2}
