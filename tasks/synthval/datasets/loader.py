@@ -320,6 +320,11 @@ def _jpeg_size(fd: int, head: bytes) -> tuple[int, int] | None:
         if marker[1] == 0xFF:  # fill byte
             pos += 1
             continue
+        if marker[1] == 0x01 or 0xD0 <= marker[1] <= 0xD7:  # markers without a length field
+            pos += 2
+            continue
+        if marker[1] in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
         if marker[1] in _JPEG_SOF:
             frame = read(pos + 5, 4)
             if len(frame) < 4:

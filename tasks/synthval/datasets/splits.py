@@ -19,7 +19,7 @@ import numpy as np
 from synthval.datasets.index import RawIndex
 from synthval.errors import DatasetError
 
-PARTITION = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+PARTITION = {"train": 0.8, "val": 0.1, "test": 0.1}  # val and test rounded half up; train the rest
 PARTITION_SEED = 0
 ALL = "all"
 # A stream of its own, so a budget's order is unrelated to the partition's permutation.
@@ -37,10 +37,9 @@ def split_positions(raw: RawIndex, split: str | None) -> np.ndarray:
             raise DatasetError(f"{raw.root}: no split {split!r}; the split files there define: "
                                f"{', '.join(sorted(raw.split_files))} (or 'all')")
         return read_split_file(path, n)
-    names = [name for name, _ in PARTITION]
-    if split not in names:
+    if split not in PARTITION:
         raise DatasetError(f"{raw.root}: unknown split {split!r}; a {raw.format} dataset is split 80/10/10 "
-                           f"into {', '.join(names)} (or 'all')")
+                           f"into {', '.join(PARTITION)} (or 'all')")
     positions = partition(n)[split]
     if len(positions) == 0:
         raise DatasetError(f"{raw.root}: split {split!r} is empty: 10% of {n} images rounds to none; "
@@ -51,8 +50,8 @@ def split_positions(raw: RawIndex, split: str | None) -> np.ndarray:
 def partition(n: int) -> dict[str, np.ndarray]:
     """{"train", "val", "test"}: disjoint ascending positions covering range(n), 80/10/10 (rounded)."""
     perm = np.random.default_rng(PARTITION_SEED).permutation(n)
-    n_val = int(n * 0.1 + 0.5)
-    n_test = int(n * 0.1 + 0.5)
+    n_val = int(n * PARTITION["val"] + 0.5)
+    n_test = int(n * PARTITION["test"] + 0.5)
     n_train = n - n_val - n_test
     cuts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
     return {name: np.sort(p).astype(np.int64) for name, p in cuts.items()}

@@ -1,0 +1,203 @@
+"""Index a 20,000-capture Perception 0.0.1 dataset: synthval's `load_dataset` against the seed's way.
+
+The seed (datasetinsights' `Captures`) read each captures_*.json, flattened it with
+`pandas.json_normalize`, joined captures to their 2D-box annotations and exploded the box values. This
+script writes a SynthDet-shaped dataset (captures split over captures_NNN.json files of 150 captures,
+as Unity writes them; ~5 boxes per capture; one tiny PNG hard-linked under 20,000 names, so each
+capture names its own file as in a real run), then runs each loader in a fresh process and prints
+wall time (best of --repeat) and peak memory (tracemalloc peak of a separate run, and the process's
+peak RSS), and the ratios.
+
+    python benchmarks/bench_index.py [--captures 20000] [--repeat 3] [--keep DIR]
+
+What is compared: both produce, per camera capture, the image path, its boxes (xyxy) and label ids.
+synthval also reads every image's size from its PNG header and checks every box against it; the
+pandas loader does neither, so the comparison flatters it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+
+BBOX_DEF = "c31620e3-55ff-4af6-ae86-884aa0daa9b2"
+SEG_DEF = "12f94d8d-5425-4deb-9b21-5e53ad957d66"
+CAPTURES_PER_FILE = 150
+WIDTH, HEIGHT = 640, 480
+NUM_LABELS = 63
+
+
+def write_dataset(root: str, num_captures: int, seed: int = 0) -> None:
+    """A SynthDet-shaped Perception 0.0.1 dataset under `root` (JSON + hard-linked tiny PNGs)."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    dataset = os.path.join(root, "Dataset")
+    rgb = os.path.join(root, "RGB" + uuid.UUID(int=rng.getrandbits(128)).hex)
+    os.makedirs(dataset)
+    os.makedirs(rgb)
+    spec = [{"label_id": i, "label_name": f"product_{i:02d}"} for i in range(1, NUM_LABELS + 1)]
+    definitions = {"version": "0.0.1", "annotation_definitions": [
+        {"id": BBOX_DEF, "name": "bounding box", "description": "Bounding box for each labeled object",
+         "format": "JSON", "spec": spec},
+        {"id": SEG_DEF, "name": "semantic segmentation", "format": "PNG", "spec": []},
+    ]}
+    with open(os.path.join(dataset, "annotation_definitions.json"), "w") as f:
+        json.dump(definitions, f, indent=2)
+    template = os.path.join(root, "template.png")
+    Image.new("RGB", (WIDTH, HEIGHT), (90, 120, 150)).save(template)
+
+    sensor = {"sensor_id": str(uuid.UUID(int=rng.getrandbits(128))), "ego_id": str(uuid.UUID(int=1)),
+              "modality": "camera", "translation": [0.0, 0.0, 0.0], "rotation": [0.0, 0.0, 0.0, 1.0],
+              "camera_intrinsic": [[1.8, 0.0, 0.0], [0.0, 2.4, 0.0], [0.0, 0.0, -1.0]], "projection": "perspective"}
+    ego = {"ego_id": str(uuid.UUID(int=1)), "translation": [0.0, 0.0, 0.0], "rotation": [0.0, 0.0, 0.0, 1.0],
+           "velocity": None, "acceleration": None}
+    file_index = 0
+    for start in range(0, num_captures, CAPTURES_PER_FILE):
+        captures = []
+        for step in range(start, min(start + CAPTURES_PER_FILE, num_captures)):
+            name = f"rgb_{step + 2}.png"
+            os.link(template, os.path.join(rgb, name))
+            values = []
+            for _ in range(rng.randint(3, 7)):
+                w, h = rng.uniform(10, 200), rng.uniform(10, 200)
+                x, y = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
+                label = rng.randint(1, NUM_LABELS)
+                values.append({"label_id": label, "label_name": f"product_{label:02d}",
+                               "instance_id": rng.randint(1, 10_000), "x": x, "y": y, "width": w, "height": h})
+            captures.append({
+                "id": str(uuid.UUID(int=rng.getrandbits(128))), "sequence_id": str(uuid.UUID(int=step + 7)),
+                "step": 0, "timestamp": 0.0, "sensor": sensor, "ego": ego,
+                "filename": f"{os.path.basename(rgb)}/{name}", "format": "PNG",
+                "annotations": [
+                    {"id": str(uuid.UUID(int=rng.getrandbits(128))), "annotation_definition": BBOX_DEF,
+                     "values": values},
+                    {"id": str(uuid.UUID(int=rng.getrandbits(128))), "annotation_definition": SEG_DEF,
+                     "filename": f"SemanticSegmentation/segmentation_{step + 2}.png", "values": None},
+                ],
+            })
+        with open(os.path.join(dataset, f"captures_{file_index:03d}.json"), "w") as f:
+            json.dump({"version": "0.0.1", "captures": captures}, f, indent=2)
+        file_index += 1
+    os.unlink(template)
+
+
+def pandas_index(root: str) -> list:
+    """The seed's way: json_normalize captures and annotations per file, join, explode the box values."""
+    import numpy as np
+    import pandas as pd
+
+    files = sorted(glob.glob(os.path.join(root, "Dataset", "captures_*.json")))
+    captures, annotations = [], []
+    for path in files:
+        with open(path) as f:
+            records = json.load(f)["captures"]
+        captures.append(pd.json_normalize(records, max_level=0).drop(columns="annotations"))
+        annotations.append(pd.json_normalize(records, record_path="annotations", meta="id", meta_prefix="capture."))
+    captures_df = pd.concat(captures, axis=0)
+    annotations_df = pd.concat(annotations, axis=0)
+    mask = annotations_df["annotation_definition"] == BBOX_DEF
+    boxes_df = annotations_df[mask].set_index("capture.id").add_prefix("annotation.")
+    combined = captures_df.set_index("id").join(boxes_df, how="left")
+    exploded = combined[["filename", "annotation.values"]].explode("annotation.values")
+    has_box = exploded["annotation.values"].notna()
+    values = pd.json_normalize(exploded.loc[has_box, "annotation.values"].tolist())
+    # explode keeps each capture's boxes together and in capture order: slice, no per-capture lookups
+    xyxy = values[["x", "y", "width", "height"]].to_numpy(np.float32, copy=True)
+    xyxy[:, 2:] += xyxy[:, :2]
+    labels = values["label_id"].to_numpy(np.int64)
+    counts = has_box.groupby(level=0, sort=False).sum().reindex(combined.index).to_numpy()
+    ends = np.cumsum(counts)
+    return [(os.path.join(root, filename), xyxy[e - c:e], labels[e - c:e])
+            for filename, c, e in zip(combined["filename"], counts.tolist(), ends.tolist())]
+
+
+def synthval_index(root: str):
+    from synthval.datasets import load_dataset
+
+    return load_dataset(root, format="perception")
+
+
+LOADERS = {"synthval": synthval_index, "pandas": pandas_index}
+
+
+def run_one(name: str, root: str, repeat: int) -> dict:
+    """In this (fresh) process: time `repeat` runs of one loader, then one run under tracemalloc."""
+    loader = LOADERS[name]
+    import numpy  # noqa: F401  (imports are not what we measure)
+    import pandas  # noqa: F401
+
+    import synthval.datasets  # noqa: F401
+
+    times, count = [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = loader(root)
+        times.append(time.perf_counter() - t0)
+        count = len(result)
+        del result
+    tracemalloc.start()
+    result = loader(root)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    boxes = sum(len(r.boxes) for r in result.images) if name == "synthval" else sum(len(r[1]) for r in result)
+    return {"best_s": min(times), "times_s": times, "tracemalloc_peak_mb": peak / 2**20,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "images": count, "boxes": boxes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--captures", type=int, default=20_000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--keep", metavar="DIR", help="write the dataset here and keep it (reused as it is if present)")
+    p.add_argument("--run", choices=sorted(LOADERS), help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run:
+        print(json.dumps(run_one(args.run, args.root, args.repeat)))
+        return 0
+
+    root = args.keep or tempfile.mkdtemp(prefix="bench-index-")
+    try:
+        if not glob.glob(os.path.join(root, "Dataset", "captures_*.json")):
+            t0 = time.perf_counter()
+            write_dataset(root, args.captures)
+            print(f"wrote {args.captures} captures in {time.perf_counter() - t0:.1f}s under {root}")
+        size_mb = sum(os.path.getsize(f) for f in glob.glob(os.path.join(root, "Dataset", "*.json"))) / 2**20
+        files = len(glob.glob(os.path.join(root, "Dataset", "captures_*.json")))
+        print(f"dataset {root}: {files} captures_*.json files, {size_mb:.1f} MiB of JSON")
+        results = {}
+        for name in ("synthval", "pandas"):
+            command = [sys.executable, __file__, "--run", name, "--root", root, "--repeat", str(args.repeat)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{'loader':<10} {'images':>7} {'boxes':>8} {'best s':>8} {'runs s':>24} {'tracemalloc MiB':>16} "
+              f"{'peak RSS MiB':>13}")
+        for name, r in results.items():
+            runs = " ".join(f"{t:.2f}" for t in r["times_s"])
+            print(f"{name:<10} {r['images']:>7} {r['boxes']:>8} {r['best_s']:>8.2f} {runs:>24} "
+                  f"{r['tracemalloc_peak_mb']:>16.1f} {r['max_rss_mb']:>13.0f}")
+        s, b = results["synthval"], results["pandas"]
+        print(f"pandas / synthval: time x{b['best_s'] / s['best_s']:.1f}, tracemalloc peak "
+              f"x{b['tracemalloc_peak_mb'] / s['tracemalloc_peak_mb']:.1f}, "
+              f"peak RSS x{b['max_rss_mb'] / s['max_rss_mb']:.1f}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
