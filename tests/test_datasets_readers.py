@@ -488,3 +488,14 @@ def test_tiny_dataset_has_no_test_split(tmp_path):
     assert len(load_dataset(path, split="train")) == 2
     with pytest.raises(DatasetError, match="split 'test' is empty: 10% of 2 images rounds to none"):
         load_dataset(path, split="test")
+
+
+def test_default_split_is_the_datasets_own_test_split_else_everything(tmp_path):
+    from synthval.datasets import default_split
+    from synthval.generate import run_generate
+
+    real = run_generate("real-proxy", str(tmp_path / "real"), num_images=10, image_size=64)["dataset_uri"]
+    synthetic = run_generate("synthetic", str(tmp_path / "syn"), num_images=4, image_size=64)["dataset_uri"]
+    assert default_split(real, "auto", None) == "test"
+    assert default_split(synthetic, "auto", None) == "all"
+    assert default_split(synthetic, "auto", "val") == "val"

@@ -44,7 +44,8 @@ def test_results_file_on_the_shared_coco_fixture(coco_dir, tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps(ground_truth_as_results(coco_dir)))
     out = tmp_path / "eval"
-    assert evaluate("--predictions", str(results), "--data", str(coco_dir), "--split", "all", "--out", str(out),
+    # No --split: a COCO folder defines no splits, so the whole folder is the test set.
+    assert evaluate("--predictions", str(results), "--data", str(coco_dir), "--out", str(out),
                     tmp_path=tmp_path) == 0
     xcom = json.loads((tmp_path / "xcom.json").read_text())
     assert xcom["metrics_uri"] == str(out / "metrics.json")

@@ -124,7 +124,7 @@ def get_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", metavar="URI", help="checkpoint URI or published model name")
     source.add_argument("--predictions", metavar="URI", help="COCO results JSON to score without a model")
     p.add_argument("--data", required=True, metavar="URI")
-    p.add_argument("--split", default=None, help="split of --data (config split, default test)")
+    p.add_argument("--split", default=None, help="split of --data (config split; default: the dataset's test split if it defines splits, else all)")
     p.add_argument("--out", required=True, metavar="URI", help="folder for metrics.json and predictions")
     p.add_argument("--tb-log-dir", default=None, metavar="URI")
     _add_dataset_options(p)
@@ -140,9 +140,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="dataset URIs by role, e.g. synthetic=gs://..., real=... (repeatable)")
     p.add_argument("--checkpoint", default=None, metavar="URI")
     p.add_argument("--real-budget", type=int, default=None, help="real images used for training")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the HTML run report written beside the record (it reads the test set's images)")
     _add_common(p)
 
     _add_report_commands(sub)
+    _add_results_commands(sub)
 
     p = sub.add_parser("version", help="print the version; a no-op step for measuring orchestration")
     _add_common(p)
@@ -223,9 +226,12 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
             datasets[role] = uri
         return run_publish(metrics_uri=args.metrics, results_uri=args.results, recipe=args.recipe,
                            run_id=args.run_id, datasets=datasets, checkpoint_uri=args.checkpoint,
-                           real_budget=args.real_budget)
+                           real_budget=args.real_budget, store_url=_results_db_url(None, args.results),
+                           report=not args.no_report)
     if args.command in REPORT_COMMANDS:
         return _run_report_command(args)
+    if args.command in RESULTS_COMMANDS:
+        return _run_results_command(args)
     if args.command == "version":
         return {"version": __version__}
     raise UsageError(f"unknown command {args.command!r}")
@@ -304,6 +310,87 @@ def _run_report_command(args: argparse.Namespace) -> dict[str, Any]:
                      compare_data_uri=args.compare_data, compare_split=args.compare_split,
                      compare_format=args.compare_format, compare_name=args.compare_name,
                      pixel_sample=args.pixel_sample, seed=args.seed)
+
+
+# --- results store: leaderboard, discover (issue 4) ------------------------------------------------------
+
+RESULTS_COMMANDS = ("leaderboard", "discover")
+RESULTS_DB_ENV = "SYNTHVAL_RESULTS_DB_URL"
+
+
+def _results_db_url(flag: str | None, results_uri: str | None) -> str:
+    """--db, else env SYNTHVAL_RESULTS_DB_URL, else a SQLite file beside local results (or in ~/.synthval)."""
+    from synthval.results import default_url
+
+    return flag or os.environ.get(RESULTS_DB_ENV) or default_url(results_uri)
+
+
+def _add_db_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None, metavar="URL",
+                   help=f"SQLAlchemy URL of the results store (env {RESULTS_DB_ENV}; default: "
+                        "<--results>.db beside a local --results folder, else ~/.synthval/results.db)")
+    p.add_argument("--results", default=None, metavar="URI", help="folder of result records (for the default --db)")
+
+
+def _add_results_commands(sub: Any) -> None:
+    p = sub.add_parser("leaderboard", help="the results store as a table: sorted, filtered, deltas to a baseline")
+    _add_db_options(p)
+    p.add_argument("--recipe", default=None, help="only this recipe")
+    p.add_argument("--dataset", dest="dataset_contains", default=None, metavar="TEXT",
+                   help="only datasets whose URI contains TEXT")
+    p.add_argument("--budget", dest="budgets", type=int, action="append", default=None,
+                   help="only this real budget (repeatable)")
+    p.add_argument("--role", dest="roles", action="append", choices=["synthetic", "real", "model"], default=None,
+                   help="only synthetic datasets, real-only runs or given models (repeatable)")
+    p.add_argument("--sort", default="real_equiv",
+                   help="real_equiv (default), mAP, mAP50, mAR100, when, dataset, real_budget or recipe")
+    p.add_argument("--ascending", action="store_true")
+    p.add_argument("--baseline", default=None, metavar="DATASET", help="show metric deltas against this dataset")
+    p.add_argument("--include-stale", action="store_true", help="also rows of an older evaluation protocol")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--format", dest="output_format", default="table", choices=["table", "csv", "json"])
+    p.add_argument("--out", default=None, metavar="URI", help="write the table there instead of printing it")
+    p.add_argument("--airflow-url", default=None, help="Airflow UI base URL, for links to each run")
+    p.add_argument("--tensorboard-url", default=None, help="TensorBoard server reading the data root")
+    _add_common(p)
+
+    p = sub.add_parser("discover", help="complete synthetic datasets under a root with no result yet")
+    _add_db_options(p)
+    p.add_argument("--root", default=None, metavar="URI", help="watched root: a local folder or gs:// prefix")
+    p.add_argument("--dataset", dest="announced", action="append", default=[], metavar="URI",
+                   help="an announced dataset, checked like the listed ones (repeatable)")
+    p.add_argument("--marker", default="_SUCCESS",
+                   help="file (relative path or glob) whose presence means a dataset is complete")
+    p.add_argument("--recipe", required=True, help="recipe the results are published under")
+    p.add_argument("--test-data", required=True, metavar="URI", help="the fetched real test set (local)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--test-format", default="auto", choices=DATASET_FORMATS)
+    p.add_argument("--real-dataset", required=True, metavar="URI",
+                   help="the real dataset as publish records it (real=URI)")
+    p.add_argument("--budget", dest="budgets", type=int, action="append", default=None,
+                   help="real budgets each dataset is valued at (repeatable; default 0)")
+    p.add_argument("--real-budget", dest="real_budgets", type=int, action="append", default=[],
+                   help="budgets of the real-only curve (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="value at most this many datasets per run")
+    _add_common(p)
+
+
+def _run_results_command(args: argparse.Namespace) -> dict[str, Any]:
+    db_url = _results_db_url(args.db, args.results)
+    if args.command == "leaderboard":
+        from synthval.leaderboard import run_leaderboard
+
+        return run_leaderboard(db_url, out_uri=args.out, output_format=args.output_format, recipe=args.recipe,
+                               dataset_contains=args.dataset_contains, budgets=args.budgets, roles=args.roles,
+                               include_stale=args.include_stale, sort=args.sort, descending=not args.ascending,
+                               baseline=args.baseline, limit=args.limit, airflow_url=args.airflow_url,
+                               tensorboard_url=args.tensorboard_url)
+    from synthval.discovery import run_discover
+
+    return run_discover(root_uri=args.root, db_url=db_url, recipe=args.recipe, test_data_uri=args.test_data,
+                        real_dataset=args.real_dataset, split=args.split, announced=args.announced,
+                        marker=args.marker, budgets=args.budgets or [0], real_budgets=args.real_budgets,
+                        dataset_format=args.test_format, limit=args.limit)
 
 
 def write_xcom(result: dict[str, Any], path: str | None) -> None:

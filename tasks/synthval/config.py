@@ -106,7 +106,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = "test"
+    # None: the dataset's own "test" split where it defines splits (GroceriesReal), else every image.
+    split: str | None = None
     batch_size: int = 8
     num_workers: int = 2
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"

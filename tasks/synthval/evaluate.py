@@ -14,6 +14,7 @@ Everything is checked before anything is written: bad input leaves `out_uri` unt
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -25,7 +26,7 @@ import numpy as np
 
 from synthval import __version__, storage
 from synthval.config import EvalConfig, to_dict
-from synthval.datasets import DatasetIndex, load_dataset
+from synthval.datasets import DatasetIndex, default_split, load_dataset
 from synthval.errors import ConfigError
 from synthval.metrics import SUMMARY_KEYS, CocoEvaluator, format_summary, load_coco_results
 
@@ -45,6 +46,7 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
     if (checkpoint_uri is None) == (predictions_uri is None):
         raise ConfigError("evaluate needs exactly one of a checkpoint or a predictions (COCO results) file")
     data_path = storage.local_path(data_uri) if storage.is_local(data_uri) else _fetched_copy(data_uri)
+    config = dataclasses.replace(config, split=default_split(data_path, dataset_format, config.split))
     index = load_dataset(data_path, format=dataset_format, split=config.split,
                          bbox_definition_id=bbox_definition_id, skip_broken=skip_broken)
     log.info("test set: %d images, %d boxes, %d labels (%s, split %s)", len(index), index.num_boxes,

@@ -7,11 +7,11 @@ imported on first use, so reading an index does not import torch.
 
 from synthval.datasets.index import DatasetIndex, ImageRecord
 from synthval.datasets.labels import LabelMatch, LabelSpace, match_labels
-from synthval.datasets.loader import FORMATS, detect_format, load_dataset
+from synthval.datasets.loader import FORMATS, default_split, detect_format, load_dataset
 
 __all__ = [
     "FORMATS", "DatasetIndex", "DetectionDataset", "GroupedBatchSampler", "ImageRecord", "LabelMatch",
-    "LabelSpace", "build_batch_sampler", "collate_detection", "detect_format", "load_dataset", "match_labels",
+    "LabelSpace", "build_batch_sampler", "collate_detection", "default_split", "detect_format", "load_dataset", "match_labels",
 ]
 _TORCH_NAMES = ("DetectionDataset", "GroupedBatchSampler", "build_batch_sampler", "collate_detection")
 

@@ -23,7 +23,7 @@ from synthval.datasets.groceries import looks_like_groceries, read_groceries
 from synthval.datasets.index import DatasetIndex, ImageRecord, Progress, RawIndex
 from synthval.datasets.perception import find_captures, read_perception
 from synthval.datasets.solo import find_sequences, read_solo
-from synthval.datasets.splits import budget_order, split_positions
+from synthval.datasets.splits import ALL, budget_order, split_positions
 from synthval.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,15 @@ def load_dataset(uri: str, format: str = "auto", split: str | None = None, seed:
              f", {max_images} drawn by seed {seed}" if max_images else "", len(index), index.num_boxes,
              len(index.label_names), time.monotonic() - start)
     return index
+
+
+def default_split(path: str, format: str, split: str | None) -> str:
+    """The split to score when none is named: the dataset's own "test" where it defines splits
+    (GroceriesReal), else every image (a COCO or Perception folder given for evaluation is the test set)."""
+    if split is not None:
+        return split
+    fmt = detect_format(path) if format == "auto" else format
+    return "test" if fmt == "groceries" else ALL
 
 
 def detect_format(path: str) -> str:
