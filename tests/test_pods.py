@@ -36,10 +36,13 @@ def parsed(request):
 
 @pytest.fixture
 def backend(parsed, monkeypatch):
+    import synthval_tasks
+
     # Present in the worker's environment and in a connection: neither may reach a pod spec.
     monkeypatch.setenv("USIM_ACCESS_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("AIRFLOW_CONN_USIM_DEFAULT", json.dumps({"conn_type": "generic", "password": FAKE_TOKEN}))
-    return parsed
+    yield parsed
+    synthval_tasks.load_settings.cache_clear()  # settings cached from this test's environment
 
 
 def build_pod(dag: Any, task: Any, conf: dict[str, Any]) -> dict[str, Any]:
