@@ -72,8 +72,9 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    split: str = "train"
-    val_split: str = "val"
+    # None: the dataset's own train / val split where it defines splits (GroceriesReal), else every image.
+    split: str | None = None
+    val_split: str | None = None
     batch_size: int = 4
     num_workers: int = 2
     aspect_ratio_group_factor: int = 3

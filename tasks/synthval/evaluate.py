@@ -28,6 +28,7 @@ from synthval import __version__, storage
 from synthval.config import EvalConfig, to_dict
 from synthval.datasets import DatasetIndex, default_split, load_dataset
 from synthval.errors import ConfigError
+from synthval.fetch import local_dataset
 from synthval.metrics import SUMMARY_KEYS, CocoEvaluator, format_summary, load_coco_results
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
     """
     if (checkpoint_uri is None) == (predictions_uri is None):
         raise ConfigError("evaluate needs exactly one of a checkpoint or a predictions (COCO results) file")
-    data_path = storage.local_path(data_uri) if storage.is_local(data_uri) else _fetched_copy(data_uri)
+    data_path = local_dataset(data_uri)
     config = dataclasses.replace(config, split=default_split(data_path, dataset_format, config.split))
     index = load_dataset(data_path, format=dataset_format, split=config.split,
                          bbox_definition_id=bbox_definition_id, skip_broken=skip_broken)
@@ -79,12 +80,6 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
     log.info("wrote %s and %s", metrics_uri, out_predictions_uri)
     return {"metrics_uri": metrics_uri, "predictions_uri": out_predictions_uri,
             "summary": {k: metrics[k] for k in ("mAP", "mAP50", "mAR100")}}
-
-
-def _fetched_copy(uri: str) -> str:
-    from synthval.train import local_dataset  # imports torch: only for remote data
-
-    return local_dataset(uri)
 
 
 def coco_image_ids(index: DatasetIndex, data_path: str) -> dict[int, Any]:

@@ -737,6 +737,16 @@ def _fetch_into(url: str, scheme: str, staging: str, download_dir: str, work_roo
     return _fetch_local(url, download_dir, staging)
 
 
+DATA_CACHE_ROOT = os.path.join(tempfile.gettempdir(), "synthval-data")
+
+
+def local_dataset(uri: str) -> str:
+    """A local path for a dataset URI; a remote one is fetched once into the shared local cache."""
+    if storage.is_local(uri):
+        return storage.local_path(uri)
+    return materialize(uri, DATA_CACHE_ROOT)
+
+
 def materialize(uri: str, cache_root: str, *, retries: int = 5, retry_delay: float | None = None) -> str:
     """Return a local path for a dataset or file URI, fetching a remote one once into `cache_root`.
 

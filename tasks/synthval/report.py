@@ -36,6 +36,7 @@ from synthval.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, DEFAULT_
                                 BootstrapResult, CocoBootstrap, Difference, independent_difference,
                                 paired_difference)
 from synthval.datasets.index import DatasetIndex
+from synthval.fetch import local_dataset
 from synthval.errors import ConfigError, DatasetError, SynthvalError
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def load_run_inputs(metrics_uri: str, predictions_uri: str | None = None, data_u
     if not data_uri:
         raise ConfigError(f"{metrics_uri} names no test set (data_uri); pass --data")
     split = split if split is not None else metrics.get("split", test_set.get("split"))
-    data_path = local_dataset_path(data_uri)
+    data_path = local_dataset(data_uri)
     index = load_dataset(data_path, format=dataset_format, split=split, bbox_definition_id=bbox_definition_id,
                          skip_broken=skip_broken)
     public = coco_image_ids(index, data_path)
@@ -112,15 +113,6 @@ def load_run_inputs(metrics_uri: str, predictions_uri: str | None = None, data_u
                      "has no intervals and no gallery.")
         log.warning("%s", notes[-1])
     return RunInputs(metrics_uri, metrics, index, data_uri, split, predictions_uri, predictions, notes)
-
-
-def local_dataset_path(uri: str) -> str:
-    """A local path for a dataset URI; a remote one is fetched once into the cache training uses."""
-    if storage.is_local(uri):
-        return storage.local_path(uri)
-    from synthval.train import local_dataset  # imports torch: only for remote data
-
-    return local_dataset(uri)
 
 
 # --- analysis ----------------------------------------------------------------------------------------
@@ -766,7 +758,7 @@ def _with_predictions(base: RunInputs, entry: CompareEntry) -> RunInputs:
     uri = entry.metrics.get("predictions_uri")
     predictions = None
     if uri and storage.exists(uri):
-        public = coco_image_ids(base.index, local_dataset_path(base.data_uri))
+        public = coco_image_ids(base.index, local_dataset(base.data_uri))
         predictions = load_coco_results(uri, base.index, image_ids={p: i for i, p in public.items()})
     return RunInputs(entry.metrics_uri, entry.metrics, base.index, base.data_uri, base.split, uri, predictions, [])
 

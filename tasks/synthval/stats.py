@@ -303,9 +303,9 @@ def load_stats(uri: str, split: str | None = None, dataset_format: str = "auto",
                seed: int = 0) -> DatasetStats:
     """Read the dataset at `uri` (any supported format; remote ones are fetched) and compute its statistics."""
     from synthval.datasets import load_dataset
-    from synthval.report import local_dataset_path
+    from synthval.fetch import local_dataset
 
-    index = load_dataset(local_dataset_path(uri), format=dataset_format, split=split,
+    index = load_dataset(local_dataset(uri), format=dataset_format, split=split,
                          bbox_definition_id=bbox_definition_id, skip_broken=skip_broken)
     shown = name or _default_name(uri)
     if split not in (None, "all") and not name:

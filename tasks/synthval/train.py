@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -42,6 +41,7 @@ from synthval.checkpoint import (
 from synthval.config import TrainConfig, to_dict
 from synthval.engine import build_optimizer, build_scheduler, predict, train_one_epoch, unwrap
 from synthval.errors import CheckpointError, ConfigError, DatasetError
+from synthval.fetch import local_dataset
 from synthval.model import ARCHITECTURE_FIELDS, build_model, init_from_checkpoint, load_model_state
 from synthval.summaries import add_scalars, open_summary_writer
 
@@ -83,18 +83,6 @@ def run_train(
 
 
 # Remote datasets (gs://, http(s)://, named sources) are fetched once into this local cache.
-DATA_CACHE_ROOT = os.path.join(tempfile.gettempdir(), "synthval-data")
-
-
-def local_dataset(uri: str) -> str:
-    """Return a local path for a dataset URI, fetching a remote one into the local cache once."""
-    if storage.is_local(uri):
-        return storage.local_path(uri)
-    from synthval.fetch import materialize
-
-    return materialize(uri, DATA_CACHE_ROOT)
-
-
 class _EpochBatches(torch.utils.data.Sampler):
     """One epoch of a batch sampler: this process's share under DDP, minus batches already trained on.
 
@@ -122,6 +110,11 @@ class _EpochBatches(torch.utils.data.Sampler):
         for k, batch in enumerate(mine):
             if k >= self.skip:
                 yield batch
+
+
+def _absolute(uri: str) -> str:
+    """Local paths as absolute paths (as checkpoint URIs are), other URIs as they are."""
+    return storage.local_path(uri) if storage.is_local(uri) else uri
 
 
 def _seed_everything(seed: int) -> None:
@@ -182,10 +175,12 @@ class _Run:
     # -- setup ------------------------------------------------------------------------------------
 
     def _load_data(self, train_uri: str, val_uri: str | None, fmt: str, bbox_id: str | None, skip: bool):
-        from synthval.datasets import LabelSpace, load_dataset, match_labels
+        from synthval.datasets import LabelSpace, default_split, load_dataset, match_labels
 
         data = self.config.data
-        train_index = load_dataset(local_dataset(train_uri), format=fmt, split=data.split, seed=self.config.seed,
+        train_path = local_dataset(train_uri)
+        data = dataclasses.replace(data, split=default_split(train_path, fmt, data.split, own="train"))
+        train_index = load_dataset(train_path, format=fmt, split=data.split, seed=self.config.seed,
                                    max_images=data.max_images, bbox_definition_id=bbox_id, skip_broken=skip)
         if train_index.num_boxes == 0:
             raise DatasetError(f"{train_uri}: split {data.split!r} holds no boxes to train on")
@@ -195,7 +190,9 @@ class _Run:
                      train_index.num_boxes, len(space.names), data.split)
         val_index = None
         if val_uri:
-            val_index = load_dataset(local_dataset(val_uri), format=fmt, split=data.val_split,
+            val_path = local_dataset(val_uri)
+            data = dataclasses.replace(data, val_split=default_split(val_path, fmt, data.val_split, own="val"))
+            val_index = load_dataset(val_path, format=fmt, split=data.val_split,
                                      seed=self.config.seed, bbox_definition_id=bbox_id, skip_broken=skip)
             match = match_labels(space, val_index)
             if not match.shared:
@@ -204,6 +201,7 @@ class _Run:
             if self.main:
                 log.info("validation data %s: %d images (split %r). %s", val_uri, len(val_index), data.val_split,
                          match.describe())
+        self.config = dataclasses.replace(self.config, data=data)  # checkpoints record the splits used
         return train_index, val_index, space
 
     def _architecture_from(self, model_config: dict, uri: str) -> None:
@@ -385,7 +383,8 @@ class _Run:
         if final_uri is None:  # nothing left to train: the resumed checkpoint is the result
             final_uri = resumed_uri
         result = {
-            "checkpoint_uri": final_uri, "checkpoint_dir": checkpoint_dir_uri, "tb_log_dir": tb_uri,
+            "checkpoint_uri": final_uri, "checkpoint_dir": _absolute(checkpoint_dir_uri),
+            "tb_log_dir": _absolute(tb_uri),
             "epochs": -(-step // steps_per_epoch), "steps": step,
             "images_per_second": round(images / seconds, 3) if seconds else 0.0,
         }

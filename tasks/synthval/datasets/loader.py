@@ -84,13 +84,14 @@ def load_dataset(uri: str, format: str = "auto", split: str | None = None, seed:
     return index
 
 
-def default_split(path: str, format: str, split: str | None) -> str:
-    """The split to score when none is named: the dataset's own "test" where it defines splits
-    (GroceriesReal), else every image (a COCO or Perception folder given for evaluation is the test set)."""
+def default_split(path: str, format: str, split: str | None, own: str = "test") -> str:
+    """The split to use when none is named: the dataset's own split `own` ("train", "val", "test") where
+    it defines splits (GroceriesReal), else every image: a synthetic set given for training is trained on
+    whole, and a COCO folder given for evaluation is the test set."""
     if split is not None:
         return split
     fmt = detect_format(path) if format == "auto" else format
-    return "test" if fmt == "groceries" else ALL
+    return own if fmt == "groceries" else ALL
 
 
 def detect_format(path: str) -> str:
