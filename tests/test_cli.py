@@ -61,3 +61,13 @@ def test_sigterm_ends_a_step_promptly_with_143(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 143, proc.stderr
     assert "interrupted (signal 15)" in proc.stderr
+
+
+def test_only_rank_zero_writes_the_xcom_file(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    monkeypatch.setenv("RANK", "1")
+    assert main(["version", "--xcom-file", str(out)]) == 0
+    assert not out.exists()
+    monkeypatch.setenv("RANK", "0")
+    assert main(["version", "--xcom-file", str(out)]) == 0
+    assert out.exists()

@@ -62,3 +62,11 @@ def test_override_syntax():
     assert parse_override("model.weights_backbone=null") == {"model": {"weights_backbone": None}}
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("epochs")
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # PyYAML (YAML 1.1) reads 1e-5 as a string; users write learning rates that way.
+    config = load_config(TrainConfig, config_text="optimizer:\n  lr: 1e-5\n", overrides=["optimizer.weight_decay=5E-4"])
+    assert config.optimizer.lr == 1e-5 and config.optimizer.weight_decay == 5e-4
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        load_config(TrainConfig, overrides=["optimizer.lr=1e-5x"])

@@ -398,6 +398,8 @@ def write_xcom(result: dict[str, Any], path: str | None) -> None:
 
     With no explicit path and no /airflow/xcom folder (a plain shell), the result is only printed.
     """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun only rank 0 speaks for the step
     explicit = path or os.environ.get(XCOM_ENV)
     target = explicit or DEFAULT_XCOM_FILE
     text = json.dumps(result, sort_keys=True)
