@@ -22,7 +22,11 @@ import platform
 import sys
 import time
 
-import torch
+# GNU OpenMP threads spin while they wait; on a shared 2-core machine that made 2 threads 8-10x slower
+# than 1 (measured with this script). Passive waiting must be chosen before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tasks"))
 
@@ -135,8 +139,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choices on {device.type}: {', '.join(available)}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"amp: {amp_dtype or 'off'}")
+    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), amp: {amp_dtype or 'off'}")
     print(f"{'case':<28} {'size':>5} {'batch':>5} {'params':>8} {'s/step':>8} {'img/s':>8}")
     results = {}
     for case in chosen:

@@ -10,6 +10,11 @@
 
 from __future__ import annotations
 
+import os
+
+# As the CLI does (synthval/cli.py): idle OpenMP threads must not spin while tests share 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import hashlib
 import logging
 import re

@@ -178,9 +178,10 @@ def model_state_of(state: Mapping, uri: str) -> Mapping[str, torch.Tensor]:
 
 
 def describe(state: Mapping, uri: str) -> dict[str, Any]:
-    """Return (model config dict, label names or None, metadata) of any supported checkpoint.
+    """Return {"model_config": dict, "label_names": list | None, "metadata": dict} of any supported checkpoint.
 
-    The result is {"model_config": dict, "label_names": list | None, "metadata": dict}.
+    A seed checkpoint has no label names and no synthval config: its model is `<backbone>_fpn` with
+    torchvision's defaults, which is how the seed built it.
     """
     from synthval.config import MODEL_NAMES
 

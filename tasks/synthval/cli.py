@@ -21,6 +21,10 @@ from typing import Any
 from synthval import __version__
 from synthval.errors import SynthvalError
 
+# Idle OpenMP threads spin by default; on a busy CPU node (2 threads, other processes) that cut the
+# training rate ~10x (bench_train.py). Must be set before torch loads, which happens below on demand.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 log = logging.getLogger("synthval")
 
 DEFAULT_XCOM_FILE = "/airflow/xcom/return.json"

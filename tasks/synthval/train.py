@@ -82,7 +82,6 @@ def run_train(
 # --- data --------------------------------------------------------------------------------------------
 
 
-# Remote datasets (gs://, http(s)://, named sources) are fetched once into this local cache.
 class _EpochBatches(torch.utils.data.Sampler):
     """One epoch of a batch sampler: this process's share under DDP, minus batches already trained on.
 
