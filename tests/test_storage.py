@@ -1,6 +1,7 @@
 """URI storage against real backends: the local disk, the GCS emulator, a loopback HTTP server."""
 
 import os
+import stat
 
 import pytest
 
@@ -127,3 +128,17 @@ def test_atomic_local_write_has_the_mode_of_a_plain_open(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     assert (target.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+
+
+def test_atomic_write_to_a_fifo_writes_through_and_keeps_the_fifo(tmp_path):
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    storage.write_text(str(fifo), "hello")
+    reader.join(timeout=10)
+    assert got == ["hello"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # not renamed over by a regular file

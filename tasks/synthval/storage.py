@@ -163,6 +163,11 @@ def atomic_output(uri: str) -> Iterator[str]:
     """Yield a local path to write; on clean exit it becomes `uri` whole, on error nothing appears."""
     if is_local(uri):
         final = local_path(uri)
+        if os.path.exists(final) and not os.path.isfile(final) and not os.path.isdir(final):
+            # A device or FIFO (--xcom-file /dev/null, a pipe): write through; renaming over it would
+            # replace the device node with a plain file.
+            yield final
+            return
         folder = os.path.dirname(final) or "."
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=folder)
