@@ -89,6 +89,11 @@ def render(gpus: int | None) -> list[dict[str, Any]]:
             if not hasattr(task, "command"):  # not a synthval step (e.g. a branch)
                 out.append(item)
                 continue
+            if task.get_closest_mapped_task_group() is not None:
+                # Its arguments exist only once the group is expanded at run time; the recipes' unmapped
+                # steps come from the same factory and cover the pod's shape.
+                out.append({**item, "mapped": True})
+                continue
             task = copy.deepcopy(task)  # rendering replaces the templates in place
             context["task"] = task
             task.render_template_fields(context)

@@ -17,6 +17,7 @@ say where they come from and whether two results are comparable. Layout (schema_
                 synthval_version}
     eval_config, checkpoint {step, epoch, model, synthval_version, source_format, num_classes, config}
     synthval_version (of the publisher)
+    report_uri: the self-contained HTML run report (beside metrics.json), or null (added in schema 1)
 
 The record is written atomically to `<results_uri>/<record_id>.json`. The record id is derived from
 (recipe, datasets, protocol fingerprint, real budget, run id) only, so a retried publish overwrites
@@ -46,8 +47,18 @@ REQUIRED_FIELDS = ("schema_version", "test_set", "config", "per_class", "label_m
 
 
 def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | None, datasets: dict[str, str],
-                checkpoint_uri: str | None, real_budget: int | None) -> dict[str, Any]:
-    """Write the result record of the evaluation at `metrics_uri`; returns {"result_uri", "record_id"}."""
+                checkpoint_uri: str | None, real_budget: int | None, store_url: str | None = None,
+                report: bool = True) -> dict[str, Any]:
+    """Write the result record of the evaluation at `metrics_uri`; returns {"result_uri", "record_id",
+    "report_uri"}.
+
+    With `report` (the default) the run report (synthval.report) is written first, beside the evaluation's
+    metrics.json as `report.html` (the run's own folder; the results folder keeps only records), and the
+    record names it in "report_uri" (null when it could not be made, with a warning: a missing picture
+    must not lose the numbers).
+
+    With `store_url` (a SQLAlchemy URL) the record is also upserted into the results store (synthval.results).
+    """
     if not recipe or not recipe.strip():
         raise ConfigError("publish: the recipe name is empty")
     if real_budget is not None and real_budget < 0:
@@ -92,10 +103,30 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
         "synthval_version": __version__,
     }
     result_uri = storage.join_uri(results_uri, f"{record_id}.json")
+    record["report_uri"] = write_report(metrics_uri, record_id) if report else None  # issue 6
     storage.write_json(result_uri, record)
+    if store_url:  # issue 4: the results store, after the record file it points to exists
+        from synthval.results import open_store
+
+        open_store(store_url).upsert(record, result_uri)
     summary = ", ".join(f"{k} {_fmt(record['metrics'][k])}" for k in ("mAP", "mAP50", "mAR100"))
     log.info("published %s (%s; protocol %s)", result_uri, summary, fingerprint[:12])
-    return {"result_uri": result_uri, "record_id": record_id}
+    return {"result_uri": result_uri, "record_id": record_id, "report_uri": record["report_uri"]}
+
+
+def write_report(metrics_uri: str, record_id: str) -> str | None:
+    """The run report of the evaluation at `metrics_uri`, written beside it as report.html; None (and a
+    warning) if the test set or predictions it needs cannot be read."""
+    from synthval.errors import SynthvalError
+    from synthval.report import REPORT_FILE, sibling_uri, write_run_report
+
+    report_uri = sibling_uri(metrics_uri, REPORT_FILE)
+    try:
+        write_run_report(metrics_uri, report_uri)
+    except SynthvalError as exc:
+        log.warning("no run report for %s: %s", record_id, exc)
+        return None
+    return report_uri
 
 
 def check_metrics(metrics: Any, uri: str) -> None:

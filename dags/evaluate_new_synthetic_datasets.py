@@ -1,0 +1,309 @@
+"""Value every new synthetic dataset without anyone pressing a button, and rank it against all before it.
+
+Runs on a schedule (cron from the setting `SYNTHVAL_DISCOVERY_CRON`, default hourly) **and** whenever a
+producer announces a dataset with an event on the Asset `synthval://synthetic-datasets/announced`
+whose `extra` holds `{"dataset_uri": "gs://..."}` (several: `"dataset_uris": [...]`). Each run:
+
+1. `fetch_real`: the real dataset, to a folder that is the same for every run, so every run scores on
+   the very same test images (the evaluation protocol);
+2. `discover`: lists `watch_root` (a local folder or gs:// prefix) and the announced datasets for
+   dataset folders that are **complete** (their `marker` exists: `_SUCCESS` by default, which
+   `synthval generate` writes last) and have **no result yet** for this recipe under the current
+   protocol; half-written datasets are left for a later run. It also names the real-only budgets of
+   the real-only learning curve that this protocol still lacks (computed once per protocol, then reused);
+3. `value_dataset` (mapped, one per new dataset): train on the dataset, evaluate on the real test
+   split, publish (real budget 0); with `budget_sweep`, `sweep` (mapped, one per dataset and budget)
+   fine-tunes that model on each real budget, evaluates and publishes;
+4. `real_curve` (mapped, one per missing budget): trains real-only models for the learning curve;
+5. `leaderboard` prints the board (real-image equivalent first) and `announce_results` emits one Asset
+   event per valued dataset through the alias `synthval_results`, its headline metrics in `extra`.
+
+Every step is a `synthval` command from the recipe task factory; results land in the results store
+(env `SYNTHVAL_RESULTS_DB_URL`, default `<output_root>/results.db`), which the *Synthval leaderboard*
+page of the Airflow UI shows. At most `SYNTHVAL_MAX_PARALLEL_EVALUATIONS` (default 2) trainings of
+this DAG run at once, so a burst of new datasets cannot starve the cluster.
+
+```
+airflow dags trigger evaluate_new_synthetic_datasets --conf '{"watch_root": "gs://bucket/synthetic"}'
+airflow dags trigger evaluate_new_synthetic_datasets \\
+    --conf '{"datasets": ["gs://bucket/synthetic/run-42"], "budget_sweep": true}'
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from airflow.sdk import DAG, Asset, AssetAlias, AssetOrTimeSchedule, CronTriggerTimetable, Param, task, task_group
+
+from synthval_params import compute_params, dataset_param, output_params, test_split_param, training_params
+from synthval_tasks import MACROS, load_settings, run_slug, synthval_task
+
+DAG_ID = "evaluate_new_synthetic_datasets"
+settings = load_settings()
+CRON = os.environ.get("SYNTHVAL_DISCOVERY_CRON", "").strip() or "0 * * * *"
+MAX_PARALLEL = int(os.environ.get("SYNTHVAL_MAX_PARALLEL_EVALUATIONS", "").strip() or 2)
+WATCH_ROOT = os.environ.get("SYNTHVAL_WATCH_ROOT", "").strip() or f"{settings.data_root}/incoming"
+# A producer announces a finished dataset with an event here (extra: {"dataset_uri": ...}).
+ANNOUNCED = Asset(uri="synthval://synthetic-datasets/announced", name="synthval_synthetic_dataset_announced")
+# Each valued dataset's result asset is emitted through this alias; other DAGs schedule on it.
+RESULTS_ALIAS = AssetAlias("synthval_results")
+HEADLINE = ("mAP", "mAP50", "mAR100", "real_equiv", "real_equiv_low", "real_equiv_high")
+
+
+def result_asset(dataset_uri: str) -> Asset:
+    """The result asset of one dataset, stable per dataset URI."""
+    digest = slug(dataset_uri)
+    return Asset(uri=f"synthval://results/{digest}", name=f"synthval_result_{digest}")
+
+
+def slug(text: str) -> str:
+    """A short stable folder name for a URI."""
+    return hashlib.sha256(str(text).encode("utf-8")).hexdigest()[:16]
+
+
+def _pass_context(fn):
+    import jinja2
+
+    return jinja2.pass_context(fn)
+
+
+@_pass_context
+def announced_flags(context: Any) -> list[str]:
+    """`--dataset URI` for each dataset the `datasets` param and the triggering Asset events name."""
+    uris = list(context["params"].get("datasets") or [])
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for event in events:
+            extra = event.extra or {}
+            uris += [extra["dataset_uri"]] if extra.get("dataset_uri") else []
+            uris += list(extra.get("dataset_uris") or [])
+    return [flag for uri in dict.fromkeys(uris) for flag in ("--dataset", str(uri))]
+
+
+def budget_flags(params: Any) -> list[str]:
+    """discover's budgets: 0 (and the sweep's) per dataset, the real-only curve's always."""
+    sweep = list(params["real_budgets"]) if params["budget_sweep"] else []
+    return ["--budget", "0", *[f for b in sweep for f in ("--budget", str(b))],
+            *[f for b in params["real_budgets"] for f in ("--real-budget", str(b))]]
+
+
+@_pass_context
+def mapped_upstream(context: Any, task_id: str, key: str) -> Any:
+    """`key` of what `task_id` pushed at this task's own map index (a task of the same mapped group)."""
+    ti = context["ti"]
+    result = ti.xcom_pull(task_ids=task_id, map_indexes=ti.map_index)
+    if not isinstance(result, dict) or result.get(key) in (None, ""):
+        raise KeyError(f"upstream task {task_id!r} [{ti.map_index}] pushed no {key!r} in its XCom (got {result!r})")
+    return result[key]
+
+
+def work_items(run_root: str, kind: str, names: list[Any]) -> list[dict[str, str]]:
+    """Output URIs per mapped job: `<run root>/<kind>/<name>/{checkpoints,tensorboard,eval}/...`."""
+    items = []
+    for name in names:
+        work = f"{run_root}/{kind}/{slug(str(name))}"
+        items.append({"checkpoint_dir": f"{work}/checkpoints/train", "train_tb": f"{work}/tensorboard/train",
+                      "eval_out": f"{work}/eval/test", "eval_tb": f"{work}/tensorboard/evaluate"})
+    return items
+
+
+with DAG(
+    dag_id=DAG_ID,
+    doc_md=__doc__,
+    description=__doc__.strip().splitlines()[0],
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CRON, timezone="UTC"), assets=[ANNOUNCED]),
+    catchup=False,
+    max_active_runs=1,  # two runs at once would both pick the same new datasets
+    params={
+        "watch_root": Param(
+            WATCH_ROOT, type=["null", "string"], section="Discovery", title="Watched root",
+            description="Local folder or gs:// prefix whose sub-folders are synthetic datasets (empty: only "
+            "the announced ones).",
+        ),
+        "marker": Param(
+            "_SUCCESS", type="string", minLength=1, section="Discovery", title="Completion marker",
+            description="File (path relative to a dataset, or a glob) that exists only once the dataset is "
+            "complete: _SUCCESS (synthval generate), or the file your Perception run writes last.",
+        ),
+        "datasets": Param(
+            [], type="array", items={"type": "string", "minLength": 1}, section="Discovery",
+            title="Announced datasets", description="Dataset URIs to value now (checked for the marker too).",
+        ),
+        "max_datasets": Param(20, type="integer", minimum=1, section="Discovery", title="Datasets per run",
+                              description="Value at most this many new datasets per run; the rest wait."),
+        "real_dataset": dataset_param("real", settings.default_real),
+        "real_split": Param("train", type="string", minLength=1, section="Datasets", title="Real training split",
+                            description="Split the real budgets are drawn from."),
+        **test_split_param(),
+        "budget_sweep": Param(False, type="boolean", section="Real budgets", title="Budget sweep",
+                              description="Also fine-tune each dataset's model on every real budget."),
+        "real_budgets": Param(
+            [76, 380, 760], type="array", items={"type": "integer", "minimum": 1}, minItems=1,
+            section="Real budgets", title="Real budgets",
+            description="Real image counts of the real-only learning curve (and of the sweep).",
+        ),
+        **training_params(finetune=True),
+        **output_params(),
+        **compute_params(),
+    },
+    tags=["synthval", "discovery", "leaderboard"],
+    render_template_as_native_obj=True,
+    user_defined_macros={**MACROS, "announced_flags": announced_flags, "budget_flags": budget_flags,
+                         "mapped_upstream": mapped_upstream, "slug": slug},
+    default_args={"owner": "synthval"},
+) as dag:
+    results_flags = ["--results", "{{ params.output_root }}/results"]
+    real_data = "{{ upstream('fetch_real', 'dataset_uri') }}"
+    # Bounded concurrency: at most MAX_PARALLEL trainings and evaluations of this DAG at once.
+    bounded = {"max_active_tis_per_dag": MAX_PARALLEL}
+
+    fetch_real = synthval_task("fetch", [
+        "synthval", "fetch", "{{ params.real_dataset }}",
+        # One folder for every run: every run scores the same test images (the protocol stays the same).
+        "--out", "{{ params.output_root }}/" + DAG_ID + "/real/{{ slug(params.real_dataset) }}",
+    ], task_id="fetch_real")
+
+    discover = synthval_task("discover", [
+        "synthval", "discover",
+        "{{ optional('--root', params.watch_root) }}",
+        "{{ announced_flags() }}",
+        "--marker", "{{ params.marker }}",
+        "--recipe", "{{ dag.dag_id }}",
+        "--test-data", real_data,
+        "--split", "{{ params.test_split }}",
+        "--real-dataset", "{{ params.real_dataset }}",
+        "{{ budget_flags(params) }}",
+        "--limit", "{{ params.max_datasets }}",
+        *results_flags,
+    ])
+
+    @task
+    def plan_datasets(found: dict, params=None, run_id=None) -> list[dict]:
+        """One job per new dataset: the dataset and where its outputs go."""
+        root = f"{params['output_root']}/{DAG_ID}/{run_slug(run_id)}"
+        names = found["new_datasets"]
+        return [{"dataset": uri, "dataset_flag": f"synthetic={uri}", **item}
+                for uri, item in zip(names, work_items(root, "datasets", names), strict=True)]
+
+    @task
+    def plan_real_curve(found: dict, params=None, run_id=None) -> list[dict]:
+        """One job per real budget the real-only curve of this protocol still lacks."""
+        root = f"{params['output_root']}/{DAG_ID}/{run_slug(run_id)}"
+        budgets = found["missing_real_budgets"]
+        return [{"budget": b, **item} for b, item in zip(budgets, work_items(root, "real-only", budgets), strict=True)]
+
+    @task_group
+    def value_dataset(dataset, dataset_flag, checkpoint_dir, train_tb, eval_out, eval_tb):
+        """Train on one synthetic dataset, evaluate on the real test split, publish (real budget 0)."""
+        train = synthval_task("train", [
+            "synthval", "train", "--train-data", dataset, "--checkpoint-dir", checkpoint_dir,
+            "--tb-log-dir", train_tb, "--resume", "auto", "{{ config_flags(params) }}",
+        ], gpus="{{ params.gpus }}", tb_log_dir=train_tb, **bounded)
+        evaluate = synthval_task("evaluate", [
+            "synthval", "evaluate", "--checkpoint", "{{ mapped_upstream('value_dataset.train', 'checkpoint_uri') }}",
+            "--data", real_data, "--split", "{{ params.test_split }}", "--out", eval_out, "--tb-log-dir", eval_tb,
+        ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir=eval_tb, **bounded)
+        publish = synthval_task("publish", [
+            "synthval", "publish", "--metrics", "{{ mapped_upstream('value_dataset.evaluate', 'metrics_uri') }}",
+            *results_flags, "--recipe", "{{ dag.dag_id }}", "--run-id", "{{ run_id }}",
+            "--dataset", dataset_flag, "--dataset", "real={{ params.real_dataset }}",
+            "--checkpoint", "{{ mapped_upstream('value_dataset.train', 'checkpoint_uri') }}", "--real-budget", "0",
+        ])
+        train >> evaluate >> publish
+
+    @task(trigger_rule="all_done")  # one dataset's failed training must not hold up the others' sweep
+    def plan_sweep(datasets: list[dict], params=None, ti=None) -> list[dict]:
+        """One fine-tuning job per (valued dataset, real budget), from that dataset's synthetic checkpoint."""
+        if not params["budget_sweep"]:
+            return []
+        # One entry per map index, None where that training failed.
+        trained = ti.xcom_pull(task_ids="value_dataset.train", map_indexes=list(range(len(datasets)))) or []
+        jobs = []
+        for item, result in zip(datasets, trained, strict=True):
+            if not result:  # its training failed: nothing to fine-tune
+                continue
+            for budget in params["real_budgets"]:
+                work = item["checkpoint_dir"].rsplit("/checkpoints/", 1)[0] + f"/budget-{budget}"
+                jobs.append({"dataset_flag": item["dataset_flag"], "budget": budget, "init": result["checkpoint_uri"],
+                             "checkpoint_dir": f"{work}/checkpoints/finetune", "train_tb": f"{work}/tensorboard/finetune",
+                             "eval_out": f"{work}/eval/test", "eval_tb": f"{work}/tensorboard/evaluate"})
+        return jobs
+
+    @task_group
+    def sweep(dataset_flag, budget, init, checkpoint_dir, train_tb, eval_out, eval_tb):
+        """Fine-tune one dataset's model on a real budget, evaluate, publish at that budget."""
+        finetune = synthval_task("finetune", [
+            "synthval", "finetune", "--train-data", real_data, "--train-split", "{{ params.real_split }}",
+            "--max-images", budget, "--init-checkpoint", init, "--checkpoint-dir", checkpoint_dir,
+            "--tb-log-dir", train_tb, "--resume", "auto", "{{ config_flags(params, prefix='finetune_') }}",
+        ], gpus="{{ params.gpus }}", tb_log_dir=train_tb, **bounded)
+        evaluate = synthval_task("evaluate", [
+            "synthval", "evaluate", "--checkpoint", "{{ mapped_upstream('sweep.finetune', 'checkpoint_uri') }}",
+            "--data", real_data, "--split", "{{ params.test_split }}", "--out", eval_out, "--tb-log-dir", eval_tb,
+        ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir=eval_tb, **bounded)
+        publish = synthval_task("publish", [
+            "synthval", "publish", "--metrics", "{{ mapped_upstream('sweep.evaluate', 'metrics_uri') }}",
+            *results_flags, "--recipe", "{{ dag.dag_id }}", "--run-id", "{{ run_id }}",
+            "--dataset", dataset_flag, "--dataset", "real={{ params.real_dataset }}",
+            "--checkpoint", "{{ mapped_upstream('sweep.finetune', 'checkpoint_uri') }}", "--real-budget", budget,
+        ])
+        finetune >> evaluate >> publish
+
+    @task_group
+    def real_curve(budget, checkpoint_dir, train_tb, eval_out, eval_tb):
+        """A real-only model on `budget` real images: one point of the protocol's learning curve."""
+        train = synthval_task("train", [
+            "synthval", "train", "--train-data", real_data, "--train-split", "{{ params.real_split }}",
+            "--max-images", budget, "--checkpoint-dir", checkpoint_dir, "--tb-log-dir", train_tb,
+            "--resume", "auto", "{{ config_flags(params) }}",
+        ], gpus="{{ params.gpus }}", tb_log_dir=train_tb, **bounded)
+        evaluate = synthval_task("evaluate", [
+            "synthval", "evaluate", "--checkpoint", "{{ mapped_upstream('real_curve.train', 'checkpoint_uri') }}",
+            "--data", real_data, "--split", "{{ params.test_split }}", "--out", eval_out, "--tb-log-dir", eval_tb,
+        ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir=eval_tb, **bounded)
+        publish = synthval_task("publish", [
+            "synthval", "publish", "--metrics", "{{ mapped_upstream('real_curve.evaluate', 'metrics_uri') }}",
+            *results_flags, "--recipe", "{{ dag.dag_id }}", "--run-id", "{{ run_id }}",
+            "--dataset", "real={{ params.real_dataset }}",
+            "--checkpoint", "{{ mapped_upstream('real_curve.train', 'checkpoint_uri') }}", "--real-budget", budget,
+        ])
+        train >> evaluate >> publish
+
+    leaderboard = synthval_task("leaderboard", [
+        "synthval", "leaderboard", *results_flags, "--recipe", "{{ dag.dag_id }}", "--format", "json",
+        "--out", "{{ run_root() }}/leaderboard.json",
+    ], trigger_rule="all_done")
+
+    @task(outlets=[RESULTS_ALIAS], trigger_rule="all_done")
+    def announce_results(board: dict, found: dict, *, outlet_events=None, run_id=None) -> list[str]:
+        """One Asset event per dataset valued in this run, its headline metrics (budget 0) in `extra`."""
+        import json
+
+        from airflow.sdk import ObjectStoragePath
+
+        uri = board["leaderboard_uri"]
+        entries = json.loads(ObjectStoragePath(uri if "://" in uri else f"file://{uri}").read_text())
+        announced = []
+        for dataset in found["new_datasets"]:
+            mine = [e for e in entries if e["dataset"] == dataset and e["run_id"] == run_id]
+            head = next((e for e in mine if e["real_budget"] == 0), None)
+            if head is None:  # its evaluation failed: nothing to announce
+                continue
+            extra = {"dataset_uri": dataset, "protocol": head["protocol"], "result_uri": head["link"],
+                     **{k: head[k] for k in HEADLINE},
+                     "by_budget": {str(e["real_budget"]): e["mAP"] for e in mine}}
+            outlet_events[RESULTS_ALIAS].add(result_asset(dataset), extra=extra)
+            announced.append(dataset)
+        return announced
+
+    datasets = plan_datasets(discover.output)
+    valued = value_dataset.expand_kwargs(datasets)
+    sweep_jobs = plan_sweep(datasets)
+    swept = sweep.expand_kwargs(sweep_jobs)
+    curve = real_curve.expand_kwargs(plan_real_curve(discover.output))
+    fetch_real >> discover
+    valued >> sweep_jobs
+    [valued, swept, curve] >> leaderboard
+    announce_results(leaderboard.output, discover.output)

@@ -1,0 +1,186 @@
+"""Airflow plugin: the synthval leaderboard as a page of the Airflow UI.
+
+A FastAPI app mounted under the API server at `/synthval-leaderboard` serves the same table as
+`synthval leaderboard` (plain HTML, the real-budget curves as inline SVG, links to each run, its
+result record and its TensorBoard logs) and the same data as JSON (`/api/leaderboard`,
+`/api/curves`). An `external_views` entry puts the page in the UI's Browse menu.
+
+The store: env `SYNTHVAL_RESULTS_DB_URL`, else the Airflow connection `synthval_results_db` (its URI,
+e.g. `postgresql+psycopg://user:pw@host/db`), else the DAGs' default `<SYNTHVAL_DATA_ROOT>/results.db`.
+synthval itself is imported only when a page is asked for, so a missing install cannot break the API server.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from typing import Any
+from urllib.parse import quote
+
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse
+
+URL_PREFIX = "/synthval-leaderboard"
+CONN_ID = "synthval_results_db"
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+
+
+def store_url() -> str:
+    """Where the results store is, by the order the module docstring gives."""
+    url = os.environ.get("SYNTHVAL_RESULTS_DB_URL", "").strip()
+    if url:
+        return url
+    try:
+        from airflow.models.connection import Connection
+
+        conn = Connection.get_connection_from_secrets(CONN_ID)
+        return conn.get_uri().replace("postgres://", "postgresql+psycopg://", 1)
+    except Exception:  # noqa: BLE001 - no such connection (AirflowNotFoundException) or no metadata DB
+        pass
+    from synthval.results import default_url
+
+    root = os.environ.get("SYNTHVAL_DATA_ROOT", "").strip() or os.path.expanduser("~/synthval-data")
+    return default_url(f"{root.rstrip('/')}/results")
+
+
+def _board(recipe: str | None, sort: str, baseline: str | None, include_stale: bool, role: list[str] | None
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from synthval.errors import SynthvalError
+    from synthval.leaderboard import build_leaderboard
+    from synthval.results import open_store
+
+    try:
+        rows = open_store(store_url()).rows()
+        entries = build_leaderboard(rows, recipe=recipe, sort=sort, baseline=baseline, include_stale=include_stale,
+                                    roles=role, airflow_url="",
+                                    tensorboard_url=os.environ.get("SYNTHVAL_TENSORBOARD_URL") or None)
+    except SynthvalError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    return entries, rows
+
+
+app = FastAPI(title="synthval leaderboard", description=__doc__.split("\n\n")[0])
+
+
+@app.get("/api/leaderboard")
+def leaderboard_json(recipe: str | None = None, sort: str = "real_equiv", baseline: str | None = None,
+                     include_stale: bool = False, role: list[str] | None = Query(None)) -> list[dict[str, Any]]:
+    """The leaderboard entries, as `synthval leaderboard --format json` writes them."""
+    from synthval.leaderboard import jsonable
+
+    entries, _ = _board(recipe, sort, baseline, include_stale, role)
+    return [jsonable(e) for e in entries]
+
+
+@app.get("/api/curves")
+def curves_json() -> dict[str, Any]:
+    """mAP by real budget per dataset (current protocol), and the real-only learning curves."""
+    from synthval.leaderboard import dataset_curves, real_only_curves
+    from synthval.results import open_store
+
+    rows = open_store(store_url()).rows(include_stale=False)
+    return {"datasets": dataset_curves(rows), "real_only": real_only_curves(rows)}
+
+
+@app.get("/", response_class=HTMLResponse)
+def page(recipe: str | None = None, sort: str = "real_equiv", baseline: str | None = None,
+         include_stale: bool = False) -> str:
+    """The leaderboard page: the table, then the real-budget curve of each dataset."""
+    from synthval.leaderboard import dataset_curves, format_equiv, real_only_curves
+
+    entries, rows = _board(recipe, sort, baseline, include_stale, None)
+    current = [r for r in rows if not r["stale"]]
+    curves, real_only = dataset_curves(current), real_only_curves(current)
+    return _html(entries, curves, real_only, baseline, format_equiv)
+
+
+def _num(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return ""
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _link(href: str | None, text: str) -> str:
+    if not href:
+        return ""
+    if href.startswith("gs://"):
+        href = "https://console.cloud.google.com/storage/browser/" + href[len("gs://"):]
+    elif href.startswith("/") and not href.startswith("/dags/"):
+        href = "file://" + href
+    return f'<a href="{html.escape(href)}" target="_top">{html.escape(text)}</a>'
+
+
+def _svg(points: list[dict[str, Any]], reference: list[dict[str, Any]] | None, color: str) -> str:
+    """mAP against real images (log scale) for one dataset, over the real-only curve (grey)."""
+    width, height, pad = 320, 180, 34
+    series = list(points) + list(reference or [])
+    top_budget = max([p["budget"] for p in series] + [1])
+    top_map = max([p["mAP"] for p in series] + [0.05])
+
+    def xy(budget: float, value: float) -> tuple[float, float]:
+        x = pad + (width - 2 * pad) * math.log1p(budget) / math.log1p(top_budget)
+        y = height - pad - (height - 2 * pad) * value / top_map
+        return round(x, 1), round(y, 1)
+
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>',
+             f'<text x="{width / 2}" y="{height - 6}" font-size="10" text-anchor="middle">real images</text>',
+             f'<text x="4" y="{pad - 8}" font-size="10">mAP (max {top_map:.3f})</text>']
+    for line, stroke in ((reference, "#999"), (points, color)):
+        if not line:
+            continue
+        coords = " ".join(f"{x},{y}" for x, y in (xy(p["budget"], p["mAP"]) for p in line))
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{stroke}" stroke-width="2"/>')
+        for p in line:
+            x, y = xy(p["budget"], p["mAP"])
+            parts.append(f'<circle cx="{x}" cy="{y}" r="3" fill="{stroke}"><title>{p["budget"]} real images: '
+                         f'mAP {p["mAP"]:.3f}</title></circle>')
+            parts.append(f'<text x="{x}" y="{height - pad + 12}" font-size="9" text-anchor="middle">{p["budget"]}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _html(entries: list[dict[str, Any]], curves: dict[str, Any], real_only: dict[str, Any], baseline: str | None,
+          format_equiv: Any) -> str:
+    head = ["#", "dataset", "recipe", "real images", "mAP", "mAP@.5", "mAR@100", "real-image equivalent [95%]"]
+    head += ["&Delta;mAP", "&Delta;mAP@.5", "&Delta;mAR@100"] if baseline else []
+    head += ["when", "run", "TensorBoard", "record"]
+    lines = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for i, e in enumerate(entries, 1):
+        cells = [str(i), html.escape(e["dataset"]) + (" <em>(stale)</em>" if e["stale"] else ""),
+                 html.escape(e["recipe"]), "" if e["real_budget"] is None else str(e["real_budget"]),
+                 _num(e["mAP"]), _num(e["mAP50"]), _num(e["mAR100"]), html.escape(format_equiv(e))]
+        if baseline:
+            cells += [_num(e["delta_mAP"], True), _num(e["delta_mAP50"], True), _num(e["delta_mAR100"], True)]
+        run = f"/dags/{quote(e['recipe'], safe='')}/runs/{quote(e['run_id'], safe='')}" if e.get("run_id") else None
+        cells += [html.escape((e["when"] or "")[:19].replace("T", " ")), _link(run, "run"),
+                  _link(e["tensorboard"], "logs"), _link(e["link"], "record")]
+        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    charts = []
+    for i, (dataset, curve) in enumerate(sorted(curves.items())):
+        if curve["role"] != "synthetic":
+            continue
+        reference = real_only.get(curve["protocol"])
+        charts.append(f'<figure><figcaption>{html.escape(dataset)}</figcaption>'
+                      f'{_svg(curve["points"], reference, COLORS[i % len(COLORS)])}</figure>')
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>synthval leaderboard</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left}figure{display:inline-block;"
+        "margin:0 1em 1em 0}figcaption{font-size:12px;max-width:320px;word-break:break-all}</style></head><body>"
+        "<h1>Synthetic datasets, valued on real images</h1>"
+        "<p>Real-image equivalent: how many real images a model trained on real images only needs to reach "
+        "the same mAP on the same test set (95% bootstrap interval). Grey curve: real-only models.</p>"
+        f"<table>{''.join(lines)}</table><h2>mAP by real budget</h2>{''.join(charts) or '<p>No curves yet.</p>'}"
+        "</body></html>"
+    )
+
+
+class SynthvalLeaderboardPlugin(AirflowPlugin):
+    name = "synthval_leaderboard"
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "synthval leaderboard"}]
+    external_views = [{"name": "Synthval leaderboard", "href": f"{URL_PREFIX}/", "destination": "nav",
+                       "category": "browse", "url_route": "synthval-leaderboard"}]
