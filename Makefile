@@ -17,6 +17,7 @@ demo: setup
 	./scripts/demo
 
 test: setup
+	./scripts/install-test-deps
 	$(PY) -m pytest
 
 test-quick: setup
