@@ -88,10 +88,11 @@ def training_params(*, finetune: bool = False) -> dict[str, Param]:
     if finetune:
         params.update({
             "finetune_epochs": Param(None, type=_nullable("integer"), minimum=1, section="Fine-tuning",
-                                     description="Fine-tuning epochs (empty: as for training)."),
+                                     description="Fine-tuning epochs (empty: the preset's fine-tuning value)."),
             "finetune_learning_rate": Param(None, type=_nullable("number"), exclusiveMinimum=0,
                                             section="Fine-tuning",
-                                            description="Fine-tuning learning rate (empty: as for training)."),
+                                            description="Fine-tuning learning rate (empty: the preset's fine-tuning "
+                                                        "value, well below the training rate)."),
             "finetune_overrides": Param(
                 [], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN}, section="Fine-tuning",
                 description="Overrides for fine-tuning only, applied after `overrides`.",

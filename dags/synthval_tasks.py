@@ -312,13 +312,17 @@ def set_flags(overrides: Any = (), **keys: Any) -> list[str]:
 def config_flags(params: Any, prefix: str = "") -> list[str]:
     """The training config flags from the DAG params: preset, model, epochs, lr, batch size, overrides.
 
-    With ``prefix="finetune_"`` the fine-tune params (``finetune_epochs`` ...) win where set, and
-    ``finetune_overrides`` come after ``overrides``.
+    With ``prefix="finetune_"`` the fine-tune params (``finetune_epochs`` ...) are used; an empty
+    fine-tune epochs or learning rate leaves the preset's fine-tuning value (`synthval finetune`
+    lowers the rate), never the training one. ``finetune_overrides`` come after ``overrides``.
     """
 
     def pick(name: str) -> Any:
-        value = params.get(prefix + name) if prefix else None
-        return value if value not in (None, "") else params.get(name)
+        if not prefix:
+            return params.get(name)
+        value = params.get(prefix + name)
+        own_only = name in ("epochs", "learning_rate")
+        return value if value not in (None, "") or own_only else params.get(name)
 
     overrides = list(params.get("overrides") or []) + (list(params.get(prefix + "overrides") or []) if prefix else [])
     return ["--preset", params["preset"], *set_flags(

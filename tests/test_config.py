@@ -70,3 +70,14 @@ def test_exponent_floats_without_a_dot_are_numbers():
     assert config.optimizer.lr == 1e-5 and config.optimizer.weight_decay == 5e-4
     with pytest.raises(ConfigError, match="optimizer.lr"):
         load_config(TrainConfig, overrides=["optimizer.lr=1e-5x"])
+
+
+def test_finetune_lowers_the_step_of_the_preset_and_overrides_still_win():
+    train = load_config(TrainConfig, preset="cpu-demo")
+    finetune = load_config(TrainConfig, preset="cpu-demo", finetune=True)
+    assert finetune.optimizer.lr < train.optimizer.lr
+    assert finetune.schedule.warmup_steps < train.schedule.warmup_steps
+    assert finetune.model == train.model
+    assert load_config(TrainConfig, finetune=True).optimizer.lr < TrainConfig().optimizer.lr
+    assert load_config(TrainConfig, preset="cpu-demo", finetune=True,
+                       overrides=["optimizer.lr=0.01"]).optimizer.lr == 0.01

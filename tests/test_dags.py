@@ -222,9 +222,15 @@ def test_command_lines_carry_upstream_uris_and_params(local_dags):
         "synthval", "finetune", "--train-data", "gs://bucket/runs/data/real", "--train-split", "train_small",
         "--max-images", "40", "--init-checkpoint", UPSTREAM_XCOMS["train"]["checkpoint_uri"],
         "--checkpoint-dir", f"{root}/checkpoints/finetune", "--tb-log-dir", f"{root}/tensorboard/finetune",
-        "--resume", "auto", "--preset", "cpu-demo", "--set", "epochs=3", "--set", "optimizer.lr=0.00001",
-        "--set", "max_steps=2", "--set", "epochs=1",
+        # The training epochs and learning rate are not inherited: `synthval finetune` applies the
+        # preset's fine-tuning rate unless finetune_learning_rate / finetune_epochs are given.
+        "--resume", "auto", "--preset", "cpu-demo", "--set", "max_steps=2", "--set", "epochs=1",
     ]
+    train = render(dag, dag.task_dict["train"], conf).command()
+    assert train[train.index("--preset"):] == ["--preset", "cpu-demo", "--set", "epochs=3",
+                                               "--set", "optimizer.lr=0.00001", "--set", "max_steps=2"]
+    tuned = render(dag, dag.task_dict["finetune"], {**conf, "finetune_learning_rate": 2e-4}).command()
+    assert tuned[tuned.index("--set"):tuned.index("--set") + 2] == ["--set", "optimizer.lr=0.0002"]
     evaluate = render(dag, dag.task_dict["evaluate"], conf).command()
     assert evaluate[evaluate.index("--checkpoint") + 1] == UPSTREAM_XCOMS["finetune"]["checkpoint_uri"]
     publish = render(dag, dag.task_dict["publish"], conf).command()

@@ -197,7 +197,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
             if flag is not None:
                 overrides.append(f"{key}={flag}")
         config = load_config(TrainConfig, preset=args.preset, config_text=_config_text(args.config),
-                             overrides=overrides, source=args.config or "config")
+                             overrides=overrides, source=args.config or "config",
+                             finetune=args.command == "finetune")
         from synthval.train import run_train  # torch is imported only once the config is known good
 
         return run_train(
