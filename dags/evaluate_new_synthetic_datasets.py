@@ -39,6 +39,7 @@ from typing import Any
 from airflow.sdk import DAG, Asset, AssetAlias, AssetOrTimeSchedule, CronTriggerTimetable, Param, task, task_group
 
 from synthval_params import compute_params, dataset_param, output_params, test_split_param, training_params
+from synthval_steps import REAL_DATA, evaluate_step, publish_step, train_step
 from synthval_tasks import MACROS, load_settings, run_slug, synthval_task
 
 DAG_ID = "evaluate_new_synthetic_datasets"
@@ -51,6 +52,14 @@ ANNOUNCED = Asset(uri="synthval://synthetic-datasets/announced", name="synthval_
 # Each valued dataset's result asset is emitted through this alias; other DAGs schedule on it.
 RESULTS_ALIAS = AssetAlias("synthval_results")
 HEADLINE = ("mAP", "mAP50", "mAR100", "real_equiv", "real_equiv_low", "real_equiv_high")
+
+
+REAL_ROLE = "real={{ params.real_dataset }}"
+
+
+def budget_split(budget: Any) -> tuple[Any, ...]:
+    """The training split flags of a real budget: `budget` images of the real training split."""
+    return ("--train-split", "{{ params.real_split }}", "--max-images", budget)
 
 
 def result_asset(dataset_uri: str) -> Asset:
@@ -155,7 +164,6 @@ with DAG(
     default_args={"owner": "synthval"},
 ) as dag:
     results_flags = ["--results", "{{ params.output_root }}/results"]
-    real_data = "{{ upstream('fetch_real', 'dataset_uri') }}"
     # Bounded concurrency: at most MAX_PARALLEL trainings and evaluations of this DAG at once.
     bounded = {"max_active_tis_per_dag": MAX_PARALLEL}
 
@@ -171,7 +179,7 @@ with DAG(
         "{{ announced_flags() }}",
         "--marker", "{{ params.marker }}",
         "--recipe", "{{ dag.dag_id }}",
-        "--test-data", real_data,
+        "--test-data", REAL_DATA,
         "--split", "{{ params.test_split }}",
         "--real-dataset", "{{ params.real_dataset }}",
         "{{ budget_flags(params) }}",
@@ -197,20 +205,12 @@ with DAG(
     @task_group
     def value_dataset(dataset, dataset_flag, checkpoint_dir, train_tb, eval_out, eval_tb):
         """Train on one synthetic dataset, evaluate on the real test split, publish (real budget 0)."""
-        train = synthval_task("train", [
-            "synthval", "train", "--train-data", dataset, "--checkpoint-dir", checkpoint_dir,
-            "--tb-log-dir", train_tb, "--resume", "auto", "{{ config_flags(params) }}",
-        ], gpus="{{ params.gpus }}", tb_log_dir=train_tb, **bounded)
-        evaluate = synthval_task("evaluate", [
-            "synthval", "evaluate", "--checkpoint", "{{ mapped_upstream('value_dataset.train', 'checkpoint_uri') }}",
-            "--data", real_data, "--split", "{{ params.test_split }}", "--out", eval_out, "--tb-log-dir", eval_tb,
-        ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir=eval_tb, **bounded)
-        publish = synthval_task("publish", [
-            "synthval", "publish", "--metrics", "{{ mapped_upstream('value_dataset.evaluate', 'metrics_uri') }}",
-            *results_flags, "--recipe", "{{ dag.dag_id }}", "--run-id", "{{ run_id }}",
-            "--dataset", dataset_flag, "--dataset", "real={{ params.real_dataset }}",
-            "--checkpoint", "{{ mapped_upstream('value_dataset.train', 'checkpoint_uri') }}", "--real-budget", "0",
-        ])
+        checkpoint = "{{ mapped_upstream('value_dataset.train', 'checkpoint_uri') }}"
+        train = train_step("train", dataset, checkpoint_dir=checkpoint_dir, tb_log_dir=train_tb, **bounded)
+        evaluate = evaluate_step(checkpoint, out=eval_out, tb_log_dir=eval_tb, **bounded)
+        publish = publish_step(checkpoint, datasets=("--dataset", dataset_flag, "--dataset", REAL_ROLE),
+                               budget=("--real-budget", "0"),
+                               metrics="{{ mapped_upstream('value_dataset.evaluate', 'metrics_uri') }}")
         train >> evaluate >> publish
 
     @task(trigger_rule="all_done")  # one dataset's failed training must not hold up the others' sweep
@@ -234,41 +234,25 @@ with DAG(
     @task_group
     def sweep(dataset_flag, budget, init, checkpoint_dir, train_tb, eval_out, eval_tb):
         """Fine-tune one dataset's model on a real budget, evaluate, publish at that budget."""
-        finetune = synthval_task("finetune", [
-            "synthval", "finetune", "--train-data", real_data, "--train-split", "{{ params.real_split }}",
-            "--max-images", budget, "--init-checkpoint", init, "--checkpoint-dir", checkpoint_dir,
-            "--tb-log-dir", train_tb, "--resume", "auto", "{{ config_flags(params, prefix='finetune_') }}",
-        ], gpus="{{ params.gpus }}", tb_log_dir=train_tb, **bounded)
-        evaluate = synthval_task("evaluate", [
-            "synthval", "evaluate", "--checkpoint", "{{ mapped_upstream('sweep.finetune', 'checkpoint_uri') }}",
-            "--data", real_data, "--split", "{{ params.test_split }}", "--out", eval_out, "--tb-log-dir", eval_tb,
-        ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir=eval_tb, **bounded)
-        publish = synthval_task("publish", [
-            "synthval", "publish", "--metrics", "{{ mapped_upstream('sweep.evaluate', 'metrics_uri') }}",
-            *results_flags, "--recipe", "{{ dag.dag_id }}", "--run-id", "{{ run_id }}",
-            "--dataset", dataset_flag, "--dataset", "real={{ params.real_dataset }}",
-            "--checkpoint", "{{ mapped_upstream('sweep.finetune', 'checkpoint_uri') }}", "--real-budget", budget,
-        ])
+        checkpoint = "{{ mapped_upstream('sweep.finetune', 'checkpoint_uri') }}"
+        finetune = train_step("finetune", REAL_DATA, split_flags=budget_split(budget), init_checkpoint=init,
+                              config="{{ config_flags(params, prefix='finetune_') }}", checkpoint_dir=checkpoint_dir,
+                              tb_log_dir=train_tb, **bounded)
+        evaluate = evaluate_step(checkpoint, out=eval_out, tb_log_dir=eval_tb, **bounded)
+        publish = publish_step(checkpoint, datasets=("--dataset", dataset_flag, "--dataset", REAL_ROLE),
+                               budget=("--real-budget", budget),
+                               metrics="{{ mapped_upstream('sweep.evaluate', 'metrics_uri') }}")
         finetune >> evaluate >> publish
 
     @task_group
     def real_curve(budget, checkpoint_dir, train_tb, eval_out, eval_tb):
         """A real-only model on `budget` real images: one point of the protocol's learning curve."""
-        train = synthval_task("train", [
-            "synthval", "train", "--train-data", real_data, "--train-split", "{{ params.real_split }}",
-            "--max-images", budget, "--checkpoint-dir", checkpoint_dir, "--tb-log-dir", train_tb,
-            "--resume", "auto", "{{ config_flags(params) }}",
-        ], gpus="{{ params.gpus }}", tb_log_dir=train_tb, **bounded)
-        evaluate = synthval_task("evaluate", [
-            "synthval", "evaluate", "--checkpoint", "{{ mapped_upstream('real_curve.train', 'checkpoint_uri') }}",
-            "--data", real_data, "--split", "{{ params.test_split }}", "--out", eval_out, "--tb-log-dir", eval_tb,
-        ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir=eval_tb, **bounded)
-        publish = synthval_task("publish", [
-            "synthval", "publish", "--metrics", "{{ mapped_upstream('real_curve.evaluate', 'metrics_uri') }}",
-            *results_flags, "--recipe", "{{ dag.dag_id }}", "--run-id", "{{ run_id }}",
-            "--dataset", "real={{ params.real_dataset }}",
-            "--checkpoint", "{{ mapped_upstream('real_curve.train', 'checkpoint_uri') }}", "--real-budget", budget,
-        ])
+        checkpoint = "{{ mapped_upstream('real_curve.train', 'checkpoint_uri') }}"
+        train = train_step("train", REAL_DATA, split_flags=budget_split(budget), checkpoint_dir=checkpoint_dir,
+                           tb_log_dir=train_tb, **bounded)
+        evaluate = evaluate_step(checkpoint, out=eval_out, tb_log_dir=eval_tb, **bounded)
+        publish = publish_step(checkpoint, datasets=("--dataset", REAL_ROLE), budget=("--real-budget", budget),
+                               metrics="{{ mapped_upstream('real_curve.evaluate', 'metrics_uri') }}")
         train >> evaluate >> publish
 
     leaderboard = synthval_task("leaderboard", [

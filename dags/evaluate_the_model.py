@@ -27,7 +27,8 @@ from synthval_params import (
     recipe_dag,
     test_split_param,
 )
-from synthval_tasks import load_settings, synthval_task
+from synthval_steps import evaluate_step, fetch_step, publish_step
+from synthval_tasks import load_settings
 
 settings = load_settings()
 
@@ -53,28 +54,9 @@ with recipe_dag(
     },
     tags=["evaluate"],
 ) as dag:
-    fetch_real = synthval_task("fetch", [
-        "synthval", "fetch", "{{ params.real_dataset }}", "--out", "{{ run_root() }}/data/real",
-    ], task_id="fetch_real")
-
-    evaluate = synthval_task("evaluate", [
-        "synthval", "evaluate",
-        "--checkpoint", "{{ params.checkpoint }}",
-        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
-        "--split", "{{ params.test_split }}",
-        "--out", "{{ run_root() }}/eval",
-        "--tb-log-dir", "{{ tb_log_dir('evaluate') }}",
-        "{{ set_flags(params.overrides, batch_size=params.batch_size) }}",
-    ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir="{{ tb_log_dir('evaluate') }}")
-
-    publish = synthval_task("publish", [
-        "synthval", "publish",
-        "--metrics", "{{ upstream('evaluate', 'metrics_uri') }}",
-        "--results", "{{ params.output_root }}/results",
-        "--recipe", "{{ dag.dag_id }}",
-        "--run-id", "{{ run_id }}",
-        "--dataset", "real={{ params.real_dataset }}",
-        "--checkpoint", "{{ params.checkpoint }}",
-    ])
+    fetch_real = fetch_step("fetch_real", "{{ params.real_dataset }}", "real")
+    evaluate = evaluate_step("{{ params.checkpoint }}",
+                             extra=("{{ set_flags(params.overrides, batch_size=params.batch_size) }}",))
+    publish = publish_step("{{ params.checkpoint }}", datasets=("--dataset", "real={{ params.real_dataset }}"))
 
     fetch_real >> evaluate >> publish

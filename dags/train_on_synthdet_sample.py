@@ -24,7 +24,8 @@ from synthval_params import (
     test_split_param,
     training_params,
 )
-from synthval_tasks import load_settings, synthval_task
+from synthval_steps import evaluate_step, fetch_step, publish_step, train_step
+from synthval_tasks import load_settings
 
 settings = load_settings()
 
@@ -41,42 +42,15 @@ with recipe_dag(
     },
     tags=["train"],
 ) as dag:
-    fetch_synthetic = synthval_task("fetch", [
-        "synthval", "fetch", "{{ params.synthetic_dataset }}", "--out", "{{ run_root() }}/data/synthetic",
-    ], task_id="fetch_synthetic")
-    fetch_real = synthval_task("fetch", [
-        "synthval", "fetch", "{{ params.real_dataset }}", "--out", "{{ run_root() }}/data/real",
-    ], task_id="fetch_real")
-
-    train = synthval_task("train", [
-        "synthval", "train",
-        "--train-data", "{{ upstream('fetch_synthetic', 'dataset_uri') }}",
-        "--checkpoint-dir", "{{ checkpoint_dir('train') }}",
-        "--tb-log-dir", "{{ tb_log_dir('train') }}",
-        "--resume", "auto",
-        "{{ config_flags(params) }}",
-    ], gpus="{{ params.gpus }}", tb_log_dir="{{ tb_log_dir('train') }}")
-
-    evaluate = synthval_task("evaluate", [
-        "synthval", "evaluate",
-        "--checkpoint", "{{ upstream('train', 'checkpoint_uri') }}",
-        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
-        "--split", "{{ params.test_split }}",
-        "--out", "{{ run_root() }}/eval",
-        "--tb-log-dir", "{{ tb_log_dir('evaluate') }}",
-    ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir="{{ tb_log_dir('evaluate') }}")
-
-    publish = synthval_task("publish", [
-        "synthval", "publish",
-        "--metrics", "{{ upstream('evaluate', 'metrics_uri') }}",
-        "--results", "{{ params.output_root }}/results",
-        "--recipe", "{{ dag.dag_id }}",
-        "--run-id", "{{ run_id }}",
-        "--dataset", "synthetic={{ params.synthetic_dataset }}",
-        "--dataset", "real={{ params.real_dataset }}",
-        "--checkpoint", "{{ upstream('train', 'checkpoint_uri') }}",
-        "--real-budget", "0",
-    ])
+    fetch_synthetic = fetch_step("fetch_synthetic", "{{ params.synthetic_dataset }}", "synthetic")
+    fetch_real = fetch_step("fetch_real", "{{ params.real_dataset }}", "real")
+    train = train_step("train", "{{ upstream('fetch_synthetic', 'dataset_uri') }}")
+    evaluate = evaluate_step("{{ upstream('train', 'checkpoint_uri') }}")
+    publish = publish_step(
+        "{{ upstream('train', 'checkpoint_uri') }}",
+        datasets=("--dataset", "synthetic={{ params.synthetic_dataset }}", "--dataset", "real={{ params.real_dataset }}"),
+        budget=("--real-budget", "0"),
+    )
 
     fetch_synthetic >> train
     [train, fetch_real] >> evaluate >> publish

@@ -34,7 +34,8 @@ from synthval_params import (
     test_split_param,
     training_params,
 )
-from synthval_tasks import check_conf, load_settings, synthval_task
+from synthval_steps import REAL_DATA, REAL_SPLIT_FLAGS, evaluate_step, fetch_step, publish_step, train_step
+from synthval_tasks import check_conf, load_settings
 
 settings = load_settings()
 
@@ -73,68 +74,25 @@ with recipe_dag(
     start = choose_start()
     given = use_given_checkpoint()
 
-    fetch_synthetic = synthval_task("fetch", [
-        "synthval", "fetch", "{{ params.synthetic_dataset }}", "--out", "{{ run_root() }}/data/synthetic",
-    ], task_id="fetch_synthetic")
-    fetch_real = synthval_task("fetch", [
-        "synthval", "fetch", "{{ params.real_dataset }}", "--out", "{{ run_root() }}/data/real",
-    ], task_id="fetch_real")
-
-    train = synthval_task("train", [
-        "synthval", "train",
-        "--train-data", "{{ upstream('fetch_synthetic', 'dataset_uri') }}",
-        "--checkpoint-dir", "{{ checkpoint_dir('train') }}",
-        "--tb-log-dir", "{{ tb_log_dir('train') }}",
-        "--resume", "auto",
-        "{{ config_flags(params) }}",
-    ], gpus="{{ params.gpus }}", tb_log_dir="{{ tb_log_dir('train') }}")
+    fetch_synthetic = fetch_step("fetch_synthetic", "{{ params.synthetic_dataset }}", "synthetic")
+    fetch_real = fetch_step("fetch_real", "{{ params.real_dataset }}", "real")
+    train = train_step("train", "{{ upstream('fetch_synthetic', 'dataset_uri') }}")
 
     # The checkpoint fine-tuning starts from: the given one, or the one `train` just wrote.
-    start_checkpoint = ("{{ params.start_from_checkpoint or upstream('train', 'checkpoint_uri') }}")
+    start_checkpoint = "{{ params.start_from_checkpoint or upstream('train', 'checkpoint_uri') }}"
+    after_either = "none_failed_min_one_success"
 
-    evaluate_synthetic = synthval_task("evaluate", [
-        "synthval", "evaluate",
-        "--checkpoint", start_checkpoint,
-        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
-        "--split", "{{ params.test_split }}",
-        "--out", "{{ run_root() }}/eval/synthetic",
-        "--tb-log-dir", "{{ tb_log_dir('evaluate_synthetic') }}",
-    ], task_id="evaluate_synthetic", gpus="{{ [params.gpus, 1] | min }}",
-        tb_log_dir="{{ tb_log_dir('evaluate_synthetic') }}", trigger_rule="none_failed_min_one_success")
-
-    finetune = synthval_task("finetune", [
-        "synthval", "finetune",
-        "--train-data", "{{ upstream('fetch_real', 'dataset_uri') }}",
-        "--train-split", "{{ params.real_split }}",
-        "{{ optional('--max-images', params.real_count) }}",
-        "--init-checkpoint", start_checkpoint,
-        "--checkpoint-dir", "{{ checkpoint_dir('finetune') }}",
-        "--tb-log-dir", "{{ tb_log_dir('finetune') }}",
-        "--resume", "auto",
-        "{{ config_flags(params, prefix='finetune_') }}",
-    ], gpus="{{ params.gpus }}", tb_log_dir="{{ tb_log_dir('finetune') }}",
-        trigger_rule="none_failed_min_one_success")
-
-    evaluate = synthval_task("evaluate", [
-        "synthval", "evaluate",
-        "--checkpoint", "{{ upstream('finetune', 'checkpoint_uri') }}",
-        "--data", "{{ upstream('fetch_real', 'dataset_uri') }}",
-        "--split", "{{ params.test_split }}",
-        "--out", "{{ run_root() }}/eval/finetuned",
-        "--tb-log-dir", "{{ tb_log_dir('evaluate') }}",
-    ], gpus="{{ [params.gpus, 1] | min }}", tb_log_dir="{{ tb_log_dir('evaluate') }}")
-
-    publish = synthval_task("publish", [
-        "synthval", "publish",
-        "--metrics", "{{ upstream('evaluate', 'metrics_uri') }}",
-        "--results", "{{ params.output_root }}/results",
-        "--recipe", "{{ dag.dag_id }}",
-        "--run-id", "{{ run_id }}",
-        "{{ [] if params.start_from_checkpoint else ['--dataset', 'synthetic=' ~ params.synthetic_dataset] }}",
-        "--dataset", "real={{ params.real_dataset }}",
-        "--checkpoint", "{{ upstream('finetune', 'checkpoint_uri') }}",
-        "{{ optional('--real-budget', params.real_count) }}",
-    ])
+    evaluate_synthetic = evaluate_step(start_checkpoint, task_id="evaluate_synthetic",
+                                       out="{{ run_root() }}/eval/synthetic", trigger_rule=after_either)
+    finetune = train_step("finetune", REAL_DATA, split_flags=REAL_SPLIT_FLAGS, init_checkpoint=start_checkpoint,
+                          config="{{ config_flags(params, prefix='finetune_') }}", trigger_rule=after_either)
+    evaluate = evaluate_step("{{ upstream('finetune', 'checkpoint_uri') }}", out="{{ run_root() }}/eval/finetuned")
+    publish = publish_step(
+        "{{ upstream('finetune', 'checkpoint_uri') }}",
+        datasets=("{{ [] if params.start_from_checkpoint else ['--dataset', 'synthetic=' ~ params.synthetic_dataset] }}",
+                  "--dataset", "real={{ params.real_dataset }}"),
+        budget=("{{ optional('--real-budget', params.real_count) }}",),
+    )
 
     start >> [fetch_synthetic, given]
     fetch_synthetic >> train
