@@ -121,7 +121,10 @@ def test_results_on_a_groceries_layout_use_index_ids(tmp_path):
     events.Reload()
     tags = events.Tags()
     assert {"eval/mAP", "eval/mAP50", "eval/mAR100"} <= set(tags["scalars"])
-    assert {"eval/per_class_AP", "eval/pr_curves_iou50", "eval/samples/0", "eval/samples/1"} <= set(tags["images"])
+    # The run report's own pictures (synthval.report.tensorboard_images), num_sample_images of each kind.
+    assert {"eval/per_class_AP", "eval/pr_curves", "eval/worst/0", "eval/worst/1", "eval/best/0",
+            "eval/best/1"} <= set(tags["images"])
+    assert "eval/worst/2" not in tags["images"]
 
 
 @pytest.mark.parametrize("content, field", [

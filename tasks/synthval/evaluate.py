@@ -22,8 +22,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from synthval import __version__, storage
 from synthval.config import EvalConfig, to_dict
 from synthval.datasets import DatasetIndex, default_split, load_dataset
@@ -183,110 +181,18 @@ def _warn_label_mismatch(match: Mapping[str, list[str]], dropped: int) -> None:
 
 def write_tensorboard(tb_log_dir_uri: str, metrics: dict[str, Any], index: DatasetIndex, predictions: list[dict],
                       class_ids: Mapping[int, int], config: EvalConfig, step: int) -> None:
-    """Scalars, a per-class AP chart, PR curves, a summary table and a few images with boxes drawn."""
+    """Scalars, a summary table and the run report's own pictures (per-class AP, PR curves, confusion,
+    worst and best images with TP / FP / misses drawn), so TensorBoard and the report show the same."""
+    from synthval.report import tensorboard_images
     from synthval.summaries import add_scalars, open_summary_writer
 
+    images = tensorboard_images(index, predictions, metrics, class_ids=class_ids,
+                                score_threshold=config.draw_score_thresh, num_images=config.num_sample_images)
     writer = open_summary_writer(tb_log_dir_uri)
     try:
         add_scalars(writer, "eval", {k: metrics[k] for k in SUMMARY_KEYS if "-" not in k}, step)
-        per_class = metrics["per_class"]
-        names = sorted(per_class, key=lambda n: (per_class[n]["AP"] is None, -(per_class[n]["AP"] or 0.0), n))
-        writer.add_image("eval/per_class_AP", bar_chart(names, [per_class[n]["AP"] for n in names],
-                                                         "AP@[.5:.95] per class (n/a: no box in the test set)"),
-                         step, dataformats="HWC")
-        writer.add_image("eval/pr_curves_iou50", pr_chart(metrics["pr_curves"], metrics["pr_curve"]),
-                         step, dataformats="HWC")
         writer.add_text("eval/summary", "    " + format_summary(metrics).replace("\n", "\n    "), step)
-        for i, image in enumerate(sample_images(index, predictions, class_ids, config)):
-            writer.add_image(f"eval/samples/{i}", image, step, dataformats="CHW")
+        for tag, image in images.items():
+            writer.add_image(tag, image, step, dataformats="HWC")
     finally:
         writer.close()
-
-
-def sample_images(index: DatasetIndex, predictions: list[dict], class_ids: Mapping[int, int],
-                  config: EvalConfig) -> list[Any]:
-    """The first `num_sample_images` images with true boxes (green) and predictions >= the threshold (red)."""
-    import torch
-    from torchvision.utils import draw_bounding_boxes
-
-    from synthval.datasets.torch_dataset import read_image
-
-    by_image = {p["image_id"]: p for p in predictions}
-    model_to_name = {m: index.label_names[d] for d, m in class_ids.items()}
-    out = []
-    for record in index.images[: config.num_sample_images]:
-        try:
-            image = read_image(record.path)
-        except Exception as exc:  # pictures are a courtesy: one unreadable image must not fail the step
-            log.warning("TensorBoard sample %s skipped: %s", record.path, exc)
-            continue
-        if len(record.labels):
-            true_names = [index.label_names[int(c)] for c in record.labels]
-            image = draw_bounding_boxes(image, torch.as_tensor(np.asarray(record.boxes, np.float32)).reshape(-1, 4),
-                                        labels=true_names, colors="lime", width=2)
-        pred = by_image.get(record.image_id)
-        if pred is not None:
-            scores = np.asarray(pred["scores"], np.float64)
-            keep = scores >= config.draw_score_thresh
-            if keep.any():
-                boxes = np.asarray(pred["boxes"], np.float32).reshape(-1, 4)[keep]
-                labels = [f"{model_to_name.get(int(c), f'class {int(c)}')} {s:.2f}"
-                          for c, s in zip(np.asarray(pred["labels"])[keep], scores[keep])]
-                image = draw_bounding_boxes(image, torch.as_tensor(boxes), labels=labels, colors="red", width=2)
-        out.append(image)
-    return out
-
-
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType sizes
-        return ImageFont.load_default()
-
-
-def bar_chart(names: list[str], values: list[float | None], title: str) -> np.ndarray:
-    """A horizontal bar chart (HWC uint8) of values in [0, 1], one row per name; None drawn as n/a."""
-    from PIL import Image, ImageDraw
-
-    row, label_w, bar_w, pad = 16, 220, 420, 10
-    height = pad * 3 + row * (len(names) + 1)
-    canvas = Image.new("RGB", (label_w + bar_w + 60 + pad * 2, height), "white")
-    draw, font = ImageDraw.Draw(canvas), _font(12)
-    draw.text((pad, pad), title, fill="black", font=font)
-    top = pad * 2 + row
-    for i, (name, value) in enumerate(zip(names, values)):
-        y = top + i * row
-        draw.text((pad, y), name[:34], fill="black", font=font)
-        if value is None:
-            draw.text((pad + label_w, y), "n/a", fill="gray", font=font)
-            continue
-        draw.rectangle([pad + label_w, y + 2, pad + label_w + round(bar_w * value), y + row - 3], fill="steelblue")
-        draw.text((pad + label_w + round(bar_w * value) + 4, y), f"{value:.3f}", fill="black", font=font)
-    return np.asarray(canvas)
-
-
-def pr_chart(curves: Mapping[str, Mapping[str, list]], overall: Mapping[str, list]) -> np.ndarray:
-    """Precision-recall curves at IoU .5 (HWC uint8): each class thin, the class mean thick."""
-    from PIL import Image, ImageDraw
-
-    size, pad = 400, 40
-    canvas = Image.new("RGB", (size + 2 * pad, size + 2 * pad), "white")
-    draw, font = ImageDraw.Draw(canvas), _font(12)
-    draw.rectangle([pad, pad, pad + size, pad + size], outline="black")
-    for tick in range(0, 11, 2):
-        v = tick / 10
-        draw.text((pad + v * size - 8, pad + size + 4), f"{v:.1f}", fill="black", font=font)
-        draw.text((4, pad + (1 - v) * size - 6), f"{v:.1f}", fill="black", font=font)
-    draw.text((pad, 8), "precision vs recall, IoU .5 (grey: classes, blue: mean)", fill="black", font=font)
-
-    def points(curve: Mapping[str, list]) -> list[tuple[float, float]]:
-        return [(pad + r * size, pad + (1 - p) * size) for r, p in zip(curve["recall"], curve["precision"])
-                if p is not None]
-
-    for curve in curves.values():
-        draw.line(points(curve), fill=(170, 170, 170), width=1)
-    if overall["precision"] and overall["precision"][0] is not None:
-        draw.line(points(overall), fill="blue", width=3)
-    return np.asarray(canvas)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
