@@ -47,7 +47,7 @@ with recipe_dag(
     publish = publish_step(
         "{{ upstream('train', 'checkpoint_uri') }}",
         datasets=("--dataset", "real={{ params.real_dataset }}"),
-        budget=("{{ optional('--real-budget', params.real_count) }}",),
+        budget=("--real-budget", "{{ upstream('train', 'num_train_images') }}"),
     )
 
     fetch_real >> train >> evaluate >> publish

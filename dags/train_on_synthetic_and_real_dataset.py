@@ -91,7 +91,7 @@ with recipe_dag(
         "{{ upstream('finetune', 'checkpoint_uri') }}",
         datasets=("{{ [] if params.start_from_checkpoint else ['--dataset', 'synthetic=' ~ params.synthetic_dataset] }}",
                   "--dataset", "real={{ params.real_dataset }}"),
-        budget=("{{ optional('--real-budget', params.real_count) }}",),
+        budget=("--real-budget", "{{ upstream('finetune', 'num_train_images') }}"),
     )
 
     start >> [fetch_synthetic, given]

@@ -69,8 +69,10 @@ TASK_ORDER = {
 UPSTREAM_XCOMS = {
     "fetch_synthetic": {"dataset_uri": "gs://bucket/runs/data/synthetic", "format": "perception", "num_images": 400},
     "fetch_real": {"dataset_uri": "gs://bucket/runs/data/real", "format": "groceries", "num_images": 300},
-    "train": {"checkpoint_uri": "gs://bucket/runs/checkpoints/train/checkpoint-000120.pt", "step": 120},
-    "finetune": {"checkpoint_uri": "gs://bucket/runs/checkpoints/finetune/checkpoint-000040.pt", "step": 40},
+    "train": {"checkpoint_uri": "gs://bucket/runs/checkpoints/train/checkpoint-000120.pt", "step": 120,
+              "num_train_images": 760},
+    "finetune": {"checkpoint_uri": "gs://bucket/runs/checkpoints/finetune/checkpoint-000040.pt", "step": 40,
+                 "num_train_images": 76},
     "evaluate": {"metrics_uri": "gs://bucket/runs/eval/metrics.json", "summary": {"mAP": 0.1}},
     "evaluate_synthetic": {"metrics_uri": "gs://bucket/runs/eval/synthetic/metrics.json", "summary": {"mAP": 0.05}},
 }
@@ -235,6 +237,8 @@ def test_command_lines_carry_upstream_uris_and_params(local_dags):
     assert evaluate[evaluate.index("--checkpoint") + 1] == UPSTREAM_XCOMS["finetune"]["checkpoint_uri"]
     publish = render(dag, dag.task_dict["publish"], conf).command()
     assert publish[publish.index("--metrics") + 1] == UPSTREAM_XCOMS["evaluate"]["metrics_uri"]
+    # The real budget is what fine-tuning actually trained on, not the param it was asked for.
+    assert publish[publish.index("--real-budget") + 1] == "76"
     assert publish[publish.index("--run-id") + 1] == RUN_ID
 
 

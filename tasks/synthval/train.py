@@ -65,7 +65,8 @@ def run_train(
 
     Result: {"checkpoint_uri": final checkpoint, "checkpoint_dir", "tb_log_dir", "epochs": epochs
     completed, "steps": optimizer steps in all, "images_per_second": training rate of this process
-    group in this run, "val_metrics": {...} of the last validation (absent without val data)}.
+    group in this run, "num_train_images": images of the training split and budget, "val_metrics":
+    {...} of the last validation (absent without val data)}.
     """
     device = distributed.resolve_device(config.device)
     distributed.init_distributed(device)
@@ -385,6 +386,7 @@ class _Run:
             "tb_log_dir": _absolute(tb_uri),
             "epochs": -(-step // steps_per_epoch), "steps": step,
             "images_per_second": round(images / seconds, 3) if seconds else 0.0,
+            "num_train_images": len(train_index),  # the real budget, when the data are real
         }
         if last_metrics:
             result["val_metrics"] = {k: last_metrics.get(k) for k in ("mAP", "mAP50") if k in last_metrics}
