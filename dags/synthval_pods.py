@@ -154,6 +154,9 @@ def volumes(settings: Settings, gpus: int, storage_gib: int) -> tuple[list[k8s.V
     return vols, mounts
 
 
+TRAINING_IMAGE_UID = 10001
+
+
 def pod_task(settings: Settings, *, step: str, usim_token: bool, **common: Any) -> KubernetesPodOperator:
     """Return the pod operator of ``step`` for the kubernetes or gke backend."""
     profile = step_profile(step)
@@ -177,6 +180,13 @@ def pod_task(settings: Settings, *, step: str, usim_token: bool, **common: Any) 
         schedule_timeout_seconds=settings.startup_timeout_s,
         active_deadline_seconds=int(profile.timeout.total_seconds()),
         termination_grace_period=60,
+        # The training image's non-root user (images/training/Dockerfile: uid 10001, gid 0); fsGroup makes
+        # the scratch and data volumes writable for it.
+        security_context=k8s.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=TRAINING_IMAGE_UID, run_as_group=0, fs_group=TRAINING_IMAGE_UID,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+        container_security_context=k8s.V1SecurityContext(
+            allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])),
     )
     if settings.backend == "gke":
         cls: type = SynthvalGKEPodOperator

@@ -85,6 +85,10 @@ def test_every_task_pod_is_valid_and_shaped_for_its_step(backend, gpus, monkeypa
         assert main["image"] == f"{IMAGE}:0.1.0", where
         assert pod["metadata"]["namespace"] == "synthval" and spec["serviceAccountName"] == "synthval"
         assert spec["restartPolicy"] == "Never"
+        # The image's non-root user, able to write its volumes; no privilege escalation.
+        assert spec["securityContext"]["runAsUser"] == 10001 and spec["securityContext"]["fsGroup"] == 10001
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert main["securityContext"]["allowPrivilegeEscalation"] is False
         assert spec["activeDeadlineSeconds"] > 0
         # The command is the task's synthval argv, the same the local backend runs.
         step_gpus = min(gpus, 1) if task.step == "evaluate" else gpus
@@ -169,3 +173,14 @@ def test_operators_clean_up_and_wait_for_a_cold_gpu_pool(backend):
                 assert "KubernetesEnginePodLink" in {type(link).__name__ for link in task.operator_extra_links}
             if task.step in GPU_STEPS:
                 assert "TensorBoardLink" in {type(link).__name__ for link in task.operator_extra_links}
+
+
+def test_pods_run_as_the_training_images_user():
+    import re
+    from pathlib import Path
+
+    import synthval_pods
+
+    dockerfile = (Path(__file__).parents[1] / "images" / "training" / "Dockerfile").read_text()
+    uid = int(re.search(r"^ARG UID=(\d+)$", dockerfile, re.M).group(1))
+    assert synthval_pods.TRAINING_IMAGE_UID == uid
