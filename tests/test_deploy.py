@@ -58,7 +58,7 @@ AIRFLOW_DOCKERFILE = ROOT / "images" / "airflow" / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yaml"
 VALUES = ROOT / "deploy" / "helm" / "values.yaml"
 K8S_DIR = ROOT / "deploy" / "k8s"
-# The install-time placeholders of deploy/ (deploy/README.md fills them with envsubst).
+# The install-time placeholders of deploy/ (the README's GKE walkthrough fills them with envsubst).
 PLACEHOLDERS = {"PROJECT_ID": "my-project", "REGION": "europe-west4", "BUCKET": "my-bucket",
                 "SYNTHVAL_IMAGE_TAG": "0.1.0"}
 SKIP_DIRS = {".venv", ".git", "node_modules", "__pycache__", ".pytest_cache"}
@@ -222,7 +222,7 @@ def fill_placeholders(text: str) -> str:
     def sub(match: re.Match) -> str:
         name = match.group(1)
         if name not in PLACEHOLDERS:
-            raise KeyError(f"unknown placeholder ${{{name}}}: document it in deploy/README.md and PLACEHOLDERS")
+            raise KeyError(f"unknown placeholder ${{{name}}}: document it in the README's GKE walkthrough and PLACEHOLDERS")
         return PLACEHOLDERS[name]
 
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, text)
