@@ -55,6 +55,19 @@ class SynthvalPodMixin:
         check_conf(context)
         return super().execute(context)
 
+    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> None:
+        # The provider retries every failed pod; a step that rejected its input (exit code 2: bad conf,
+        # malformed dataset, checksum mismatch) fails the same way on every try, so it fails for good.
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+        try:
+            super().cleanup(pod, remote_pod, *args, **kwargs)
+        except AirflowException as exc:
+            if exit_code(remote_pod, self.base_container_name) == BAD_INPUT_EXIT_CODE:
+                raise AirflowFailException(f"synthval {self.step} rejected its input (exit code 2); "
+                                           f"not retried. {exc}") from exc
+            raise
+
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
         self._restore_strings()
         settings = load_settings()
@@ -107,6 +120,17 @@ class SynthvalGKEPodOperator(SynthvalPodMixin, GKEStartPodOperator):
                  storage_gib: Any = 50, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._set_step(step, argv, gpus, tb_log_dir, storage_gib)
+
+
+BAD_INPUT_EXIT_CODE = 2  # synthval's exit code for bad input or usage (tasks/synthval/cli.py)
+
+
+def exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:
+    """The exit code of `container` in a finished pod, None while it has none."""
+    statuses = (remote_pod.status.container_statuses if remote_pod and remote_pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    terminated = status.state.terminated if status and status.state else None
+    return terminated.exit_code if terminated else None
 
 
 def _scale(quantity: str, factor: int) -> str:

@@ -184,3 +184,34 @@ def test_pods_run_as_the_training_images_user():
     dockerfile = (Path(__file__).parents[1] / "images" / "training" / "Dockerfile").read_text()
     uid = int(re.search(r"^ARG UID=(\d+)$", dockerfile, re.M).group(1))
     assert synthval_pods.TRAINING_IMAGE_UID == uid
+
+
+def _finished_pod(code: int) -> Any:
+    from kubernetes.client import models as k8s
+
+    state = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=code))
+    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="synthval-train-x"), status=k8s.V1PodStatus(
+        phase="Failed", container_statuses=[
+            k8s.V1ContainerStatus(name="base", state=state, image="i", image_id="", ready=False, restart_count=0)]))
+
+
+@pytest.mark.parametrize("code, retried", [(2, False), (1, True), (137, True)])
+def test_a_pod_that_rejected_its_input_fails_without_retry(parsed, monkeypatch, code, retried):
+    """The cluster is the boundary here: the provider's own cleanup reports the failed pod as it does."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    import synthval_pods
+
+    _, dags = parsed
+    task = dags["train_on_synthdet_sample"].task_dict["train"]
+    pod = _finished_pod(code)
+    assert synthval_pods.exit_code(pod, "base") == code
+
+    def provider_cleanup(self, pod, remote_pod, *args, **kwargs):
+        raise AirflowException(f"Pod {pod.metadata.name} returned a failure.")
+
+    monkeypatch.setattr(KubernetesPodOperator, "cleanup", provider_cleanup)
+    with pytest.raises(AirflowException) as err:
+        task.cleanup(pod, pod)
+    assert isinstance(err.value, AirflowFailException) is (not retried)
