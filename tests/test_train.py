@@ -106,8 +106,10 @@ def test_train_writes_checkpoints_tensorboard_and_a_small_result(data, tmp_path)
     assert {"torch", "numpy", "python"} <= set(state["rng"])
     assert 0.0 <= state["metrics"]["mAP50"] <= 1.0
 
-    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0})
     events.Reload()
+    # Validation shows the pictures evaluation and the run report show.
+    assert {"val/per_class_AP", "val/pr_curves", "val/worst/0", "val/best/0"} <= set(events.Tags()["images"])
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_classifier", "train/lr", "train/images_per_second", "val/mAP",
             "val/mAP50"} <= tags

@@ -46,6 +46,7 @@ from synthval.summaries import add_scalars, open_summary_writer
 
 log = logging.getLogger(__name__)
 
+VAL_SAMPLE_IMAGES = 2  # worst and best validation images drawn per epoch in TensorBoard
 VAL_METRIC_KEYS = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "mAR1", "mAR10", "mAR100")
 
 
@@ -410,6 +411,12 @@ class _Run:
             result = evaluate_detections(val_index, val_ids, all_predictions, list(space.names))
             metrics = {k: result.get(k) for k in VAL_METRIC_KEYS}
             add_scalars(writer, "val", metrics, step)
+            # The same pictures evaluation and the run report show (per-class AP, PR curves, worst/best).
+            from synthval.report import tensorboard_images
+
+            for tag, image in tensorboard_images(val_index, all_predictions, result, class_ids=val_ids,
+                                                 num_images=VAL_SAMPLE_IMAGES).items():
+                writer.add_image("val/" + tag.split("/", 1)[1], image, step, dataformats="HWC")
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             log.info("validation after epoch %d (step %d): %s", epoch, step, shown)
         return distributed.broadcast_object(metrics)
