@@ -441,6 +441,18 @@ TINY_CONF = {
 }
 
 
+def dags_test(env: dict[str, str], dag_id: str, conf: dict[str, Any]) -> tuple[str, float]:
+    """Run `airflow dags test` as a user would; assert the run succeeded; return its log and seconds."""
+    started = time.monotonic()
+    proc = subprocess.run([str(PYTHON_BIN / "airflow"), "dags", "test", dag_id, "--conf", json.dumps(conf)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    elapsed = time.monotonic() - started
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+    assert re.search(rf"DagRun Finished: dag_id={dag_id}.*state=success", log), log[-8000:]
+    return log, elapsed
+
+
 def _xcoms(db: Path, dag_id: str) -> dict[str, Any]:
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
@@ -456,13 +468,7 @@ def _xcoms(db: Path, dag_id: str) -> dict[str, Any]:
 def test_dags_test_synthetic_then_real_on_the_local_backend(airflow_db, tmp_path):
     env = dict(airflow_db, SYNTHVAL_DATA_ROOT=str(tmp_path / "data"), OMP_NUM_THREADS="1")
     dag_id = "train_on_synthetic_and_real_dataset"
-    started = time.monotonic()
-    proc = subprocess.run([str(PYTHON_BIN / "airflow"), "dags", "test", dag_id, "--conf", json.dumps(TINY_CONF)],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    elapsed = time.monotonic() - started
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    assert re.search(r"DagRun Finished: dag_id=train_on_synthetic_and_real_dataset.*state=success", log), log[-6000:]
+    log, elapsed = dags_test(env, dag_id, TINY_CONF)
     xcoms = _xcoms(Path(airflow_db["AIRFLOW_HOME"]) / "airflow.db", dag_id)
     train_ckpt = xcoms["train"]["checkpoint_uri"]
     finetune_ckpt = xcoms["finetune"]["checkpoint_uri"]

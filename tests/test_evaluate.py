@@ -36,6 +36,23 @@ def ground_truth_as_results(coco_root: Path) -> list[dict]:
             for a in doc["annotations"]]
 
 
+def pycocotools_stats(annotations: Path, results: Path):
+    """pycocotools run directly on the two files: the reference numbers (COCOeval.stats)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(annotations))
+        ev = COCOeval(coco, coco.loadRes(str(results)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats
+
+
 def evaluate(*args, tmp_path):
     return main(["evaluate", *args, "--xcom-file", str(tmp_path / "xcom.json")])
 
@@ -75,11 +92,7 @@ def test_results_file_on_the_shared_coco_fixture(coco_dir, tmp_path):
 
 
 def test_pycocotools_agrees_on_the_fixture(coco_dir, tmp_path):
-    import contextlib
-    import io
 
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     results = ground_truth_as_results(coco_dir)
     results[0]["bbox"] = [35.0, 50.0, 100.0, 80.0]  # IoU 0.72 with the car
@@ -89,14 +102,9 @@ def test_pycocotools_agrees_on_the_fixture(coco_dir, tmp_path):
     assert evaluate("--predictions", str(path), "--data", str(coco_dir), "--split", "all", "--out",
                     str(tmp_path / "eval"), tmp_path=tmp_path) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(coco_dir / "annotations" / "instances.json"))
-        ev = COCOeval(coco, coco.loadRes(str(path)), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
+    stats = pycocotools_stats(coco_dir / "annotations" / "instances.json", path)
     keys = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "mAR1", "mAR10", "mAR100")
-    assert [metrics[k] if metrics[k] is not None else -1.0 for k in keys] == ev.stats[:9].tolist()
+    assert [metrics[k] if metrics[k] is not None else -1.0 for k in keys] == stats[:9].tolist()
 
 
 def test_results_on_a_groceries_layout_use_index_ids(tmp_path):
@@ -171,11 +179,7 @@ def test_empty_results_score_zero(coco_dir, tmp_path):
 def test_coco_image_ids_decide_ties_as_in_pycocotools(tmp_path):
     # images[] lists id 20 before id 10. A true detection on image 20 and a false one on image 10 tie on
     # score; pycocotools ranks the tie by image id (10 first), so AP50 is 0.5, not 1.0.
-    import contextlib
-    import io
 
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
@@ -195,11 +199,6 @@ def test_coco_image_ids_decide_ties_as_in_pycocotools(tmp_path):
     assert evaluate("--predictions", str(path), "--data", str(root), "--split", "all", "--out",
                     str(tmp_path / "eval"), tmp_path=tmp_path) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(root / "annotations" / "instances.json"))
-        ev = COCOeval(coco, coco.loadRes(str(path)), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    assert metrics["mAP50"] == ev.stats[1] == pytest.approx(0.5)
+    stats = pycocotools_stats(root / "annotations" / "instances.json", path)
+    assert metrics["mAP50"] == stats[1] == pytest.approx(0.5)
     assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == results

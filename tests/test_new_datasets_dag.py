@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from test_dags import PYTHON_BIN, airflow_db  # noqa: F401 - the session's migrated throwaway Airflow DB
+from test_dags import airflow_db, dags_test  # noqa: F401 - airflow_db: the session's migrated throwaway Airflow DB
 
 from synthval.cli import main
 
@@ -70,13 +68,7 @@ def test_a_run_values_both_new_datasets_and_the_leaderboard_lists_them(airflow_d
     env = dict(airflow_db, SYNTHVAL_DATA_ROOT=str(tmp_path / "data"), SYNTHVAL_RESULTS_DB_URL=db_url,
                OMP_NUM_THREADS="1")
     conf = {**TINY, "watch_root": str(inbox), "real_dataset": "generate://real-proxy?num_images=40&image_size=96&seed=1"}
-    started = time.monotonic()
-    proc = subprocess.run([str(PYTHON_BIN / "airflow"), "dags", "test", DAG_ID, "--conf", json.dumps(conf)],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    elapsed = time.monotonic() - started
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-8000:]
-    assert re.search(rf"DagRun Finished: dag_id={DAG_ID}.*state=success", log), log[-8000:]
+    log, elapsed = dags_test(env, DAG_ID, conf)
     print(f"dags test {DAG_ID}: {elapsed:.1f} s")
 
     from synthval.results import open_store
@@ -106,10 +98,7 @@ def test_a_run_values_both_new_datasets_and_the_leaderboard_lists_them(airflow_d
     # A run announcing one of them with the budget sweep on: valued again at budget 0 (its row updated,
     # not doubled) and fine-tuned on 8 real images; the real-only curve is reused, not retrained.
     announce = {**conf, "watch_root": None, "datasets": [str(inbox / "synth-3")], "budget_sweep": True}
-    proc = subprocess.run([str(PYTHON_BIN / "airflow"), "dags", "test", DAG_ID, "--conf", json.dumps(announce)],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-8000:]
+    log, _ = dags_test(env, DAG_ID, announce)
     after = open_store(db_url).rows()
     first_real = {r["real_budget"]: r["run_id"] for r in rows if r["dataset_role"] == "real"}
     assert {r["real_budget"]: r["run_id"] for r in after if r["dataset_role"] == "real"} == first_real
