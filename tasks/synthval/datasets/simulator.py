@@ -347,7 +347,7 @@ def _flatten(value: Any, prefix: str, out: list[tuple[str, float]], where: str, 
     elif isinstance(value, list):
         axes = 2 <= len(value) <= 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         for i, item in enumerate(value):
-            name = f"{prefix}.{_AXES[i]}" if axes and prefix else f"{prefix}[{i}]"
+            name = f"{prefix or 'value'}.{_AXES[i]}" if axes else f"{prefix or 'value'}[{i}]"
             _flatten(item, name, out, where, depth + 1)
 
 

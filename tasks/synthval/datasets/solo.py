@@ -201,6 +201,8 @@ def _read_frame_metrics(builder: SimulatorMetricsBuilder, doc: Any, path: str, d
             raise DatasetError(f"{where}: missing field 'id'")
         if "values" in metric:
             values = metric["values"]
+            if isinstance(values, list) and len(values) > 1 and not any(isinstance(v, dict) for v in values):
+                values = [values]  # a GenericMetric of a float[] (a Vector3: [x, y, z]) is one value
         elif "value" in metric:
             values = [metric["value"]]
         else:
