@@ -294,6 +294,7 @@ def per_label_figure(datasets: Sequence[Any], key: str, title: str, xlabel: str,
     """Box plots of a per-box statistic (`DatasetStats.values(key)`) per label, one box per dataset beside
     the others, all labels first; whiskers at the 5th and 95th percentiles, no outlier dots."""
     samples = [(i, d, d.per_label(d.values(key))) for i, d in enumerate(datasets)]
+    drawn = 0
     names = list(dict.fromkeys(n for _, _, per in samples for n in per))
     rows = ["all labels", *names]
     fig = _figure(7.5, max(2.4, 0.26 * len(rows) * max(1, len(datasets)) ** 0.6 + 1.3))
@@ -312,6 +313,7 @@ def per_label_figure(datasets: Sequence[Any], key: str, title: str, xlabel: str,
                    medianprops={"color": colour, "lw": 2}, whiskerprops={"color": colour},
                    capprops={"color": colour}, manage_ticks=False)
         ax.plot([], [], color=colour, lw=6, alpha=0.5, label=d.name)
+        drawn += 1
     ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 20 else 8)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     if limits:
@@ -319,7 +321,10 @@ def per_label_figure(datasets: Sequence[Any], key: str, title: str, xlabel: str,
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(fontsize=8, loc="outside lower center", ncol=len(datasets))
+    if drawn:
+        fig.legend(fontsize=8, loc="outside lower center", ncol=drawn)
+    else:
+        ax.text(0.5, 0.5, "no boxes", ha="center", va="center", transform=ax.transAxes)
     return fig
 
 

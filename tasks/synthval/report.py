@@ -940,6 +940,7 @@ def simulator_html(datasets: Sequence[Any], pngs: Mapping[str, bytes]) -> str:
     """What the simulator measured (`simulator_stats.SimulatorStats` of each dataset): what was read, the
     visible fraction per label, object counts, iterations and seeds, and each generic metric's fields."""
     from synthval.plots import metric_slug, varying_fields
+    from synthval.simulator_stats import NO_RENDERED_OBJECT_INFO
 
     measured = [d for d in datasets if d.simulator is not None]
     parts = ["<p>Read from the dataset's own metrics (Perception <code>metrics_*.json</code>, SOLO frame "
@@ -963,7 +964,8 @@ def simulator_html(datasets: Sequence[Any], pngs: Mapping[str, bytes]) -> str:
         parts.append(f"<h3>{_e(d.name)}: metrics read</h3>"
                      + (f"<p>{_e('; '.join(facts))}.</p>" if facts else "")
                      + '<table><tr><th class="l">metric</th><th class="l">kind</th><th>records</th><th>values</th>'
-                     "<th>records on an image</th></tr>" + rows + "</table>" + _notes(sim.notes))
+                     "<th>records on an image</th></tr>" + rows + "</table>"
+                     + _notes([n for n in sim.notes if n != NO_RENDERED_OBJECT_INFO]))  # said at the top
     if "visible_fraction_per_label" in pngs:
         lines = [_occlusion_line(d) for d in measured if d.visible_fraction is not None]
         parts.append("<h3>Visible fraction</h3>" + "".join(f"<p>{_e(line)}</p>" for line in lines)
@@ -1021,6 +1023,8 @@ def write_stats_report(datasets: Sequence[Any], distances: Mapping[str, Any] | N
     Order: the largest gaps in words, the summary, what could not be measured, the distances, the
     distributions, per label, what the simulator measured, positions, labels.
     """
+    from synthval.simulator_stats import NO_RENDERED_OBJECT_INFO
+
     head = "".join(f"<th>{_e(d.name)}</th>" for d in datasets)
     parts = [f"<h1>{_e(title)}</h1>",
              '<p class="sub">' + " &middot; ".join(f"{_e(d.name)}: <code>{_e(d.uri)}</code> ({_e(d.format)})"
@@ -1029,8 +1033,8 @@ def write_stats_report(datasets: Sequence[Any], distances: Mapping[str, Any] | N
         parts.append(f"<h2>Largest gaps: {_e(distances['a'])} vs {_e(distances['b'])}</h2>" + gaps_html(distances))
     parts.append("<h2>Summary</h2>" + stats_summary_html(datasets))
     lacking = [f"{d.name}: {n}" for d in datasets for n in d.notes]
-    lacking += [f"{d.name}: {stats_note}" for d in datasets if d.simulator
-                for stats_note in d.simulator.notes if stats_note.startswith("No RenderedObjectInfo")]
+    lacking += [f"{d.name}: {NO_RENDERED_OBJECT_INFO}" for d in datasets
+                if d.simulator and NO_RENDERED_OBJECT_INFO in d.simulator.notes]
     parts.append(_notes(lacking))
     if distances:
         parts.append(f"<h2>Domain gap: {_e(distances['a'])} vs {_e(distances['b'])}</h2>" + distances_html(distances))

@@ -222,45 +222,46 @@ class SimulatorMetricsBuilder:
             reader(code, targets, value, f"{where}.values[{j}]")
 
     def _object_count(self, code: int, targets: list[int], value: Any, where: str) -> None:
-        label = _integer(_field(value, _LABEL_KEYS, where), _LABEL_KEYS[0], where)
-        count = _number(_field(value, ("count",), where), "count", where, minimum=0)
+        label = _integer(*_field(value, _LABEL_KEYS, where), where)
+        count = _number(*_field(value, ("count",), where), where, minimum=0)
         for row in targets:
             for column, item in zip(("image", "definition", "label_id", "count"), (row, code, label, count)):
                 self.counts[column].append(item)
 
     def _rendered_object(self, code: int, targets: list[int], value: Any, where: str) -> None:
-        label = _integer(_field(value, _LABEL_KEYS, where), _LABEL_KEYS[0], where)
-        instance = _field(value, _INSTANCE_KEYS, where, required=False)
-        instance = -1 if instance is None else _integer(instance, _INSTANCE_KEYS[0], where)
-        pixels = _number(_field(value, ("visible_pixels", "visiblePixels"), where), "visible_pixels", where,
-                         minimum=0)
+        label = _integer(*_field(value, _LABEL_KEYS, where), where)
+        key, instance = _field(value, _INSTANCE_KEYS, where, required=False)
+        instance = -1 if instance is None else _integer(key, instance, where)
+        pixels = _number(*_field(value, ("visible_pixels", "visiblePixels"), where), where, minimum=0)
         for row in targets:
             for column, item in zip(("image", "definition", "label_id", "instance_id", "visible_pixels"),
                                     (row, code, label, instance, pixels)):
                 self.objects[column].append(item)
 
     def _iteration(self, code: int, targets: list[int], value: Any, where: str) -> None:
+        key = "value"
         if isinstance(value, dict):
-            value = _field(value, ("iteration", "Iteration"), where)
-        iteration = _integer(value, "iteration", where)
+            key, value = _field(value, ("iteration", "Iteration"), where)
+        iteration = _integer(key, value, where)
         for row in targets:
             if row >= 0:
                 self.iteration[row] = iteration
 
     def _seed(self, code: int, targets: list[int], value: Any, where: str) -> None:
+        key = "value"
         if isinstance(value, dict):
-            value = _field(value, ("seed", "random_seed", "randomSeed", "value"), where)
-        seed = _number(value, "value", where)
+            key, value = _field(value, ("seed", "random_seed", "randomSeed", "value"), where)
+        seed = _number(key, value, where)
         if seed not in self.seeds:
             self.seeds.append(seed)
 
     def _generic(self, code: int, targets: list[int], value: Any, where: str) -> None:
         label = instance = -1
         if isinstance(value, dict):
-            found = _field(value, _LABEL_KEYS, where, required=False)
-            label = -1 if found is None else _integer(found, _LABEL_KEYS[0], where)
-            found = _field(value, _INSTANCE_KEYS, where, required=False)
-            instance = -1 if found is None else _integer(found, _INSTANCE_KEYS[0], where)
+            key, found = _field(value, _LABEL_KEYS, where, required=False)
+            label = -1 if found is None else _integer(key, found, where)
+            key, found = _field(value, _INSTANCE_KEYS, where, required=False)
+            instance = -1 if found is None else _integer(key, found, where)
         leaves: list[tuple[str, float]] = []
         _flatten(value, "", leaves, where, 0)
         for name, number in leaves:
@@ -301,18 +302,20 @@ class SimulatorMetricsBuilder:
             values=pack(self.values), fields=self.fields, files=self.files, notes=self.notes)
 
 
-def _field(value: Any, names: tuple[str, ...], where: str, required: bool = True) -> Any:
+def _field(value: Any, names: tuple[str, ...], where: str, required: bool = True) -> tuple[str, Any]:
+    """(the key found, its value) of the first of `names` in object `value`; (names[0], None) if absent
+    and not required."""
     if not isinstance(value, dict):
-        raise DatasetError(f"{where}: expected an object with {names[0]!r}, got {_short(value)}")
+        raise DatasetError(f"{where}: expected an object with field {names[0]!r}, got {_short(value)}")
     for name in names:
         if name in value:
-            return value[name]
+            return name, value[name]
     if required:
-        raise DatasetError(f"{where}: missing field {names[0]!r}")
-    return None
+        raise DatasetError(f"{where}: missing field {' or '.join(map(repr, names))}")
+    return names[0], None
 
 
-def _number(value: Any, name: str, where: str, minimum: float | None = None) -> float:
+def _number(name: str, value: Any, where: str, minimum: float | None = None) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise DatasetError(f"{where}: field {name!r} must be a number, got {_short(value)}")
     number = float(value)
@@ -323,8 +326,8 @@ def _number(value: Any, name: str, where: str, minimum: float | None = None) -> 
     return number
 
 
-def _integer(value: Any, name: str, where: str) -> int:
-    number = _number(value, name, where)
+def _integer(name: str, value: Any, where: str) -> int:
+    number = _number(name, value, where)
     if not number.is_integer():
         raise DatasetError(f"{where}: field {name!r} must be a whole number, got {_short(value)}")
     return int(number)
@@ -335,7 +338,7 @@ def _flatten(value: Any, prefix: str, out: list[tuple[str, float]], where: str, 
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return
     if isinstance(value, (int, float)):
-        out.append((prefix or "value", _number(value, prefix or "value", where)))
+        out.append((prefix or "value", _number(prefix or "value", value, where)))
         return
     if depth >= MAX_DEPTH:
         return
