@@ -388,7 +388,8 @@ class SimulatorMetricsBuilder:
                               f"{len(names)} were not kept (e.g. {sorted(names)[0]!r})")
 
         def pack(columns: dict[str, array]) -> dict[str, np.ndarray]:
-            return {k: np.frombuffer(v, dtype=np.int64 if v.typecode == "q" else np.float64).copy()
+            # views on the arrays' buffers, not copies: the builder is done with them
+            return {k: np.frombuffer(v, dtype=np.int64 if v.typecode == "q" else np.float64)
                     if len(v) else np.zeros(0, np.int64 if v.typecode == "q" else np.float64)
                     for k, v in columns.items()}
 
