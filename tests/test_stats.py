@@ -175,8 +175,9 @@ def test_a_gap_beyond_sampling_noise_is_named_in_plain_words():
     (line,) = [g for g in gap["gaps"] if g["key"] == "box_size"]
     # sides ~20 and ~40 px in 100 px images: sqrt(area / image area) ~0.2 vs ~0.4
     assert re.match(r"sim has far smaller boxes than real: median 0\.(19|20)\d* vs 0\.(39|40|41)\d* ", line["text"])
-    assert "move the camera or scale the objects" in line["text"]
-    assert "larger boxes" in next(g["text"] for g in compare_stats(large, small)["gaps"] if g["key"] == "box_size")
+    assert line["text"].endswith("To close it, move the camera closer or scale the objects up.")
+    reverse = next(g["text"] for g in compare_stats(large, small)["gaps"] if g["key"] == "box_size")
+    assert "far larger boxes" in reverse and reverse.endswith("move the camera away or scale the objects down.")
 
 
 def test_two_draws_of_one_distribution_show_no_gap():

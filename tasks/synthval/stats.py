@@ -55,17 +55,23 @@ ONE_D = {
     "warmth": ("image colour balance, mean red - mean blue (sampled images)", "0-255"),
 }
 PIXEL_KEYS = ("brightness", "contrast", "warmth")
-# How each 1-D statistic reads when the first dataset's is higher / lower, and what moves it.
+# How each 1-D statistic reads when the first dataset's is higher / lower, and what would close it then.
 GAP_WORDS = {
     "objects_per_image": ("more objects per image", "fewer objects per image",
-                          "place fewer / more objects per scene"),
-    "box_size": ("larger boxes", "smaller boxes", "move the camera or scale the objects"),
-    "log2_aspect_ratio": ("wider boxes", "taller boxes", "vary object poses and camera angles"),
-    "center_x": ("boxes further right", "boxes further left", "spread the placement area"),
-    "center_y": ("boxes lower in the image", "boxes higher in the image", "spread the placement area"),
-    "brightness": ("brighter images", "darker images", "widen the light intensity range"),
-    "contrast": ("more contrast", "less contrast", "vary lighting and backgrounds"),
-    "warmth": ("warmer (redder) images", "cooler (bluer) images", "widen the light colour range"),
+                          "place fewer objects per scene", "place more objects per scene"),
+    "box_size": ("larger boxes", "smaller boxes", "move the camera away or scale the objects down",
+                 "move the camera closer or scale the objects up"),
+    "log2_aspect_ratio": ("wider boxes", "taller boxes", "vary object poses and camera angles",
+                          "vary object poses and camera angles"),
+    "center_x": ("boxes further right", "boxes further left", "move the placement area left",
+                 "move the placement area right"),
+    "center_y": ("boxes lower in the image", "boxes higher in the image", "move the placement area up",
+                 "move the placement area down"),
+    "brightness": ("brighter images", "darker images", "lower the light intensity", "raise the light intensity"),
+    "contrast": ("more contrast", "less contrast", "soften the lighting or calm the backgrounds",
+                 "light more from the side or vary the backgrounds more"),
+    "warmth": ("warmer (redder) images", "cooler (bluer) images", "shift the light colour towards blue",
+               "shift the light colour towards red"),
 }
 GAP_MIN_STD = 0.25  # gaps smaller than this many standard deviations are not called out
 NOISE_REPEATS = 50  # random draws behind each noise floor
@@ -437,20 +443,23 @@ def gap_lines(distances: dict[str, Any], top: int = 3) -> list[dict[str, Any]]:
         size = row["w1_std"]
         if size is None or size < GAP_MIN_STD or key not in GAP_WORDS or not row["beyond_noise"]:
             continue
-        higher, lower, act = GAP_WORDS[key]
+        higher, lower, act_higher, act_lower = GAP_WORDS[key]
         degree = "slightly " if size < 0.5 else "" if size < 1 else "far "
         shift = row["median_a"] - row["median_b"]
         if abs(shift) >= 0.5 * row["w1"]:
             text = (f"{a} has {degree}{higher if shift > 0 else lower} than {b}: median {_g(row['median_a'])} vs "
                     f"{_g(row['median_b'])} ({row['unit']})")
+            act = act_higher if shift > 0 else act_lower
         elif abs(row["std_a"] - row["std_b"]) >= 0.25 * max(row["std_b"], 1e-12):  # the centres agree
             wider = row["std_a"] > row["std_b"]
             text = (f"{a}'s {_short_title(row)} is {degree}{'more' if wider else 'less'} spread out than {b}'s: "
                     f"standard deviation {_g(row['std_a'])} vs {_g(row['std_b'])} ({row['unit']}), medians "
                     f"{_g(row['median_a'])} and {_g(row['median_b'])}")
+            act = f"{'narrow' if wider else 'widen'} the range the simulator draws it from"
         else:
             text = (f"{a}'s {_short_title(row)} differs {degree}in shape from {b}'s though medians "
-                    f"({_g(row['median_a'])}, {_g(row['median_b'])}) and spreads agree: compare the histograms")
+                    f"({_g(row['median_a'])}, {_g(row['median_b'])}) and spreads agree")
+            act = "compare the two histograms"
         lines.append({"key": key, "size": size, "text": (
             f"{text}; {size:.1f} standard deviations of {b} apart (Wasserstein-1). To close it, {act}.")})
     lines.sort(key=lambda line: -line["size"])
