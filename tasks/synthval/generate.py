@@ -337,7 +337,8 @@ class _PerceptionWriter:
     def _flush(self) -> None:
         _dump(os.path.join(self.dataset, f"captures_{self.files:03d}.json"),
               {"version": "0.0.1", "captures": self.captures})
-        _dump(os.path.join(self.dataset, f"metrics_{self.files:03d}.json"), {"version": "0.0.1", "metrics": self.metrics})
+        _dump(os.path.join(self.dataset, f"metrics_{self.files:03d}.json"),
+              {"version": "0.0.1", "metrics": self.metrics})
         self.files += 1
         self.captures = []
         self.metrics = []
@@ -496,7 +497,8 @@ class _SoloWriter:
             "perceptionVersion": "none", "renderPipeline": "synthval.procedural",
             "simulationStartTime": "1/1/2024 12:00:00 AM", "scenarioRandomSeed": self.seed,
             "scenarioActiveRandomizers": [], "totalFrames": self.count, "totalSequences": self.count,
-            "sensors": ["camera"], "metricCollectors": [m.solo_id for m in METRICS], "simulationEndTime": "1/1/2024 12:00:00 AM",
+            "sensors": ["camera"], "metricCollectors": [m.solo_id for m in METRICS],
+            "simulationEndTime": "1/1/2024 12:00:00 AM",
             "annotators": [{"name": "bounding box", "type": SOLO_BBOX}],
         })
 

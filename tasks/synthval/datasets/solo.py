@@ -183,9 +183,9 @@ def _read_frame_metrics(builder: SimulatorMetricsBuilder, doc: Any, path: str, d
         for ci, capture in enumerate(doc["captures"]):
             if not is_image_capture(capture):
                 continue
-            instances = [value.get("instanceId") for annotation in capture.get("annotations") or ()
-                         if str(annotation.get("@type", "")).endswith(BBOX_TYPE_SUFFIX) and annotation.get("id") == def_id
-                         for value in annotation.get("values") or ()]
+            boxes = [a for a in capture.get("annotations") or ()
+                     if str(a.get("@type", "")).endswith(BBOX_TYPE_SUFFIX) and a.get("id") == def_id]
+            instances = [value.get("instanceId") for annotation in boxes for value in annotation.get("values") or ()]
             row = builder.add_image(os.path.abspath(os.path.join(folder, capture["filename"])),
                                     f"{os.path.relpath(path, builder.root)}#{capture.get('id')}", instances)
             rows.append(row)
