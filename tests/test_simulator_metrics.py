@@ -443,3 +443,17 @@ def test_malformed_solo_metrics_exit_2_naming_file_and_field(generated, tmp_path
     frame.write_text(json.dumps(doc))
     code, err, _ = run_stats(root, tmp_path, capsys)
     assert code == 2 and f"{frame}: metrics[0]: missing field 'values' (or 'value')" in err
+
+
+def test_solo_without_metric_definitions_names_metrics_by_id(generated, tmp_path):
+    root = copy_of(generated["solo"], tmp_path)
+    (root / "metric_definitions.json").unlink()
+    stats = load_stats(str(root))
+    (note,) = [n for n in stats.simulator.notes if "metric_definitions.json" in n]
+    assert note.startswith("metrics 'scenario_iteration', 'RenderedObjectInfo', 'random-seed', 'ObjectCount', "
+                           "'lighting info', 'object placement' are not in metric_definitions.json")
+    assert {d["id"]: d["kind"] for d in stats.simulator.definitions} == {
+        "scenario_iteration": "scenario_iteration", "RenderedObjectInfo": "rendered_object_info",
+        "random-seed": "random_seed", "ObjectCount": "object_count", "lighting info": "generic",
+        "object placement": "generic"}
+    assert len(stats.visible_fraction) == stats.num_boxes and not np.isnan(stats.visible_fraction).any()

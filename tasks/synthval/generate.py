@@ -416,10 +416,10 @@ def _object_counts(scene: Scene) -> dict[str, int]:
 
 
 def _light_value(scene: Scene) -> dict:
-    light = scene.light
-    r, g, b = light.color if light else (1.0, 1.0, 1.0)
-    return {"color": {"r": r, "g": g, "b": b, "a": 1.0}, "intensity": light.intensity if light else 1.0,
-            "x_rotation": light.x_rotation if light else 0.0, "y_rotation": light.y_rotation if light else 0.0}
+    light = scene.light  # every synthetic scene has one
+    r, g, b = light.color
+    return {"color": {"r": r, "g": g, "b": b, "a": 1.0}, "intensity": light.intensity,
+            "x_rotation": light.x_rotation, "y_rotation": light.y_rotation}
 
 
 def _placement_values(scene: Scene) -> list[dict]:

@@ -106,7 +106,8 @@ def simulator_stats(index: DatasetIndex, metrics: SimulatorMetrics) -> Simulator
                      "an unknown capture id, or no capture at all): read and checked, not plotted.")
     undefined = [d.id for d in metrics.definitions if not d.defined]
     if undefined:
-        notes.append(f"metrics {', '.join(map(repr, undefined))} are not in metric_definitions.json; named by id.")
+        notes.append(f"metrics {', '.join(map(repr, undefined))} are not in metric_definitions.json (or there is "
+                     "none): named by their id, their kind told from it.")
     return SimulatorStats(
         definitions=[d.to_dict() for d in metrics.definitions], visible_pixels=visible, visible_fraction=fraction,
         object_visible_pixels=objects["visible_pixels"][on_index], object_counts=object_counts,

@@ -266,11 +266,14 @@ def read_perception_metrics(root: str, bbox_definition_id: str | None = None) ->
                 by_step.setdefault(key, []).append(row)
                 by_sequence.setdefault(key[0], []).append(row)
 
-    _read_metric_definitions(builder, os.path.join(dataset_dir, METRIC_DEFINITIONS_FILE))
     metric_files = sorted(glob.glob(os.path.join(glob.escape(dataset_dir), "metrics_*.json")),
                           key=lambda p: natural_key(os.path.basename(p)))
     if not metric_files:
         builder.notes.append(f"{dataset_dir}: no metrics_*.json; the simulator recorded no metrics")
+        return builder.build()
+    definitions_path = os.path.join(dataset_dir, METRIC_DEFINITIONS_FILE)
+    if os.path.isfile(definitions_path):  # without it, metrics are named by id (a note of the statistics)
+        _read_metric_definitions(builder, definitions_path)
     for path in metric_files:
         builder.files.append(path)
         doc = read_json_file(path)
@@ -304,9 +307,6 @@ def _attached_rows(record: dict, by_capture: dict[str, int], by_step: dict[tuple
 
 
 def _read_metric_definitions(builder: SimulatorMetricsBuilder, path: str) -> None:
-    if not os.path.isfile(path):
-        builder.notes.append(f"{path}: missing; metrics are named by their definition id only")
-        return
     doc = read_json_file(path)
     definitions = doc.get("metric_definitions") if isinstance(doc, dict) else None
     if not isinstance(definitions, list):

@@ -165,7 +165,9 @@ def read_solo_metrics(root: str, bbox_definition_id: str | None = None) -> Simul
     _, definition = bbox_definition(root, bbox_definition_id)
     def_id = definition.get("id")
     builder = SimulatorMetricsBuilder(os.path.abspath(root), "solo")
-    _read_metric_definitions(builder, os.path.join(root, METRIC_DEFINITIONS_FILE))
+    definitions_path = os.path.join(root, METRIC_DEFINITIONS_FILE)
+    if os.path.isfile(definitions_path):  # without it, metrics are named by id (a note of the statistics)
+        _read_metric_definitions(builder, definitions_path)
     builder.files = files
     for path in files:
         _read_frame_metrics(builder, read_json_file(path), path, def_id)
@@ -212,9 +214,6 @@ def _read_frame_metrics(builder: SimulatorMetricsBuilder, doc: Any, path: str, d
 
 
 def _read_metric_definitions(builder: SimulatorMetricsBuilder, path: str) -> None:
-    if not os.path.isfile(path):
-        builder.notes.append(f"{path}: missing; metrics are named by their id only")
-        return
     doc = read_json_file(path)
     definitions = doc.get("metricDefinitions") if isinstance(doc, dict) else None
     if not isinstance(definitions, list):
