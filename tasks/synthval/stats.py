@@ -479,7 +479,8 @@ def gap_lines(distances: dict[str, Any], top: int = 3) -> list[dict[str, Any]]:
         name, row = worst
         lines.append({"key": "box_size_per_label", "size": row["w1_std"], "text": (
             f"Per label, box sizes differ most for {name}: median {_g(row['median_a'])} in {a} vs "
-            f"{_g(row['median_b'])} in {b} (sqrt of box area / image area).")})
+            f"{_g(row['median_b'])} in {b} (sqrt of box area / image area), {row['w1_std']:.1f} standard deviations "
+            f"apart; compare its models' scale with the real objects'.")})
     return lines
 
 
