@@ -252,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             baseline_dir = tempfile.mkdtemp(prefix="bench-index-baseline-")
             export_tasks(revision, baseline_dir)
             compared.append(("baseline", "synthval", baseline_dir))
-        # Now and before alternate, round after round, so that a busy spell on a shared machine slows both.
-        runs = compared * args.rounds + [("pandas", "pandas", None), ("metrics", "metrics", None)]
+        # Now and before alternate, in turns (ABBA), so that a busy spell on a shared machine or a warm
+        # cache favours neither.
+        runs = [run for r in range(args.rounds) for run in (compared if r % 2 == 0 else compared[::-1])]
+        runs += [("pandas", "pandas", None), ("metrics", "metrics", None)]
         results: dict[str, dict] = {}
         for label, name, pythonpath in runs:
             env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
