@@ -74,5 +74,8 @@ def test_dataset_statistics_notebook_runs(data, tmp_path, kernel):
                    {"data_uri": data["synthetic"], "compare_data_uri": data["real"], "compare_split": "test",
                     "pixel_sample": 4})
     html = "".join(o["data"]["text/html"] for o in outputs(notebook, "text/html"))
-    assert "Wasserstein-1" in html
-    assert len(outputs(notebook, "image/png")) >= 5
+    assert "Wasserstein-1" in html and "sampling noise" in html
+    assert "What the simulator measured" not in html  # the notebook heads that section itself
+    for text in ("visible fraction", "lighting info", "object placement info", "visible_pixels"):
+        assert text in html, text
+    assert len(outputs(notebook, "image/png")) >= 9

@@ -5,16 +5,25 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from headless_chromium import find_chromium, open_page
 from report_fixtures import generate
 
 from synthval.cli import main
 from synthval.datasets import load_dataset
-from synthval.stats import (compare_stats, compute_stats, jensen_shannon, total_variation, wasserstein1)
+from synthval.datasets.index import DatasetIndex, ImageRecord
+from synthval.generate import run_generate
+from synthval.stats import (compare_stats, compute_stats, jensen_shannon, load_stats, noise_floor, total_variation,
+                            wasserstein1)
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH: apt-get install -y chromium")
 
 SYNTHDET_BBOX = "c31620e3-55ff-4af6-ae86-884aa0daa9b2"
 
@@ -68,8 +77,6 @@ def test_statistics_match_hand_counts(datasets, kind, counter):
 
 
 def test_box_geometry_by_hand():
-    from synthval.datasets.index import DatasetIndex, ImageRecord
-
     index = DatasetIndex("memory", "coco", {1: "a", 2: "b"}, [
         ImageRecord(0, "0.png", 200, 100, np.array([[0, 0, 50, 25], [100, 0, 200, 100]], np.float32), np.array([1, 2])),
         ImageRecord(1, "1.png", 200, 100, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)),
@@ -127,11 +134,19 @@ def test_stats_cli_writes_json_html_and_plots(datasets, tmp_path):
     assert {k: v for k, v in first["labels"]["objects"].items() if v} == dict(per_label)
     assert second["name"] == "real (test)" and second["num_images"] == len(load_dataset(datasets["real"], split="test"))
     assert first["pixel"]["sampled_images"] == 8
-    assert "brightness" in document["distances"]["one_d"]
-    for name in ("objects_per_label", "objects_per_image", "box_size", "aspect_ratio", "position_heatmap", "brightness"):
+    assert {"brightness", "contrast", "warmth"} <= set(document["distances"]["one_d"])
+    assert first["simulator"]["visible_fraction"]["all"]["count"] == first["num_boxes"]
+    assert set(first["simulator"]["generic"]) == {"lighting info", "object placement info"}
+    assert second["simulator"] is None and second["notes"] == [
+        "No simulator metrics: a groceries dataset records none (only Perception and SOLO datasets do)."]
+    plots = sorted(p.stem for p in Path(result["plots_uri"]).glob("*.png"))
+    assert plots == sorted(["objects_per_label", "objects_per_image", "box_size", "aspect_ratio", "position_heatmap",
+                            "box_size_per_label", "brightness", "contrast", "warmth", "visible_fraction",
+                            "visible_fraction_per_label", "metric_lighting_info", "metric_object_placement_info"])
+    for name in plots:
         assert (Path(result["plots_uri"]) / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = Path(result["report_uri"]).read_text()
-    assert "Domain gap" in page and page.count("data:image/png;base64,") == 6
+    assert "Domain gap" in page and "Largest gaps" in page and page.count("data:image/png;base64,") == len(plots)
     assert "http://" not in page and "https://" not in page
 
 
@@ -140,3 +155,77 @@ def test_stats_cli_bad_dataset_is_exit_code_2(tmp_path, capsys):
                  "--xcom-file", str(tmp_path / "x.json")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _index(sides: np.ndarray, image: int = 100) -> DatasetIndex:
+    """One square box of each side, centred in its own image."""
+    records = [ImageRecord(i, f"{i}.png", image, image,
+                           np.array([[50 - w / 2, 50 - w / 2, 50 + w / 2, 50 + w / 2]], np.float32), np.array([1]))
+               for i, w in enumerate(sides.tolist())]
+    return DatasetIndex("memory", "coco", {1: "box"}, records)
+
+
+def test_a_gap_beyond_sampling_noise_is_named_in_plain_words():
+    rng = np.random.default_rng(1)
+    small = compute_stats(_index(rng.normal(20, 3, 300)), name="sim")
+    large = compute_stats(_index(rng.normal(40, 6, 300)), name="real")
+    gap = compare_stats(small, large)
+    row = gap["one_d"]["box_size"]
+    assert row["beyond_noise"] and row["w1"] > 5 * row["noise"]
+    (line,) = [g for g in gap["gaps"] if g["key"] == "box_size"]
+    # sides ~20 and ~40 px in 100 px images: sqrt(area / image area) ~0.2 vs ~0.4
+    assert re.match(r"sim has far smaller boxes than real: median 0\.(19|20)\d* vs 0\.(39|40|41)\d* ", line["text"])
+    assert line["text"].endswith("To close it, move the camera closer or scale the objects up.")
+    reverse = next(g["text"] for g in compare_stats(large, small)["gaps"] if g["key"] == "box_size")
+    assert "far larger boxes" in reverse and reverse.endswith("move the camera away or scale the objects down.")
+
+
+def test_two_draws_of_one_distribution_show_no_gap():
+    rng = np.random.default_rng(2)
+    one, other = (compute_stats(_index(rng.normal(30, 5, n)), name=name) for n, name in ((200, "a"), (60, "b")))
+    gap = compare_stats(one, other)
+    assert not gap["one_d"]["box_size"]["beyond_noise"]
+    assert gap["one_d"]["box_size"]["w1"] < gap["one_d"]["box_size"]["noise"]
+    assert gap["gaps"] == []
+
+
+def test_noise_floor_shrinks_with_the_sample_and_tracks_scale():
+    rng = np.random.default_rng(3)
+    few = noise_floor(rng.normal(0, 1, 20), rng.normal(0, 1, 20), wasserstein1)
+    many = noise_floor(rng.normal(0, 1, 2000), rng.normal(0, 1, 2000), wasserstein1)
+    scaled = noise_floor(rng.normal(0, 10, 2000), rng.normal(0, 10, 2000), wasserstein1)
+    assert many < few / 4 and 5 * many < scaled < 20 * many
+    # below the floor 99 times in 100: count how often two fresh draws of one distribution exceed it
+    exceed = sum(wasserstein1(rng.normal(0, 1, 20), rng.normal(0, 1, 20)) > few for _ in range(300))
+    assert exceed <= 15
+
+
+def test_generated_synthetic_beside_real_proxy_names_its_gaps(datasets):
+    syn = load_stats(datasets["synthetic"])
+    real = load_stats(datasets["real"])
+    gap = compare_stats(syn, real)
+    assert all(g["size"] > 0 and g["text"].endswith(".") for g in gap["gaps"])
+    named = {g["key"] for g in gap["gaps"]}
+    beyond = {k for k, r in gap["one_d"].items() if r["beyond_noise"] and (r["w1_std"] or 0) >= 0.25}
+    assert named >= set(sorted(beyond, key=lambda k: -gap["one_d"][k]["w1_std"])[:3])
+
+
+@needs_chromium
+@pytest.mark.parametrize("layout", ["perception", "solo"])
+def test_simulator_report_renders_in_headless_chromium_without_errors(datasets, tmp_path, layout):
+    data = datasets["synthetic"] if layout == "perception" else run_generate(
+        "synthetic", str(tmp_path / "solo"), 30, 96, 3, layout="solo")["dataset_uri"]
+    assert main(["stats", "--data", data, "--name", f"synthetic ({layout})", "--compare-data", datasets["real"],
+                 "--compare-name", "real-proxy", "--pixel-sample", "16", "--out", str(tmp_path / "out"),
+                 "--xcom-file", str(tmp_path / "x.json")]) == 0
+    page = tmp_path / "out" / "stats.html"
+    shot = tmp_path / "stats.png"
+    result = open_page(page, shot)
+    assert result.errors == []
+    assert result.broken_images == 0 and result.image_count == len(list((tmp_path / "out" / "plots").glob("*.png")))
+    for text in ("Largest gaps", "What the simulator measured", "Visible fraction", "lighting info",
+                 "object placement", "median visible fraction", "No simulator metrics: a groceries dataset"):
+        assert text in result.text, text
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / f"stats_simulator_{layout}_report.png")
+    shutil.copyfile(page, ARTIFACTS / f"stats_simulator_{layout}_report.html")

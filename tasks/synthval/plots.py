@@ -26,10 +26,10 @@ GT_COLOR = (30, 120, 255)
 DATASET_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b")
 
 
-def _figure(width: float, height: float) -> Any:
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Any:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100, layout=layout)
 
 
 def figure_png(fig: Any, dpi: int = 100) -> bytes:
@@ -196,18 +196,138 @@ def _get(values: Mapping[str, Any], key: str, field: str) -> float:
 # --- dataset statistics ------------------------------------------------------------------------------
 
 
+PIXEL_FIGURES = {"brightness": "mean image brightness (sampled images)",
+                 "contrast": "image contrast: std of luma (sampled images)",
+                 "warmth": "colour balance: mean red - mean blue (sampled images)"}
+
+
 def stats_figures(datasets: Sequence[Any]) -> dict[str, Any]:
-    """The statistics plots of one or more `stats.DatasetStats`, overlaid: {file stem: Figure}."""
+    """The statistics plots of one or more `stats.DatasetStats`, overlaid: {file stem: Figure}.
+
+    Stems: objects_per_label, objects_per_image, box_size, aspect_ratio, position_heatmap,
+    box_size_per_label; with pixel statistics brightness, contrast, warmth; with simulator metrics
+    visible_fraction, visible_fraction_per_label (where RenderedObjectInfo joins the boxes) and one
+    metric_<name> per generic metric (light, placement, ...).
+    """
     figures = {
         "objects_per_label": label_counts_figure(datasets),
         "objects_per_image": histogram_figure(datasets, "objects_per_image", "objects per image", discrete=True),
         "box_size": histogram_figure(datasets, "box_size", "box size: sqrt(box area / image area)"),
         "aspect_ratio": histogram_figure(datasets, "log2_aspect_ratio", "box aspect ratio: log2(width / height)"),
         "position_heatmap": heatmap_figure(datasets),
+        "box_size_per_label": per_label_figure(datasets, "box_size", "box size per label",
+                                               "sqrt(box area / image area)"),
     }
-    if all(d.pixel.get("brightness") for d in datasets):
-        figures["brightness"] = histogram_figure(datasets, "brightness", "mean image brightness (sampled images)")
+    for key, title in PIXEL_FIGURES.items():
+        if all(d.pixel.get(key) for d in datasets):
+            figures[key] = histogram_figure(datasets, key, title)
+    measured = [d for d in datasets if d.visible_fraction is not None]
+    if measured:
+        figures["visible_fraction"] = histogram_figure(measured, "visible_fraction",
+                                                       "visible fraction: visible pixels / box area")
+        figures["visible_fraction_per_label"] = per_label_figure(
+            measured, "visible_fraction", "visible fraction per label (RenderedObjectInfo)",
+            "visible pixels / box area", limits=(0, 1.02))
+    names = list(dict.fromkeys(n for d in datasets if d.simulator for n in d.simulator.generic))
+    for name in names:
+        figures[f"metric_{metric_slug(name)}"] = metric_fields_figure(datasets, name)
     return figures
+
+
+def metric_slug(name: str) -> str:
+    """A file-name-safe stem for a metric name ("lighting info" -> "lighting_info")."""
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    return "_".join(part for part in slug.split("_") if part)[:48] or "metric"
+
+
+def varying_fields(fields: Mapping[str, np.ndarray], limit: int = 12
+                   ) -> tuple[list[str], list[str], dict[str, str]]:
+    """(fields worth a histogram, at most `limit`; fields holding one value throughout; {field: the earlier
+    field it repeats value for value}, as a uniform scale's y and z repeat its x)."""
+    varying, constant, repeats = [], [], {}
+    for f, v in fields.items():
+        if not len(v):
+            continue
+        if np.ptp(v) == 0:
+            constant.append(f)
+            continue
+        same = next((g for g in varying if len(fields[g]) == len(v) and np.array_equal(fields[g], v)), None)
+        if same:
+            repeats[f] = same
+        else:
+            varying.append(f)
+    return varying[:limit], constant, repeats
+
+
+def metric_fields_figure(datasets: Sequence[Any], name: str, columns: int = 3) -> Any:
+    """Small multiples: one histogram per varying numeric field of generic metric `name`, datasets overlaid."""
+    fields: dict[str, dict[str, np.ndarray]] = {}
+    for d in datasets:
+        for f, v in (d.simulator.generic.get(name, {}) if d.simulator else {}).items():
+            fields.setdefault(f, {})[d.name] = v
+    shown, _, _ = varying_fields({f: np.concatenate(list(v.values())) for f, v in fields.items()})
+    rows = max(1, -(-len(shown) // columns))
+    height = 2.4 * rows + 0.6
+    fig = _figure(3.2 * columns, height, layout=None)  # fixed margins: constrained layout costs ~1 s here
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.35 / height, top=1 - 0.55 / height, hspace=0.45, wspace=0.28)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, f in zip(axes, shown):
+        pooled = np.concatenate(list(fields[f].values()))
+        bins = np.linspace(pooled.min(), pooled.max(), 21)
+        for i, d in enumerate(datasets):
+            if d.name in fields[f]:
+                ax.hist(fields[f][d.name], bins=bins, density=True, histtype="step", lw=2,
+                        color=DATASET_COLORS[i % len(DATASET_COLORS)], label=d.name)
+        ax.set_title(f, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(shown):]:
+        ax.set_axis_off()
+    if not shown:
+        axes[0].text(0.5, 0.5, "every field holds one value", ha="center", va="center")
+    fig.suptitle(f"{name} (simulator metric): distribution of each field", fontsize=10)
+    if len(datasets) > 1:
+        axes[0].legend(fontsize=7)
+    return fig
+
+
+def per_label_figure(datasets: Sequence[Any], key: str, title: str, xlabel: str,
+                     limits: tuple[float, float] | None = None) -> Any:
+    """Box plots of a per-box statistic (`DatasetStats.values(key)`) per label, one box per dataset beside
+    the others, all labels first; whiskers at the 5th and 95th percentiles, no outlier dots."""
+    samples = [(i, d, d.per_label(d.values(key))) for i, d in enumerate(datasets)]
+    drawn = 0
+    names = list(dict.fromkeys(n for _, _, per in samples for n in per))
+    rows = ["all labels", *names]
+    fig = _figure(7.5, max(2.4, 0.26 * len(rows) * max(1, len(datasets)) ** 0.6 + 1.3))
+    ax = fig.add_subplot()
+    height = 0.8 / max(1, len(datasets))
+    for i, d, per in samples:
+        whole = d.values(key)
+        data = {"all labels": whole[~np.isnan(whole)], **per}
+        present = [(y, data[n]) for y, n in enumerate(rows) if n in data and len(data[n])]
+        if not present:
+            continue
+        colour = DATASET_COLORS[i % len(DATASET_COLORS)]
+        ax.boxplot([v for _, v in present], positions=[y - 0.4 + height * (i + 0.5) for y, _ in present],
+                   widths=height * 0.8, orientation="horizontal", whis=(5, 95), showfliers=False, patch_artist=True,
+                   boxprops={"facecolor": colour, "alpha": 0.35, "edgecolor": colour},
+                   medianprops={"color": colour, "lw": 2}, whiskerprops={"color": colour},
+                   capprops={"color": colour}, manage_ticks=False)
+        ax.plot([], [], color=colour, lw=6, alpha=0.5, label=d.name)
+        drawn += 1
+    ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 20 else 8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    if limits:
+        ax.set_xlim(*limits)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    if drawn:
+        fig.legend(fontsize=8, loc="outside lower center", ncol=drawn)
+    else:
+        ax.text(0.5, 0.5, "no boxes", ha="center", va="center", transform=ax.transAxes)
+    return fig
 
 
 def label_counts_figure(datasets: Sequence[Any]) -> Any:
@@ -227,7 +347,7 @@ def label_counts_figure(datasets: Sequence[Any]) -> Any:
     ax.set_xlabel("share of boxes")
     ax.set_title("objects per label")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(datasets))
+    fig.legend(fontsize=8, loc="outside lower center", ncol=len(datasets))
     return fig
 
 
@@ -262,7 +382,7 @@ def histogram_figure(datasets: Sequence[Any], key: str, title: str, discrete: bo
 
 def heatmap_figure(datasets: Sequence[Any]) -> Any:
     """Box centre positions (relative to the image) per dataset, side by side, top of image at the top."""
-    fig = _figure(3.6 * len(datasets) + 0.6, 3.6)
+    fig = _figure(4.4 * len(datasets) + 0.4, 3.8)
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     for ax, d in zip(axes, datasets):
         total = d.heatmap.sum()

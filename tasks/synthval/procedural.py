@@ -8,8 +8,8 @@ no number measured on them says anything about real data.
 
 The two domains share the ten object classes and differ the way renders and photographs differ:
 
-- synthetic: flat, noise or random-primitive backgrounds, even lighting, crisp edges, lossless PNG,
-  objects fully inside the frame, small rotations.
+- synthetic: flat, noise or random-primitive backgrounds, one directional light of random colour
+  (near white) and direction, crisp edges, lossless PNG, objects fully inside the frame, small rotations.
 - real-proxy: shelf, wood, countertop or cluttered backgrounds, colour cast, light gradients and
   vignetting, gamma, drop shadows, specular highlights, shear and squash (a tilted camera), objects cut
   by the frame edge, foreground occluders, defocus blur, sensor noise and JPEG artefacts.
@@ -62,16 +62,49 @@ CLASSES: tuple[ObjectClass, ...] = (
 LABEL_NAMES: tuple[str, ...] = tuple(c.name for c in CLASSES)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """One object as it was placed, what a Unity randomizer and RenderedObjectInfo would report of it.
+
+    `rotation_deg` is its in-plane rotation, `center` its centre in image pixels (x right, y down),
+    `scale` its long side over the image side, `layer` its drawing order (0: furthest back), and
+    `visible_pixels` how many of its pixels are left in the final image (after occlusion and the frame).
+    """
+
+    instance_id: int
+    class_index: int
+    rotation_deg: float
+    center: tuple[float, float]
+    scale: float
+    layer: int
+    visible_pixels: int
+
+
+@dataclass(frozen=True)
+class Light:
+    """The synthetic domain's directional light: an intensity, an RGB colour in [0, 1], and a rotation in
+    degrees about the image's x axis (tilted down: brighter at the top) and y axis (turned: brighter on one side)."""
+
+    intensity: float
+    color: tuple[float, float, float]
+    x_rotation: float
+    y_rotation: float
+
+
 @dataclass
 class Scene:
     """One drawn image: `image` uint8 (H, W, 3); `boxes` int (N, 4) xyxy of visible pixels, end-exclusive;
-    `classes` (N,) indices into CLASSES; `jpeg_quality` is set for the real-proxy domain only."""
+    `classes` (N,) indices into CLASSES; `instance_ids` (N,) name each box's object among `placements`
+    (every object placed, boxed or not); `light` is the synthetic domain's light (None for real-proxy);
+    `jpeg_quality` is set for the real-proxy domain only."""
 
     image: np.ndarray
     boxes: np.ndarray
     classes: np.ndarray
     jpeg_quality: int | None = None
     instance_ids: list[int] = field(default_factory=list)
+    placements: list[Placement] = field(default_factory=list)
+    light: Light | None = None
 
 
 @dataclass(frozen=True)
@@ -221,13 +254,14 @@ def _shade(im: Image.Image, cylinder: bool, rng: np.random.Generator, style: _St
 Matrix = tuple[float, float, float, float]  # a 2x2 map (a, b, c, d): x' = a x + b y, y' = c x + d y
 
 
-def _warp_matrix(rng: np.random.Generator, style: _Style) -> Matrix:
-    """A random 2x2 map: rotation after shear and squash (a tilted camera, roughly)."""
-    angle = math.radians(rng.uniform(-style.rotation_deg, style.rotation_deg))
+def _warp_matrix(rng: np.random.Generator, style: _Style) -> tuple[Matrix, float]:
+    """A random 2x2 map: rotation after shear and squash (a tilted camera, roughly); and its rotation in degrees."""
+    degrees = rng.uniform(-style.rotation_deg, style.rotation_deg)
+    angle = math.radians(degrees)
     shear = rng.uniform(-style.shear, style.shear) if style.shear else 0.0
     squash = rng.uniform(*style.squash)
     c, s = math.cos(angle), math.sin(angle)
-    return (c, c * shear - s * squash, s, s * shear + c * squash)
+    return (c, c * shear - s * squash, s, s * shear + c * squash), float(degrees)
 
 
 def _warped_size(m: Matrix, w: int, h: int) -> tuple[int, int]:
@@ -406,6 +440,29 @@ def _occluder(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
     return m, np.asarray(colour, np.float32)
 
 
+# The synthetic light, as SynthDet's lighting randomizer draws it: each colour channel in [min, 1],
+# rotations within +-max degrees. The brightness across the image changes by LIGHT_FALLOFF * sin(rotation).
+LIGHT_COLOR_MIN = 0.8
+LIGHT_ROTATION_MAX = 40.0
+LIGHT_FALLOFF = 0.35
+
+
+def _synthetic_light(rng: np.random.Generator) -> Light:
+    intensity = rng.uniform(0.92, 1.08)
+    r, g, b = (round(float(v), 4) for v in rng.uniform(LIGHT_COLOR_MIN, 1.0, 3))
+    x_rotation, y_rotation = (round(float(v), 3) for v in rng.uniform(-LIGHT_ROTATION_MAX, LIGHT_ROTATION_MAX, 2))
+    return Light(round(float(intensity), 4), (r, g, b), x_rotation, y_rotation)
+
+
+def _apply_light(img: np.ndarray, light: Light) -> np.ndarray:
+    """Tint by the light's colour and intensity, brighter towards where it comes from (a linear falloff)."""
+    t = np.linspace(-0.5, 0.5, img.shape[0], dtype=np.float32)
+    along = (LIGHT_FALLOFF * math.sin(math.radians(light.y_rotation)) * t[None, :]
+             - LIGHT_FALLOFF * math.sin(math.radians(light.x_rotation)) * t[:, None])
+    gain = light.intensity * (1.0 + along)
+    return img * gain[..., None] * np.asarray(light.color, np.float32)
+
+
 def _photo_effects(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Lighting, optics and sensor: what separates a photograph from a clean render."""
     size = img.shape[0]
@@ -467,6 +524,7 @@ def render_scene(rng: np.random.Generator, size: int, domain: str) -> Scene:
     placed: list[tuple[int, int, int, int]] = []
     classes: list[int] = []
     areas: list[int] = []
+    poses: list[tuple[float, float]] = []  # (rotation in degrees, long side / image side)
     crowd = 1.0 if n_objects <= 3 else 0.85
     for _ in range(n_objects):
         k = int(rng.integers(0, len(CLASSES)))
@@ -476,7 +534,7 @@ def render_scene(rng: np.random.Generator, size: int, domain: str) -> Scene:
             aspect = cls.aspect * rng.uniform(0.92, 1.08)
             w, h = (long_side / aspect, long_side) if aspect >= 1 else (long_side, long_side * aspect)
             w, h = max(6, int(w)), max(6, int(h))
-            m = _warp_matrix(rng, style)
+            m, degrees = _warp_matrix(rng, style)
             sw, sh = _warped_size(m, w, h)
             tx, ty = int(sw * style.truncation), int(sh * style.truncation)
             if sw - 2 * tx > size or sh - 2 * ty > size:
@@ -497,6 +555,7 @@ def render_scene(rng: np.random.Generator, size: int, domain: str) -> Scene:
         placed.append(box)
         classes.append(k)
         areas.append(full)
+        poses.append((degrees, long_side / size))
     if style.real and rng.random() < 0.35:
         mask, colour = _occluder(rng, size)
         solid = mask > 0.5
@@ -506,11 +565,18 @@ def render_scene(rng: np.random.Generator, size: int, domain: str) -> Scene:
         if np.all(after[1:] >= 0.4 * before[1:]):
             img += (colour - img) * mask[..., None]
             inst[solid] = 0
+    light = None
     if style.real:
         img = _photo_effects(img, rng)
     else:
-        img = img * rng.uniform(0.92, 1.08)
+        light = _synthetic_light(rng)
+        img = _apply_light(img, light)
     image = np.clip(img, 0, 255).astype(np.uint8)
+    visible_pixels = np.bincount(inst.ravel(), minlength=len(placed) + 1)
+    placements = [Placement(instance_id=i + 1, class_index=k, rotation_deg=round(poses[i][0], 3),
+                            center=((placed[i][0] + placed[i][2]) / 2, (placed[i][1] + placed[i][3]) / 2),
+                            scale=round(poses[i][1], 4), layer=i, visible_pixels=int(visible_pixels[i + 1]))
+                  for i, k in enumerate(classes)]
 
     boxes, kept, ids = [], [], []
     for i, k in enumerate(classes):
@@ -530,4 +596,5 @@ def render_scene(rng: np.random.Generator, size: int, domain: str) -> Scene:
         ids.append(i + 1)
     quality = int(rng.integers(30, 72)) if style.real else None
     return Scene(image=image, boxes=np.asarray(boxes, np.int64).reshape(-1, 4),
-                 classes=np.asarray(kept, np.int64), jpeg_quality=quality, instance_ids=ids)
+                 classes=np.asarray(kept, np.int64), jpeg_quality=quality, instance_ids=ids,
+                 placements=placements, light=light)

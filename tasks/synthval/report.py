@@ -343,7 +343,8 @@ th{background:#eef1f5}td.l,th.l{text-align:left}
 .card{background:#fff;border:1px solid #dde1e7;padding:6px;width:372px}
 .card img{width:360px;height:auto;display:block}.card p{margin:.3em 0 0;font-size:.85em;color:#39404d;word-break:break-all}
 .legend span{display:inline-block;padding:1px 8px;margin-right:8px;border-radius:3px;color:#fff;font-size:.9em}
-details{margin:.4em 0 1em}code{background:#eef1f5;padding:0 3px}
+details{margin:.4em 0 1em}code{background:#eef1f5;padding:0 3px}h3{font-size:1.02em;margin:1.2em 0 .4em}
+.nw{white-space:nowrap}.gaps{background:#fff;border:1px solid #dde1e7;padding:8px 14px 8px 34px;margin:.4em 0 1em}.gaps li{margin:.35em 0}
 footer{color:#7a8294;font-size:.85em;margin-top:2em}
 """
 
@@ -830,12 +831,18 @@ def _row(label: str, cells: Sequence[Any]) -> str:
     return f'<tr><td class="l">{_e(label)}</td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
-def _quantiles(values: np.ndarray, digits: int = 3) -> str:
+def _quantiles(values: Any, digits: int = 3) -> str:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
     if len(values) == 0:
         return "n/a"
     p = np.quantile(values, [0.05, 0.5, 0.95])
     return (f"{np.mean(values):.{digits}f} <span class=\"ci\">(median {p[1]:.{digits}f}; "
-            f"5-95%: {p[0]:.{digits}f}-{p[2]:.{digits}f})</span>")
+            f"5-95%: {p[0]:.{digits}f} to {p[2]:.{digits}f})</span>")
+
+
+_PIXEL_ROWS = (("brightness", "brightness, sampled images (0-255)"), ("contrast", "contrast: std of luma (0-255)"),
+               ("warmth", "colour balance: mean red - mean blue"))
 
 
 def stats_summary_html(datasets: Sequence[Any]) -> str:
@@ -853,11 +860,30 @@ def stats_summary_html(datasets: Sequence[Any]) -> str:
                                                        for d in datasets]),
             _row("image sizes", [", ".join(f"{k} ({v})" for k, v in list(d.image_sizes.items())[:3])
                                  + (" ..." if len(d.image_sizes) > 3 else "") for d in datasets])]
-    if any(d.pixel for d in datasets):
-        rows.append(_row("brightness, sampled images (0-255)",
-                         [q(np.asarray(d.pixel["brightness"]), 1) + f" <span class=\"ci\">n={d.pixel['sampled_images']}</span>"
-                          if d.pixel else "not measured" for d in datasets]))
+    for key, label in _PIXEL_ROWS:
+        if any(d.pixel.get(key) for d in datasets):
+            rows.append(_row(label, [q(d.pixel[key], 1) + f" <span class=\"ci\">n={d.pixel['sampled_images']}</span>"
+                                     if d.pixel.get(key) else "not measured" for d in datasets]))
+    if any(d.simulator for d in datasets):
+        rows.append(_row("visible fraction (simulator)", [
+            q(d.visible_fraction) if d.visible_fraction is not None else "not recorded" for d in datasets]))
+        rows.append(_row("objects per image by ObjectCount (simulator)", [
+            q(d.simulator.object_counts, 2) if d.simulator and d.simulator.object_counts is not None
+            else "not recorded" for d in datasets]))
     return f'<table><tr><th class="l">statistic</th>{head}</tr>{"".join(rows)}</table>'
+
+
+def gaps_html(distances: Mapping[str, Any]) -> str:
+    """The largest gaps of `stats.compare_stats`, one plain sentence each, largest first."""
+    if not distances.get("gaps"):
+        return (f"<p>No gap stands out: every statistic of {_e(distances['a'])} is within sampling noise or a quarter "
+                f"of a standard deviation of {_e(distances['b'])}'s, and the label and position mixes agree within "
+                "20% or within noise. With few images the noise is large: compare with a bigger sample.</p>")
+    return '<ol class="gaps">' + "".join(f"<li>{_e(g['text'])}</li>" for g in distances["gaps"]) + "</ol>"
+
+
+def _beyond(flag: Any) -> str:
+    return '<span class="yes">yes</span>' if flag else '<span class="no">no</span>'
 
 
 def distances_html(distances: Mapping[str, Any]) -> str:
@@ -867,25 +893,42 @@ def distances_html(distances: Mapping[str, Any]) -> str:
              f"statistic's unit, and in standard deviations of {_e(distances['b'])} to rank them; total "
              "variation (share of mass that differs) and Jensen-Shannon divergence (base 2) lie in [0, 1] "
              "and are 0 for identical distributions.</p>"]
+    parts.append("<p>Sampling noise: the distance two random draws of these sizes from one pooled sample reach "
+                 "99% of the time. A distance below it cannot be told from chance; only distances beyond it are "
+                 "called gaps above.</p>")
     drows = []
     for _, r in sorted(distances["one_d"].items(), key=lambda kv: -(kv[1]["w1_std"] or 0)):
-        drows.append(f'<tr><td class="l">{_e(r["title"])}</td><td class="l">Wasserstein-1</td><td>{r["w1"]:.4g} '
+        drows.append(f'<tr><td class="l">{_e(r["title"])}</td><td class="l nw">Wasserstein-1</td><td>{r["w1"]:.4g} '
                      f'<span class="ci">{_e(r["unit"])}</span></td><td>{_fmt(r["w1_std"], 2)}</td>'
-                     f'<td>{r["mean_a"]:.3g} vs {r["mean_b"]:.3g}</td></tr>')
+                     f'<td>{_fmt(r["noise"], 3)}</td><td>{_beyond(r["beyond_noise"])}</td>'
+                     f'<td>{r["median_a"]:.3g} vs {r["median_b"]:.3g}</td></tr>')
     lab = distances["labels"]
-    drows.append(f'<tr><td class="l">objects per label (share of boxes)</td><td class="l">TV / JS</td>'
-                 f'<td>{lab["tv"]:.3f} / {lab["js"]:.3f}</td><td></td><td></td></tr>')
+    drows.append(f'<tr><td class="l">objects per label (share of boxes)</td><td class="l nw">TV / JS</td>'
+                 f'<td>{lab["tv"]:.3f} / {lab["js"]:.3f}</td><td></td><td>{_fmt(lab["tv_noise"], 3)}</td>'
+                 f'<td>{_beyond(lab["beyond_noise"])}</td><td></td></tr>')
     if "position_heatmap" in distances:
         pos = distances["position_heatmap"]
         drows.append(f'<tr><td class="l">box centre position (heat map, {pos.get("bins", "")}x{pos.get("bins", "")} '
-                     f'cells)</td><td class="l">TV / JS</td><td>{pos["tv"]:.3f} / {pos["js"]:.3f}</td><td></td><td></td></tr>')
+                     f'cells)</td><td class="l nw">TV / JS</td><td>{pos["tv"]:.3f} / {pos["js"]:.3f}</td><td></td>'
+                     f'<td>{_fmt(pos["tv_noise"], 3)}</td><td>{_beyond(pos["beyond_noise"])}</td><td></td></tr>')
     size = distances["coco_size_share"]
     drows.append(f'<tr><td class="l">COCO size class share (small/medium/large)</td><td class="l">TV</td>'
-                 f'<td>{size["tv"]:.3f}</td><td></td><td>'
+                 f'<td>{size["tv"]:.3f}</td><td></td><td></td><td></td><td>'
                  + " / ".join(f"{size['a'][k]:.2f}" for k in ("small", "medium", "large")) + " vs "
                  + " / ".join(f"{size['b'][k]:.2f}" for k in ("small", "medium", "large")) + "</td></tr>")
     parts.append('<table><tr><th class="l">statistic</th><th class="l">distance</th><th>value</th>'
-                 f'<th>in std of {_e(distances["b"])}</th><th>mean a vs b</th></tr>' + "".join(drows) + "</table>")
+                 f'<th>in std of {_e(distances["b"])}</th><th>sampling noise (99%)</th><th>beyond noise</th>'
+                 "<th>median a vs b</th></tr>" + "".join(drows) + "</table>")
+    per_label = distances.get("box_size_per_label") or {}
+    if per_label:
+        prows = [f'<tr><td class="l">{_e(n)}</td><td>{r["w1"]:.3g}</td><td>{_fmt(r["w1_std"], 2)}</td>'
+                 f'<td>{_fmt(r["noise"], 3)}</td><td>{_beyond(r["beyond_noise"])}</td>'
+                 f'<td>{r["median_a"]:.3g} vs {r["median_b"]:.3g}</td><td>{r["n_a"]} / {r["n_b"]}</td></tr>'
+                 for n, r in per_label.items()]
+        parts.append("<details><summary>Box size per label: Wasserstein-1, largest gap first</summary>"
+                     '<table><tr><th class="l">label</th><th>W1</th><th>in std</th><th>sampling noise</th>'
+                     "<th>beyond noise</th><th>median a vs b</th><th>boxes a / b</th></tr>" + "".join(prows)
+                     + "</table></details>")
     if lab["only_in_a"] or lab["only_in_b"]:
         parts.append(_notes([f"Labels only in {distances['a']}: {', '.join(lab['only_in_a']) or 'none'}. "
                              f"Labels only in {distances['b']}: {', '.join(lab['only_in_b']) or 'none'}. "
@@ -893,31 +936,124 @@ def distances_html(distances: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def simulator_html(datasets: Sequence[Any], pngs: Mapping[str, bytes]) -> str:
+    """What the simulator measured (`simulator_stats.SimulatorStats` of each dataset): what was read, the
+    visible fraction per label, object counts, iterations and seeds, and each generic metric's fields."""
+    from synthval.plots import metric_slug, varying_fields
+    from synthval.simulator_stats import NO_RENDERED_OBJECT_INFO
+
+    measured = [d for d in datasets if d.simulator is not None]
+    parts = ["<p>Read from the dataset's own metrics (Perception <code>metrics_*.json</code>, SOLO frame "
+             "<code>metrics</code>), beside the boxes; only images of the chosen split count. The visible "
+             "fraction of a box is its object's visible pixels (RenderedObjectInfo) over the box area: near 1 "
+             "for an object seen whole that fills its box, low for an occluded, cropped or thin one.</p>"]
+    for d in measured:
+        sim = d.simulator
+        rows = "".join(f'<tr><td class="l">{_e(m["name"])}</td><td class="l">{_e(m["kind"].replace("_", " "))}</td>'
+                       f'<td>{m["records"]}</td><td>{m["values"]}</td><td>{m["attached_records"]}</td></tr>'
+                       for m in sim.definitions)
+        facts = []
+        if sim.object_counts is not None:
+            facts.append(f"ObjectCount: {np.mean(sim.object_counts):.2f} objects per image "
+                         f"({d.num_boxes / max(1, d.num_images):.2f} boxes per image)")
+        if sim.images_with_iteration:
+            facts.append(f"{sim.iterations} scenario iterations over {sim.images_with_iteration} images")
+        if sim.seeds:
+            facts.append("random seed " + ", ".join(f"{s:.0f}" for s in sim.seeds[:5])
+                         + (f" and {len(sim.seeds) - 5} more" if len(sim.seeds) > 5 else ""))
+        parts.append(f"<h3>{_e(d.name)}: metrics read</h3>"
+                     + (f"<p>{_e('; '.join(facts))}.</p>" if facts else "")
+                     + '<table><tr><th class="l">metric</th><th class="l">kind</th><th>records</th><th>values</th>'
+                     "<th>records on an image</th></tr>" + rows + "</table>"
+                     + _notes([n for n in sim.notes if n != NO_RENDERED_OBJECT_INFO]))  # said at the top
+    if "visible_fraction_per_label" in pngs:
+        lines = [_occlusion_line(d) for d in measured if d.visible_fraction is not None]
+        parts.append("<h3>Visible fraction</h3>" + "".join(f"<p>{_e(line)}</p>" for line in lines)
+                     + '<div class="gallery">' + _img(pngs["visible_fraction"], "visible fraction histogram")
+                     + _img(pngs["visible_fraction_per_label"], "visible fraction per label") + "</div>")
+        names = list(dict.fromkeys(n for d in measured if d.visible_fraction is not None
+                                   for n in d.per_label(d.visible_fraction)))
+        with_fraction = [d for d in measured if d.visible_fraction is not None]
+        vrows = [_row(n, [_visible_cell(d.per_label(d.visible_fraction).get(n)) for d in with_fraction])
+                 for n in names]
+        parts.append("<details><summary>Visible fraction per label: median, 5th-95th percentile, share of boxes "
+                     "under half visible</summary><table><tr><th class=\"l\">label</th>"
+                     + "".join(f"<th>{_e(d.name)}</th>" for d in with_fraction) + "</tr>" + "".join(vrows)
+                     + "</table></details>")
+    generic = list(dict.fromkeys(n for d in measured for n in d.simulator.generic))
+    for name in generic:
+        key = f"metric_{metric_slug(name)}"
+        fields: dict[str, list[np.ndarray]] = {}
+        for d in measured:
+            for f, v in d.simulator.generic.get(name, {}).items():
+                fields.setdefault(f, []).append(v)
+        _, constant, repeats = varying_fields({f: np.concatenate(v) for f, v in fields.items()})
+        said = [f"{_e(f)} = {fields[f][0][0]:g}" for f in constant] + [f"{_e(f)} = {_e(g)}" for f, g in repeats.items()]
+        fixed = f'<p class="ci">Not drawn, the same throughout: {", ".join(said)}.</p>' if said else ""
+        parts.append(f"<h3>{_e(name)}</h3>" + (_img(pngs[key], f"{name} fields") if key in pngs else "") + fixed)
+    return "".join(parts)
+
+
+def _occlusion_line(d: Any) -> str:
+    """One sentence on how hidden the boxed objects are, and what to change when few are."""
+    known = d.visible_fraction[~np.isnan(d.visible_fraction)]
+    if not len(known):
+        return f"{d.name}: no box has a known visible fraction."
+    low = float(np.mean(known < 0.5))
+    line = (f"{d.name}: median visible fraction {np.median(known):.2f}; {low:.0%} of boxes are less than half "
+            f"visible.")
+    if low < 0.05:
+        line += (" Few objects are heavily hidden: if the real images show crowded shelves or hands in front of "
+                 "products, add occluders or place objects closer together.")
+    return line
+
+
+def _visible_cell(values: Any) -> str:
+    if values is None or len(values) == 0:
+        return "&ndash;"
+    p = np.quantile(values, [0.05, 0.5, 0.95])
+    return (f"{p[1]:.2f} <span class=\"ci\">({p[0]:.2f}-{p[2]:.2f}; "
+            f"{np.mean(values < 0.5):.0%} under 0.5; n={len(values)})</span>")
+
+
 def write_stats_report(datasets: Sequence[Any], distances: Mapping[str, Any] | None, pngs: Mapping[str, bytes],
                        title: str = "synthval dataset statistics") -> str:
-    """The statistics page (one or two `stats.DatasetStats`, their distances, the plots' PNG bytes) as HTML."""
+    """The statistics page (one or two `stats.DatasetStats`, their distances, the plots' PNG bytes) as HTML.
+
+    Order: the largest gaps in words, the summary, what could not be measured, the distances, the
+    distributions, per label, what the simulator measured, positions, labels.
+    """
+    from synthval.simulator_stats import NO_RENDERED_OBJECT_INFO
+
     head = "".join(f"<th>{_e(d.name)}</th>" for d in datasets)
     parts = [f"<h1>{_e(title)}</h1>",
              '<p class="sub">' + " &middot; ".join(f"{_e(d.name)}: <code>{_e(d.uri)}</code> ({_e(d.format)})"
-                                                   for d in datasets) + "</p>",
-             "<h2>Summary</h2>" + stats_summary_html(datasets)]
+                                                   for d in datasets) + "</p>"]
+    if distances:
+        parts.append(f"<h2>Largest gaps: {_e(distances['a'])} vs {_e(distances['b'])}</h2>" + gaps_html(distances))
+    parts.append("<h2>Summary</h2>" + stats_summary_html(datasets))
+    lacking = [f"{d.name}: {n}" for d in datasets for n in d.notes]
+    lacking += [f"{d.name}: {NO_RENDERED_OBJECT_INFO}" for d in datasets
+                if d.simulator and NO_RENDERED_OBJECT_INFO in d.simulator.notes]
+    parts.append(_notes(lacking))
     if distances:
         parts.append(f"<h2>Domain gap: {_e(distances['a'])} vs {_e(distances['b'])}</h2>" + distances_html(distances))
-    captions = {"objects_per_label": "Objects per label", "objects_per_image": "Objects per image",
-                "box_size": "Box size", "aspect_ratio": "Box aspect ratio", "position_heatmap": "Position heat map",
-                "brightness": "Brightness"}
-    wide = ("objects_per_label", "position_heatmap")
-    if "objects_per_label" in pngs:
-        parts.append(f"<h2>{captions['objects_per_label']}</h2>" + _img(pngs["objects_per_label"], "objects per label"))
-    small = [k for k in pngs if k not in wide]
-    if small:
-        parts.append('<h2>Distributions</h2><div class="gallery">'
-                     + "".join(_img(pngs[k], captions.get(k, k)) for k in small) + "</div>")
+    captions = {"objects_per_image": "Objects per image", "box_size": "Box size", "aspect_ratio": "Box aspect ratio",
+                "brightness": "Brightness", "contrast": "Contrast", "warmth": "Colour balance"}
+    small = [k for k in captions if k in pngs]
+    parts.append('<h2>Distributions</h2><div class="gallery">'
+                 + "".join(_img(pngs[k], captions[k]) for k in small) + "</div>")
+    if "box_size_per_label" in pngs:
+        parts.append("<h2>Box size per label</h2>" + _img(pngs["box_size_per_label"], "box size per label"))
+    if any(d.simulator for d in datasets):
+        parts.append("<h2>What the simulator measured</h2>" + simulator_html(datasets, pngs))
     if "position_heatmap" in pngs:
-        parts.append(f"<h2>{captions['position_heatmap']}</h2>" + _img(pngs["position_heatmap"], "position heat map"))
+        parts.append("<h2>Position heat map</h2>" + _img(pngs["position_heatmap"], "position heat map"))
+    if "objects_per_label" in pngs:
+        parts.append("<h2>Objects per label</h2>" + _img(pngs["objects_per_label"], "objects per label"))
     names = list(dict.fromkeys(n for d in datasets for n in d.label_counts))
     lrows = [_row(n, [f"{d.label_counts[n]} <span class=\"ci\">in {d.images_per_label.get(n, 0)} images</span>"
                       if n in d.label_counts else "&ndash;" for d in datasets]) for n in names]
-    parts.append(f'<h2>Objects per label</h2><details><summary>Table</summary><table><tr><th class="l">label</th>{head}</tr>'
+    parts.append(f'<details><summary>Objects per label: table</summary><table><tr><th class="l">label</th>{head}</tr>'
                  + "".join(lrows) + "</table></details>")
     return _page(title, "\n".join(parts), {"kind": "stats_report", "distances": distances})

@@ -4,6 +4,9 @@ Layout (as Unity writes it): `<root>/Dataset/captures_000.json ...` and the imag
 (`<root>/RGB<guid>/rgb_2.png`), each capture's `filename` relative to `<root>`. Also accepted: the
 captures files in `<root>` itself. A 2D box value is `{label_id, label_name, instance_id, x, y, width,
 height}`, origin top-left, in pixels. Only camera captures are images (a LIDAR capture is skipped).
+
+`read_perception_metrics` reads the simulator's metrics (`metric_definitions.json`, `metrics_*.json`)
+into the companion table of `synthval.datasets.simulator`, in a pass of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from synthval.datasets.index import (
     natural_key,
     read_json_file,
 )
+from synthval.datasets.simulator import SimulatorMetrics, SimulatorMetricsBuilder
 from synthval.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 # The 2D bounding-box annotation definition id that SynthDet's Perception setup writes.
 SYNTHDET_BBOX_DEFINITION_ID = "c31620e3-55ff-4af6-ae86-884aa0daa9b2"
 DEFINITIONS_FILE = "annotation_definitions.json"
+METRIC_DEFINITIONS_FILE = "metric_definitions.json"
 
 
 def find_captures(root: str) -> tuple[str, list[str]]:
@@ -103,16 +108,30 @@ def read_definitions(path: str) -> list[dict]:
     return definitions
 
 
+def bbox_definition(dataset_dir: str, requested: str | None) -> tuple[str, dict]:
+    """(path of annotation_definitions.json, the 2D-box definition picked there by `pick_bbox_definition`)."""
+    definitions_path = os.path.join(dataset_dir, DEFINITIONS_FILE)
+    if not os.path.isfile(definitions_path):
+        raise DatasetError(f"{definitions_path}: missing; a Perception dataset needs it for the label names")
+    return definitions_path, pick_bbox_definition(read_definitions(definitions_path), requested,
+                                                  SYNTHDET_BBOX_DEFINITION_ID, definitions_path)
+
+
+def is_image_capture(capture: dict) -> bool:
+    """A camera capture (by its sensor's modality, else by its file's extension); no `filename` -> KeyError."""
+    filename = capture["filename"]
+    modality = (capture.get("sensor") or {}).get("modality")
+    if modality is not None:
+        return modality == "camera"
+    return filename.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def read_perception(root: str, bbox_definition_id: str | None = None) -> RawIndex:
     """Read every camera capture of a Perception 0.0.1 dataset at local folder `root` into a RawIndex."""
     dataset_dir, files = find_captures(root)
     if not files:
         raise DatasetError(f"{root}: no captures_*.json in the folder or in its Dataset/ subfolder")
-    definitions_path = os.path.join(dataset_dir, DEFINITIONS_FILE)
-    if not os.path.isfile(definitions_path):
-        raise DatasetError(f"{definitions_path}: missing; a Perception dataset needs it for the label names")
-    definition = pick_bbox_definition(read_definitions(definitions_path), bbox_definition_id,
-                                      SYNTHDET_BBOX_DEFINITION_ID, definitions_path)
+    definitions_path, definition = bbox_definition(dataset_dir, bbox_definition_id)
     label_names = label_names_of(definition, definitions_path)
     def_id = str(definition.get("id")).lower()
 
@@ -145,14 +164,9 @@ def _read_captures(builder: RawIndexBuilder, captures: list, rel: str, base: str
         for ci, capture in enumerate(captures):
             ai = vi = -1
             value = capture
-            filename = capture["filename"]
-            sensor = capture.get("sensor") or {}
-            modality = sensor.get("modality")
-            if modality is not None:
-                if modality != "camera":
-                    continue
-            elif not filename.lower().endswith(IMAGE_EXTENSIONS):
+            if not is_image_capture(capture):
                 continue
+            filename = capture["filename"]
             n = offsets[-1]
             paths.append(join(base, filename))
             sizes += (0, 0)
@@ -205,3 +219,100 @@ def _image_base(root: str, dataset_dir: str, captures: list) -> str:
                 if os.path.exists(os.path.join(base, filename)):
                     return os.path.abspath(base)
     return os.path.abspath(root)
+
+
+# --- the simulator's metrics (a pass of its own: `synthval stats` asks for it, indexing never does) ---
+
+
+def read_perception_metrics(root: str, bbox_definition_id: str | None = None) -> SimulatorMetrics:
+    """The metrics of the Perception 0.0.1 dataset at local folder `root`, attached to its image captures.
+
+    Streams captures_*.json (each capture's id, sequence and step; for image captures the path the
+    index gives them and their 2D boxes' instance ids, of the same definition the reader picks), then
+    metric_definitions.json and metrics_*.json. No metrics is a note in the result; a malformed metrics
+    file raises DatasetError naming the file and field.
+    """
+    dataset_dir, files = find_captures(root)
+    if not files:
+        raise DatasetError(f"{root}: no captures_*.json in the folder or in its Dataset/ subfolder")
+    _, definition = bbox_definition(dataset_dir, bbox_definition_id)
+    def_id = str(definition.get("id")).lower()
+    builder = SimulatorMetricsBuilder(os.path.abspath(root), "perception")
+    by_capture: dict[str, int] = {}
+    by_step: dict[tuple[str, Any], list[int]] = {}
+    by_sequence: dict[str, list[int]] = {}
+    base: str | None = None
+    for path in files:
+        doc = read_json_file(path)
+        captures = doc.get("captures") if isinstance(doc, dict) else None
+        if not isinstance(captures, list):
+            raise DatasetError(f"{path}: expected an object with a 'captures' list")
+        if base is None:
+            base = _image_base(root, dataset_dir, captures)
+        for ci, capture in enumerate(captures):
+            try:
+                row = -1
+                if is_image_capture(capture):
+                    instances = [value.get("instance_id") for annotation in capture.get("annotations") or ()
+                                 if str(annotation.get("annotation_definition")).lower() == def_id
+                                 for value in annotation.get("values") or ()]
+                    row = builder.add_image(os.path.join(base, capture["filename"]), str(capture.get("id")),
+                                            instances)
+                key = (str(capture.get("sequence_id")), capture.get("step"))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise field_error(f"{path}: captures[{ci}]", exc, capture) from exc
+            by_capture.setdefault(str(capture.get("id")), row)
+            if row >= 0:
+                by_step.setdefault(key, []).append(row)
+                by_sequence.setdefault(key[0], []).append(row)
+
+    metric_files = sorted(glob.glob(os.path.join(glob.escape(dataset_dir), "metrics_*.json")),
+                          key=lambda p: natural_key(os.path.basename(p)))
+    if not metric_files:
+        builder.notes.append(f"{dataset_dir}: no metrics_*.json; the simulator recorded no metrics")
+        return builder.build()
+    definitions_path = os.path.join(dataset_dir, METRIC_DEFINITIONS_FILE)
+    if os.path.isfile(definitions_path):  # without it, metrics are named by id (a note of the statistics)
+        _read_metric_definitions(builder, definitions_path)
+    for path in metric_files:
+        builder.files.append(path)
+        doc = read_json_file(path)
+        metrics = doc.get("metrics") if isinstance(doc, dict) else None
+        if not isinstance(metrics, list):
+            raise DatasetError(f"{path}: expected an object with a 'metrics' list")
+        for k, record in enumerate(metrics):
+            where = f"{path}: metrics[{k}]"
+            if not isinstance(record, dict):
+                raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
+            for name in ("metric_definition", "values"):
+                if name not in record:
+                    raise DatasetError(f"{where}: missing field {name!r}")
+            builder.add_record(record["metric_definition"], _attached_rows(record, by_capture, by_step, by_sequence),
+                               record["values"], where)
+    return builder.build()
+
+
+def _attached_rows(record: dict, by_capture: dict[str, int], by_step: dict[tuple[str, Any], list[int]],
+                   by_sequence: dict[str, list[int]]) -> list[int]:
+    """The image rows a metric record describes: its capture, else its step's images, else its sequence's."""
+    capture_id = record.get("capture_id")
+    if capture_id is not None:
+        row = by_capture.get(str(capture_id), -1)
+        return [row] if row >= 0 else []
+    sequence = str(record.get("sequence_id"))
+    step = record.get("step")
+    if step is not None and (sequence, step) in by_step:
+        return by_step[(sequence, step)]
+    return by_sequence.get(sequence, [])
+
+
+def _read_metric_definitions(builder: SimulatorMetricsBuilder, path: str) -> None:
+    doc = read_json_file(path)
+    definitions = doc.get("metric_definitions") if isinstance(doc, dict) else None
+    if not isinstance(definitions, list):
+        raise DatasetError(f"{path}: expected an object with a 'metric_definitions' list")
+    for k, definition in enumerate(definitions):
+        if not isinstance(definition, dict) or "id" not in definition:
+            raise DatasetError(f"{path}: metric_definitions[{k}]: missing field 'id'")
+        builder.add_definition(definition["id"], definition.get("name"), definition.get("description"),
+                               spec=definition.get("spec"))
