@@ -359,7 +359,7 @@ def run_leaderboard(db_url: str, *, out_uri: str | None = None, output_format: s
 
     if output_format not in ("table", "csv", "json"):
         raise ConfigError(f"leaderboard: format {output_format!r} is unknown; expected table, csv or json")
-    entries = build_leaderboard(open_store(db_url).rows(), **options)
+    entries = build_leaderboard(open_store(db_url).rows(with_records=False), **options)
     table = format_table(entries, options.get("baseline") is not None) + "\n"
     text = {"table": table, "csv": to_csv(entries), "json": to_json(entries)}[output_format]
     if out_uri:

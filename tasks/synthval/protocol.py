@@ -5,9 +5,8 @@ same way. Where the test set lay (`/runs/a/data/real` or `/runs/b/data/real`, a 
 says nothing about that, so every fingerprint here is of *content*:
 
 - `test_set_fingerprint`: SHA-256 over the split name, the label map, and per image (in image-id order)
-  its id, size, file bytes (hashed in 1 MiB chunks, never decoded; the file name stands in where the
-  file is absent, e.g. when scoring a results file without the images) and its boxes (float32 bytes)
-  with their label names. Components (`images_sha256`, `annotations_sha256`, `label_map_sha256`) say
+  its id, size, file bytes (hashed in 1 MiB chunks on several threads, never decoded) and its boxes (float32 bytes)
+  with their label names, in a canonical order (the order a file lists them in is no part of the set). Components (`images_sha256`, `annotations_sha256`, `label_map_sha256`) say
   which part changed between two test sets.
 - `benchmark_fingerprint`: the test set and the metric protocol (`metrics.METRIC_PROTOCOL`, which names
   the IoU thresholds, COCO max detections and area ranges). This is what discovery can know before a
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -52,11 +50,11 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _image_digest(path: str, root: str) -> str:
-    if os.path.isfile(path):
+def _image_digest(path: str) -> str:
+    try:
         return file_sha256(path)
-    # No pixels to hash (a results file scored without the images): the file name stands in.
-    return "name:" + os.path.relpath(path, root).replace(os.sep, "/")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the test image to fingerprint the test set ({exc.strerror})") from None
 
 
 def _id_order(image_id: Any) -> tuple[int, Any]:
@@ -71,14 +69,13 @@ def test_set_fingerprint(index: Any, coco_ids: Mapping[int, Any], split: str | N
     """
     records = sorted(index.images, key=lambda r: _id_order(coco_ids[r.image_id]))
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        file_digests = list(pool.map(lambda r: _image_digest(r.path, index.root), records))
+        file_digests = list(pool.map(lambda r: _image_digest(r.path), records))
     label_map = json.dumps(sorted((int(k), v) for k, v in index.label_names.items()))
     images, annotations = hashlib.sha256(), hashlib.sha256()
     for record, file_digest in zip(records, file_digests, strict=True):
         image_id = json.dumps(coco_ids[record.image_id])
         images.update(f"{image_id}\t{record.width}\t{record.height}\t{file_digest}\n".encode())
-        boxes = np.ascontiguousarray(record.boxes, dtype="<f4").tobytes()
-        names = json.dumps([index.label_names.get(int(label)) for label in record.labels])
+        boxes, names = _canonical_boxes(record, index.label_names)
         annotations.update(f"{image_id}\t{len(boxes)}\t".encode() + boxes + names.encode() + b"\n")
     parts = {
         "images_sha256": images.hexdigest(),
@@ -86,6 +83,15 @@ def test_set_fingerprint(index: Any, coco_ids: Mapping[int, Any], split: str | N
         "label_map_sha256": hashlib.sha256(label_map.encode()).hexdigest(),
     }
     return {"sha256": sha256_of({"split": split, **parts}), **parts}
+
+
+def _canonical_boxes(record: Any, label_names: Mapping[int, str]) -> tuple[bytes, str]:
+    """An image's boxes (float32 bytes) and label names, sorted: the order annotations were listed in is
+    not part of the test set."""
+    names = [str(label_names.get(int(label))) for label in record.labels]
+    boxes = np.asarray(record.boxes, dtype="<f4").reshape(-1, 4)
+    order = sorted(range(len(names)), key=lambda i: (names[i], *boxes[i].tolist()))
+    return np.ascontiguousarray(boxes[order]).tobytes(), json.dumps([names[i] for i in order])
 
 
 def scoring_settings() -> dict[str, Any]:
