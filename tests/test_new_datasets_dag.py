@@ -36,11 +36,24 @@ def test_schedule_assets_mapping_and_bounded_concurrency():
     assert upstream["value_dataset.train"] == {"plan_datasets"}
     assert "value_dataset.evaluate" in upstream["value_dataset.publish"]
     assert {"value_dataset.publish", "sweep.publish", "real_curve.publish"} <= upstream["leaderboard"]
-    for task_id in ("value_dataset.train", "sweep.finetune", "real_curve.train", "value_dataset.evaluate"):
-        assert dag.get_task(task_id).max_active_tis_per_dag == 2
+    # One Pool bounds the GPU steps of every run together (a per-task cap would allow 2 per task: 8 at once).
+    import evaluate_new_synthetic_datasets as module
+
+    assert (module.POOL, module.POOL_SLOTS) == ("synthval_training", 2)
+    gpu_steps = {t.task_id for t in dag.tasks if getattr(t, "step", None) in ("train", "finetune", "evaluate")}
+    assert gpu_steps == {"value_dataset.train", "value_dataset.evaluate", "sweep.finetune", "sweep.evaluate",
+                         "real_curve.train", "real_curve.evaluate"}
+    for task_id in gpu_steps:
+        task = dag.get_task(task_id)
+        assert task.pool == module.POOL and task.max_active_tis_per_dag is None, task_id
     announce = dag.get_task("announce_results")
     assert any(isinstance(o, AssetAlias) and o.name == "synthval_results" for o in announce.outlets)
     assert dag.max_active_runs == 1
+    # The run fails when any task failed: a watcher downstream of every task, the only other leaf.
+    watcher = dag.get_task("check_valuations")
+    assert watcher.trigger_rule == "one_failed" and watcher.retries == 0
+    assert upstream["check_valuations"] == {t.task_id for t in dag.tasks} - {"check_valuations"}
+    assert {t.task_id for t in dag.leaves} == {"check_valuations"}
 
 
 TINY = {
