@@ -73,12 +73,22 @@ def test_two_checkpoints_on_one_test_set_are_two_rows_and_a_retry_is_none(tmp_pa
     assert publish(tmp_path, again, "evaluate_the_model", "manual__3", *real)["model_id"] == a["model_id"]
     assert store.count() == 2
     assert {r["run_id"] for r in store.rows()} == {"manual__2", "manual__3"}
-    # A copy of the checkpoint elsewhere is the same model; one changed byte is another.
-    copy = tmp_path / "copy.pt"
-    copy.write_bytes((tmp_path / "a.pt").read_bytes())
-    assert publish(tmp_path, evaluate_checkpoint(tmp_path, str(copy), "copy"), "evaluate_the_model", "manual__4",
+    # The same weights saved again (atomically, through another temporary name, as a deterministic
+    # re-training writes them) or copied elsewhere: the same model.
+    resaved = write_checkpoint(tmp_path / "resaved.pt", seed=1)
+    assert (tmp_path / "resaved.pt").read_bytes() != (tmp_path / "a.pt").read_bytes()
+    assert publish(tmp_path, evaluate_checkpoint(tmp_path, resaved, "resaved"), "evaluate_the_model", "manual__4",
                    *real)["model_id"] == a["model_id"]
     assert store.count() == 2
+    # One changed weight is another model.
+    import torch
+
+    state = torch.load(tmp_path / "a.pt", weights_only=False)
+    next(iter(state["model"].values())).view(-1)[0] += 1e-3
+    torch.save(state, tmp_path / "changed.pt")
+    changed = publish(tmp_path, evaluate_checkpoint(tmp_path, str(tmp_path / "changed.pt"), "changed"),
+                      "evaluate_the_model", "manual__5", *real)
+    assert changed["model_id"] not in (a["model_id"], b["model_id"]) and store.count() == 3
 
 
 @pytest.mark.parametrize("flags, budget, role, dataset", [

@@ -2,9 +2,11 @@
 
 A result is one (model, protocol). The model is identified by what it is, never by where a run put it:
 
-- a checkpoint file: SHA-256 of its bytes, streamed in chunks (`checkpoint-sha256`). A retried task or a
-  cleared DAG run evaluates the very same file (`train --resume auto` returns the finished checkpoint), so
-  it updates its row; two different checkpoints never share one.
+- a checkpoint file: SHA-256 of what it holds, streamed in chunks (`checkpoint-sha256`; for torch's zip
+  format, its records, whatever temporary name the archive was first written under). A retried task or
+  a cleared DAG run evaluates the very same checkpoint (`train --resume auto` returns the finished one), a
+  deterministic re-training writes the same records again: both update their row; two different
+  checkpoints never share one.
 - a published model name (`synthetic-400k`, ... from `fetch.NAMED_SOURCES`): the name (`name`), whose
   content its publisher fixed; nothing is downloaded to identify it.
 - a COCO results file scored without a model: SHA-256 of that file (`predictions-sha256`).
@@ -34,7 +36,7 @@ from typing import Any
 
 from synthval import storage
 from synthval.errors import ConfigError
-from synthval.protocol import CHUNK_BYTES, file_sha256, sha256_of
+from synthval.protocol import CHUNK_BYTES, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +90,39 @@ def model_role(datasets: Mapping[str, str], real_budget: int | None) -> tuple[st
 
 
 def content_sha256(uri: str) -> str:
-    """SHA-256 of the bytes at a local or remote URI, streamed in chunks; FileNotFoundError if absent."""
+    """SHA-256 of what a file at a local or remote URI holds, streamed in chunks; FileNotFoundError if absent.
+
+    A zip archive (torch's checkpoint format) is hashed by its members, names taken below the archive's
+    top folder: torch names that folder after the file it first wrote, a temporary name when the write
+    was atomic, so the same checkpoint saved twice differs in those bytes only. Any other file is
+    hashed whole.
+    """
     import hashlib
+    import zipfile
 
     if storage.is_local(uri):
-        return file_sha256(storage.local_path(uri))
-    fs, path = storage.filesystem(uri)
+        opened = open(storage.local_path(uri), "rb")  # noqa: SIM115 - closed by the with below
+    else:
+        fs, path = storage.filesystem(uri)
+        opened = fs.open(path, "rb", block_size=CHUNK_BYTES)
     digest = hashlib.sha256()
-    with fs.open(path, "rb", block_size=CHUNK_BYTES) as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
+    with opened as f:
+        if not zipfile.is_zipfile(f):
+            f.seek(0)
+            while chunk := f.read(CHUNK_BYTES):
+                digest.update(chunk)
+            return digest.hexdigest()
+        f.seek(0)
+        with zipfile.ZipFile(f) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            tops = {m.filename.split("/", 1)[0] for m in members}
+            strip = len(tops) == 1 and all("/" in m.filename for m in members)
+            for member in sorted(members, key=lambda m: m.filename):
+                name = member.filename.split("/", 1)[1] if strip else member.filename
+                digest.update(f"{name}\0{member.file_size}\0".encode())
+                with archive.open(member) as data:
+                    while chunk := data.read(CHUNK_BYTES):
+                        digest.update(chunk)
     return digest.hexdigest()
 
 
