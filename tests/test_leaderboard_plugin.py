@@ -221,3 +221,47 @@ def test_a_real_api_server_guards_the_page_like_the_rest_api(airflow_db, store_u
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
         log.close()
+
+
+def test_the_airflow_image_has_everything_the_plugin_imports():
+    """The cluster's Airflow image installs pyproject's `airflow` extra and synthval without dependencies:
+    every package the plugin's pages import must come from that extra (or what it pulls in), never torch."""
+    import importlib.metadata as md
+    import sys
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from test_dags import ROOT
+
+    sys.path.insert(0, str(ROOT / "images"))
+    from pyproject_deps import requirements
+
+    code = ("import sys; before = set(sys.modules)\n"
+            "import synthval.leaderboard, synthval.results, synthval.identity, synthval.storage, synthval.fetch\n"
+            "import sqlalchemy.dialects.postgresql, psycopg, gcsfs\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    imported = {m for m in proc.stdout.split() if m not in sys.stdlib_module_names and not m.startswith("_")}
+    assert "torch" not in imported and "torchvision" not in imported
+    providers = md.packages_distributions()
+    # Modules of no distribution (cython_runtime, mypyc's compiled helpers) come with the packages that made them.
+    needed = {canonicalize_name(d) for m in imported for d in providers.get(m, [])} - {"synthval"}
+    assert {"numpy", "sqlalchemy", "psycopg", "fsspec"} <= needed
+
+    available: set[str] = set()
+    todo = [Requirement(r) for r in requirements(ROOT / "pyproject.toml", "airflow")]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in available:
+            continue
+        available.add(name)
+        try:
+            requires = md.distribution(name).requires or []
+        except md.PackageNotFoundError:
+            continue
+        for raw in requires:
+            sub = Requirement(raw)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in req.extras | {""}):
+                todo.append(sub)
+    assert needed <= available, sorted(needed - available)
