@@ -167,3 +167,17 @@ def test_large_test_sets_are_hashed_in_chunks(tmp_path):
     blob[-1] ^= 1
     (data / "images" / "2.png").write_bytes(bytes(blob))
     assert evaluate(tmp_path, data)["test_set"]["images_sha256"] != first
+
+
+def test_compare_pairs_results_on_the_same_test_set_fetched_into_two_folders(tmp_path, original):
+    """Two runs, each scoring its own copy of the test set: one test set, so a paired comparison."""
+    data, metrics = original
+    elsewhere = variant(tmp_path, data, "run-2-data")
+    other = evaluate(tmp_path, elsewhere)
+    first_uri = str(tmp_path / "eval" / "original-all" / "metrics.json")
+    second_uri = str(tmp_path / "eval" / "run-2-data-all" / "metrics.json")
+    assert other["test_set"]["data_uri"] != metrics["test_set"]["data_uri"]
+    xcom = tmp_path / "compare.json"
+    assert main(["compare", "--metrics", first_uri, second_uri, "--replicates", "50", "--out",
+                 str(tmp_path / "compare.html"), "--xcom-file", str(xcom)]) == 0
+    assert {d["method"] for d in json.loads(xcom.read_text())["differences"]} == {"paired"}
