@@ -190,10 +190,10 @@ def main() -> int:
         def board(output: Callable[[list], str]) -> Callable[[], None]:
             return lambda: output(build_leaderboard(store.rows(with_records=False)))
 
-        figures = {
-            "publish (in process)": median_seconds(publish_new, args.repeats),
+        figures = {  # the boards first: the published rows below join the store
             "leaderboard table (in process)": median_seconds(board(format_table), args.repeats),
             "leaderboard json (in process)": median_seconds(board(to_json), args.repeats),
+            "publish (in process)": median_seconds(publish_new, args.repeats),
         }
         env = dict(os.environ, SYNTHVAL_RESULTS_DB_URL=url)
         (work / "cli-metrics.json").write_text(Path(metrics).read_text())
@@ -222,11 +222,17 @@ def main() -> int:
                                                    report=False)
                 v1_store.upsert(json.loads(Path(result["result_uri"]).read_text()), result["result_uri"])
 
+            # One build for both outputs (0.1.0 bootstraps each row in a Python loop: minutes at 10,000 rows),
+            # before any publish: 0.1.0's protocol of a path would make every row of the recipe stale.
+            start = time.perf_counter()
+            entries = v1["leaderboard"].build_leaderboard(v1_store.rows())
+            built = time.perf_counter() - start
+            assert sum(e["real_equiv"] is not None for e in entries) == args.rows  # every row valued
+            baseline["leaderboard table (in process)"] = built + median_seconds(
+                lambda: v1["leaderboard"].format_table(entries), 1)
+            baseline["leaderboard json (in process)"] = built + median_seconds(
+                lambda: v1["leaderboard"].to_json(entries), 1)
             baseline["publish (in process)"] = median_seconds(v1_publish, args.repeats)
-            baseline["leaderboard table (in process)"] = median_seconds(
-                lambda: v1["leaderboard"].format_table(v1["leaderboard"].build_leaderboard(v1_store.rows())), 1)
-            baseline["leaderboard json (in process)"] = median_seconds(
-                lambda: v1["leaderboard"].to_json(v1["leaderboard"].build_leaderboard(v1_store.rows())), 1)
 
     width = max(map(len, figures))
     print(f"{'':{width}}  {'this synthval':>14}  {'0.1.0':>10}  {'speed-up':>8}")
@@ -237,7 +243,7 @@ def main() -> int:
     if v1 is None:
         print(f"(no baseline: git or commit {BASELINE_COMMIT} not available)")
     else:
-        print("(0.1.0's leaderboard timed once: it is slow; its store had no model and kept one row per key)")
+        print("(0.1.0's leaderboard built once for both outputs; its publish wrote a store keyed without the model)")
     return 0
 
 

@@ -166,3 +166,14 @@ def test_the_vectorised_equivalent_matches_interpolation_point_by_point():
 
     expected = np.array([reference(c, t) for c, t in zip(curves, targets, strict=True)])
     assert np.allclose(_equivalents(curves, x, targets), expected, rtol=1e-9, equal_nan=False)
+
+
+def test_a_batch_of_equivalents_is_each_result_alone():
+    from synthval.leaderboard import real_image_equivalents
+
+    maps, sigmas = [0.0, 0.1, 0.2, 0.3, 0.35, 0.39, 0.45], [0.0, 0.01, 0.02, 0.0, 0.05, 0.01, 0.02]
+    batch = real_image_equivalents(CURVE, maps * 100, sigmas * 100)  # several chunks of 256
+    assert len(batch) == 700
+    for i, (m, s) in enumerate(zip(maps * 100, sigmas * 100, strict=True)):
+        if i % 97 == 0 or i < 7:
+            assert batch[i] == real_image_equivalent(CURVE, m, s), i

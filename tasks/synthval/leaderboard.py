@@ -92,23 +92,49 @@ def real_only_curves(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[s
 
 
 def _equivalents(curves: np.ndarray, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Images at which each non-decreasing curve (rows: mAP at log1p budgets `x`) reaches its target.
+    """Images at which non-decreasing curves reach their targets: curve r (row r of `curves`, mAP at log1p
+    budgets `x`) against `targets[..., r]`.
 
     At or below a curve's first point: its first budget; above its last point: infinity; between two
     points: linear in log(1 + images), across the first point that reaches the target.
     """
     # Strictly increasing, as interpolation needs; 1e-12 is far below any mAP difference that matters.
     ramp = curves + np.arange(curves.shape[1]) * 1e-12
-    above = (ramp < targets[:, None]).sum(axis=1)  # points strictly below the target
+    above = (ramp < targets[..., None]).sum(axis=-1)  # points strictly below the target
     hi = np.clip(above, 1, curves.shape[1] - 1)
     lo = hi - 1
-    rows = np.arange(len(targets))
+    rows = np.arange(len(curves))
     y0, y1 = ramp[rows, lo], ramp[rows, hi]
     frac = np.clip((targets - y0) / (y1 - y0), 0.0, 1.0)
     out = np.expm1(x[lo] + frac * (x[hi] - x[lo]))
-    out[above == 0] = math.expm1(x[0])
-    out[targets > curves[:, -1]] = math.inf
-    return out
+    out = np.where(above == 0, math.expm1(x[0]), out)
+    return np.where(targets > curves[:, -1], math.inf, out)
+
+
+def real_image_equivalents(curve: Sequence[Mapping[str, Any]], target_maps: Sequence[float],
+                           target_sigmas: Sequence[float], replicates: int = BOOTSTRAP_REPLICATES,
+                           seed: int = 0) -> list[dict[str, Any]]:
+    """`real_image_equivalent` of several results on one curve at once, with the same bootstrap draws
+    (each result's interval is the one it gets alone)."""
+    if len(curve) < 2:
+        raise ConfigError("real-image equivalent: the real-only curve needs at least one measured budget")
+    budgets = np.array([p["budget"] for p in curve], dtype=float)
+    x = np.log1p(budgets)
+    means = np.maximum.accumulate(np.array([p["mAP"] for p in curve], dtype=float))
+    sigmas = np.array([p["sigma"] for p in curve], dtype=float)
+    maps, spreads = np.asarray(target_maps, dtype=float), np.asarray(target_sigmas, dtype=float)
+    values = _equivalents(means[None, :], x, maps[:, None])[:, 0]
+    rng = np.random.default_rng(seed)
+    draws = np.maximum.accumulate(means + sigmas * rng.standard_normal((replicates, len(curve))), axis=1)
+    noise = rng.standard_normal(replicates)
+    alpha = (1.0 - CONFIDENCE) / 2
+    bounds = np.empty((2, len(maps)))
+    for start in range(0, len(maps), 256):  # 256 results x replicates x budgets at a time: a few MB
+        chunk = slice(start, start + 256)
+        replicated = _equivalents(draws, x, maps[chunk, None] + spreads[chunk, None] * noise[None, :])
+        bounds[:, chunk] = np.quantile(replicated, [alpha, 1.0 - alpha], axis=1, method="lower")
+    return [{"value": float(v), "low": float(lo), "high": float(hi), "max_budget": int(budgets[-1])}
+            for v, lo, hi in zip(values, bounds[0], bounds[1], strict=True)]
 
 
 def real_image_equivalent(curve: Sequence[Mapping[str, Any]], target_map: float, target_sigma: float = 0.0,
@@ -117,20 +143,7 @@ def real_image_equivalent(curve: Sequence[Mapping[str, Any]], target_map: float,
 
     `value` and `high` are infinite when the result beats the largest real budget measured.
     """
-    if len(curve) < 2:
-        raise ConfigError("real-image equivalent: the real-only curve needs at least one measured budget")
-    budgets = np.array([p["budget"] for p in curve], dtype=float)
-    x = np.log1p(budgets)
-    means = np.maximum.accumulate(np.array([p["mAP"] for p in curve], dtype=float))
-    sigmas = np.array([p["sigma"] for p in curve], dtype=float)
-    value = float(_equivalents(means[None, :], x, np.array([target_map]))[0])
-    rng = np.random.default_rng(seed)
-    draws = np.maximum.accumulate(means + sigmas * rng.standard_normal((replicates, len(curve))), axis=1)
-    targets = target_map + target_sigma * rng.standard_normal(replicates)
-    values = _equivalents(draws, x, targets)
-    alpha = (1.0 - CONFIDENCE) / 2
-    low, high = np.quantile(values, [alpha, 1.0 - alpha], method="lower")
-    return {"value": value, "low": float(low), "high": float(high), "max_budget": int(budgets[-1])}
+    return real_image_equivalents(curve, [target_map], [target_sigma], replicates, seed)[0]
 
 
 # --- the table -------------------------------------------------------------------------------------------
@@ -190,7 +203,8 @@ def build_leaderboard(rows: Iterable[Mapping[str, Any]], *, recipe: str | None =
             continue
         if budgets is not None and row["real_budget"] not in budgets:
             continue
-        entries.append(_entry(row, curves.get(row["protocol"]), airflow_url, tensorboard_url))
+        entries.append(_entry(row, airflow_url, tensorboard_url))
+    _add_equivalents(entries, curves)
     if baseline is not None:
         _add_deltas(entries, _baseline_dataset(entries, baseline))
     present = [e for e in entries if e[sort] is not None]
@@ -200,8 +214,7 @@ def build_leaderboard(rows: Iterable[Mapping[str, Any]], *, recipe: str | None =
     return ordered[:limit] if limit is not None else ordered
 
 
-def _entry(row: Mapping[str, Any], curve: list[dict[str, Any]] | None, airflow_url: str | None,
-           tensorboard_url: str | None) -> dict[str, Any]:
+def _entry(row: Mapping[str, Any], airflow_url: str | None, tensorboard_url: str | None) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "dataset": row["dataset"], "role": row["dataset_role"], "recipe": row["recipe"],
         "real_budget": row["real_budget"], "seed": row["seed"],
@@ -209,16 +222,26 @@ def _entry(row: Mapping[str, Any], curve: list[dict[str, Any]] | None, airflow_u
         "real_equiv": None, "real_equiv_low": None, "real_equiv_high": None,
         "delta_mAP": None, "delta_mAP50": None, "delta_mAR100": None, "delta_real_equiv": None,
         "when": row["updated_at"], "protocol": row["protocol"], "stale": bool(row["stale"]),
-        "run_id": row.get("run_id"), "model_id": row["model_id"], "row_id": row["id"],
+        "run_id": row.get("run_id"), "model_id": row["model_id"], "row_id": row["id"], "num_gt": row["num_gt"],
         **links(row, airflow_url, tensorboard_url),
     }
     if row["dataset_role"] == REAL_ONLY and row["real_budget"] is not None:
         entry["real_equiv"] = entry["real_equiv_low"] = entry["real_equiv_high"] = float(row["real_budget"])
-    elif curve is not None and len(curve) > 1 and row["map"] is not None:
-        sigma = standard_error([float(row["map"])], row["num_gt"])
-        equiv = real_image_equivalent(curve, float(row["map"]), sigma)
-        entry.update(real_equiv=equiv["value"], real_equiv_low=equiv["low"], real_equiv_high=equiv["high"])
     return entry
+
+
+def _add_equivalents(entries: list[dict[str, Any]], curves: Mapping[str, list[dict[str, Any]]]) -> None:
+    """The real-image equivalent of every entry off the real-only curve of its protocol, one batch per curve."""
+    by_protocol: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        curve = curves.get(entry["protocol"])
+        if entry["real_equiv"] is None and entry["mAP"] is not None and curve is not None and len(curve) > 1:
+            by_protocol.setdefault(entry["protocol"], []).append(entry)
+    for protocol, group in by_protocol.items():
+        maps = [float(e["mAP"]) for e in group]
+        sigmas = [standard_error([m], e["num_gt"]) for m, e in zip(maps, group, strict=True)]
+        for entry, equiv in zip(group, real_image_equivalents(curves[protocol], maps, sigmas), strict=True):
+            entry.update(real_equiv=equiv["value"], real_equiv_low=equiv["low"], real_equiv_high=equiv["high"])
 
 
 def _baseline_dataset(entries: Sequence[Mapping[str, Any]], baseline: str) -> str:
