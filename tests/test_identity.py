@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_dags import airflow_db  # noqa: F401 - the session's migrated throwaway Airflow DB
 from test_publish import write_coco
 
 from synthval.cli import main
@@ -160,3 +161,30 @@ def test_published_names_stay_names(tmp_path, store, monkeypatch):
     assert (row["dataset"], row["dataset_role"]) == ("synthetic-400k", "model")
     assert row["record"]["model"]["basis"] == "name" and row["model_id"] == result["model_id"]
     assert row["record"]["datasets"] == {"model": "synthetic-400k", "real": "groceries-real"}
+
+
+@pytest.mark.slow
+def test_two_dag_runs_of_a_recipe_share_a_protocol_and_both_stay_current(airflow_db, tmp_path):  # noqa: F811
+    """train_on_real_world_dataset run twice under `airflow dags test` (two seeds: two models): each run
+    fetches the real set into its own folder; one protocol, two rows, neither stale. A third run with the
+    first seed trains the same model again (training on CPU is deterministic) and updates its row."""
+    import re
+
+    from test_dags import TINY_CONF, dags_test
+
+    db_url = f"sqlite:///{tmp_path / 'results.db'}"
+    env = dict(airflow_db, SYNTHVAL_DATA_ROOT=str(tmp_path / "data"), SYNTHVAL_RESULTS_DB_URL=db_url,
+               OMP_NUM_THREADS="1")
+    conf = {k: v for k, v in TINY_CONF.items() if k != "synthetic_dataset"}
+    run_ids = []
+    for seed in (1, 2, 1):
+        log, _ = dags_test(env, "train_on_real_world_dataset", {**conf, "overrides": [*conf["overrides"], f"seed={seed}"]})
+        run_ids.append(re.search(r"DagRun Finished: dag_id=train_on_real_world_dataset.*?run_id=([^,\s]+)", log).group(1))
+    rows = open_store(db_url).rows()
+    assert len(rows) == 2
+    assert len({r["protocol"] for r in rows}) == 1 and not any(r["stale"] for r in rows)
+    assert {r["dataset_role"] for r in rows} == {"real"} and {r["seed"] for r in rows} == {1, 2}
+    assert {r["seed"]: r["run_id"] for r in rows} == {1: run_ids[2], 2: run_ids[1]}
+    # Each run scored its own fetched copy of the test set.
+    folders = {r["record"]["test_set"]["data_uri"] for r in rows}
+    assert len(folders) == 2

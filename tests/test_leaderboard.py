@@ -145,27 +145,34 @@ def test_negative_numbers_stay_numbers_in_csv():
     assert row["delta_mAP"] == "-0.25" and row["dataset"] == "d"
 
 
-def test_the_vectorised_equivalent_matches_interpolation_point_by_point():
+def test_equivalents_are_those_of_the_replicate_by_replicate_bootstrap():
+    """The bootstrap of synthval 0.1.0, one replicate at a time (np.interp per replicate), as reference."""
     import numpy as np
 
-    from synthval.leaderboard import _equivalents
+    def reference(curve, target_map, target_sigma, replicates=2000, seed=0):
+        x = np.log1p(np.array([p["budget"] for p in curve], dtype=float))
+        means = np.maximum.accumulate(np.array([p["mAP"] for p in curve], dtype=float))
+        sigmas = np.array([p["sigma"] for p in curve], dtype=float)
 
-    rng = np.random.default_rng(0)
-    x = np.log1p(np.array([0, 10, 76, 380, 760], dtype=float))
-    curves = np.maximum.accumulate(rng.uniform(0, 0.6, (500, 5)), axis=1)
-    curves[::7, 2] = curves[::7, 1]  # flat stretches, as clipped bootstrap draws have
-    targets = rng.uniform(-0.05, 0.7, 500)
-    targets[::11] = curves[::11, 3]  # exactly on a point
+        def one(curve_map, target):
+            if target <= curve_map[0]:
+                return math.expm1(x[0])
+            if target > curve_map[-1]:
+                return math.inf
+            return math.expm1(np.interp(target, curve_map + np.arange(len(curve_map)) * 1e-12, x))
 
-    def reference(curve, target):
-        if target <= curve[0]:
-            return math.expm1(x[0])
-        if target > curve[-1]:
-            return math.inf
-        return math.expm1(np.interp(target, curve + np.arange(len(curve)) * 1e-12, x))
+        rng = np.random.default_rng(seed)
+        draws = np.maximum.accumulate(means + sigmas * rng.standard_normal((replicates, len(curve))), axis=1)
+        targets = target_map + target_sigma * rng.standard_normal(replicates)
+        values = np.array([one(draws[i], targets[i]) for i in range(replicates)])
+        low, high = np.quantile(values, [0.025, 0.975], method="lower")
+        return one(means, target_map), low, high
 
-    expected = np.array([reference(c, t) for c, t in zip(curves, targets, strict=True)])
-    assert np.allclose(_equivalents(curves, x, targets), expected, rtol=1e-9, equal_nan=False)
+    flat = [{**p, "mAP": min(p["mAP"], 0.35)} for p in CURVE]  # a flat stretch, as real curves have
+    for curve in (CURVE, flat):
+        for target, sigma in ((0.0, 0.0), (0.1, 0.02), (0.2, 0.0), (0.3, 0.05), (0.35, 0.01), (0.41, 0.02), (0.6, 0.1)):
+            got = real_image_equivalent(curve, target, sigma)
+            assert (got["value"], got["low"], got["high"]) == pytest.approx(reference(curve, target, sigma), rel=1e-12)
 
 
 def test_a_batch_of_equivalents_is_each_result_alone():

@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -165,9 +164,9 @@ def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoin
 
 def _absolute(uri: str | None) -> str | None:
     """Local paths made absolute, so provenance does not hang on a cwd; published model names stay names."""
-    from synthval.fetch import NAMED_SOURCES
+    from synthval.identity import is_named_model
 
-    if uri is None or not storage.is_local(uri) or (uri in NAMED_SOURCES and not os.path.exists(uri)):
+    if uri is None or not storage.is_local(uri) or is_named_model(uri):
         return uri
     return storage.local_path(uri)
 
