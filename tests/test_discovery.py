@@ -132,3 +132,21 @@ def test_real_budgets_beyond_the_real_split_are_clipped_with_a_warning(tmp_path,
     assert found["new_datasets"] == [] and found["already_evaluated"] == [str(tmp_path / "inbox" / "a")]
     # Without --real-split the budgets are taken as given.
     assert discover(tmp_path, "--root", str(tmp_path / "inbox"), *flags)["real_budgets"] == [1, 2, 76, 380]
+
+
+def test_a_test_set_on_gcs_is_the_same_benchmark_as_its_local_copy(tmp_path, store, gcs_emulator):
+    """On a pod backend the fetched test set is a gs:// URI: discover reads it there, and since the
+    benchmark is of content, it matches results evaluated on a local copy."""
+    (tmp_path / "inbox" / "a").mkdir(parents=True)
+    (tmp_path / "inbox" / "a" / "_SUCCESS").write_text("{}")
+    value(tmp_path, str(tmp_path / "inbox" / "a"))
+    real = gcs_emulator.uri("runs/run-1/data/real")
+    storage.copy_tree(str(tmp_path / "real"), real)
+    xcom = tmp_path / "gcs.json"
+    assert main(["discover", "--recipe", RECIPE, "--test-data", real, "--split", "all", "--real-dataset", "/data/real",
+                 "--root", str(tmp_path / "inbox"), "--real-budget", "40", "--real-split", "all",
+                 "--xcom-file", str(xcom)]) == 0
+    found = json.loads(xcom.read_text())
+    record = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert found["benchmark"] == record["benchmark_fingerprint"]
+    assert found["already_evaluated"] == [str(tmp_path / "inbox" / "a")] and found["real_budgets"] == [3]

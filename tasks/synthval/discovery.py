@@ -33,6 +33,7 @@ from typing import Any
 
 from synthval import storage
 from synthval.errors import ConfigError, FetchError
+from synthval.fetch import local_dataset
 from synthval.identity import REAL_ONLY, normalize_uri
 from synthval.results import open_store
 
@@ -104,18 +105,12 @@ def evaluation_benchmark(test_data_uri: str, split: str = "test", dataset_format
     from synthval.metrics import METRIC_PROTOCOL
     from synthval.protocol import benchmark_fingerprint
 
-    path = _local_path(test_data_uri, "the test set")
+    path = local_dataset(test_data_uri)  # a pod gets gs://: read through the local cache, as evaluate does
     config = load_config(EvalConfig, preset=None, config_text=None, overrides=[f"split={split}"], source="config")
     index = load_dataset(path, format=dataset_format, split=config.split)
     facts = provenance(config, index, test_data_uri, None, None, "", coco_image_ids(index, path), None)
     facts["protocol"] = METRIC_PROTOCOL
     return benchmark_fingerprint(facts, test_data_uri), {"test_set": facts["test_set"], "protocol": METRIC_PROTOCOL}
-
-
-def _local_path(uri: str, what: str) -> str:
-    if not storage.is_local(uri):
-        raise ConfigError(f"{uri}: {what} must be fetched first (synthval fetch) and given locally")
-    return storage.local_path(uri)
 
 
 def clip_budgets(budgets: Sequence[int], available: int, source: str) -> list[int]:
@@ -145,7 +140,7 @@ def run_discover(*, root_uri: str | None, db_url: str, recipe: str, test_data_ur
     if real_split is not None:
         from synthval.datasets import load_dataset
 
-        path = _local_path(test_data_uri, "the real dataset")
+        path = local_dataset(test_data_uri)
         available = len(load_dataset(path, format=dataset_format, split=real_split))
         real_budgets = clip_budgets(real_budgets, available, f"split {real_split!r} of {test_data_uri}")
         budgets = sorted({min(b, available) for b in budgets})
