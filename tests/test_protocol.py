@@ -133,8 +133,14 @@ def test_evaluation_settings_that_change_numbers_enter_the_protocol(original):
                                                   "box_detections_per_img": 100, "roi_pool_size": 7}}}
     trained["inference"] = {"device": "cuda", "dtype": "bfloat16"}
     reference = protocol_fingerprint(trained)
-    assert protocol_facts(trained)["model_inference"] == {"min_size": 800, "max_size": 1333, "box_score_thresh": 0.05,
-                                                          "box_detections_per_img": 100}
+    assert protocol_facts(trained)["model_inference"] == {
+        "min_size": 800, "max_size": 1333, "box_score_thresh": 0.05, "box_detections_per_img": 100,
+        "rpn_pre_nms_top_n_test": 1000, "rpn_post_nms_top_n_test": 1000}
+    # A seed checkpoint stores no model config: it ran with the defaults, so it compares with synthval's.
+    seed = copy.deepcopy(trained)
+    seed["checkpoint"] = {"config": {"backbone": "resnet50"}, "source_format": "datasetinsights"}
+    assert protocol_fingerprint(seed) == reference
+    assert protocol_facts(metrics)["model_inference"] == {}  # a results file: its detector's settings are unknown
     for edit in (
         lambda m: m["inference"].update(dtype="float32"),
         lambda m: m["inference"].update(device="cpu"),

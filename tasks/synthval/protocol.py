@@ -15,7 +15,8 @@ says nothing about that, so every fingerprint here is of *content*:
   constants as recorded, the eval config without the knobs that change only speed or pictures
   (`NON_PROTOCOL_KEYS`), the inference device and dtype (`"inference"` of metrics.json; null when a
   results file was scored), and the model's inference settings (image size, score threshold,
-  detections per image) as its checkpoint stored them. Leaderboard curves, deltas and comparisons pair
+  detections per image) as its checkpoint stored them (torchvision's defaults for a seed checkpoint,
+  which stores none; none for a scored results file). Leaderboard curves, deltas and comparisons pair
   only results of one protocol.
 """
 
@@ -38,7 +39,7 @@ HASH_THREADS = 8  # hashlib releases the GIL on large updates: reading and hashi
 NON_PROTOCOL_KEYS = ("batch_size", "num_workers", "device", "amp", "draw_score_thresh", "num_sample_images")
 # Model config keys that decide what a detector outputs at inference time.
 MODEL_INFERENCE_KEYS = ("min_size", "max_size", "box_score_thresh", "box_detections_per_img",
-                        "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_nms_thresh")
+                        "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test")
 
 
 def file_sha256(path: str) -> str:
@@ -118,10 +119,6 @@ def benchmark_fingerprint(metrics: Mapping[str, Any], where: str = "metrics") ->
 
 def protocol_facts(metrics: Mapping[str, Any], where: str = "metrics") -> dict[str, Any]:
     """Everything the protocol fingerprint hashes, as a readable dict (stored with each protocol)."""
-    checkpoint = metrics.get("checkpoint") or {}
-    train_config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
-    model_config = train_config.get("model") if isinstance(train_config, Mapping) else None
-    model_config = model_config if isinstance(model_config, Mapping) else {}
     eval_config = metrics.get("config") or {}
     return {
         "test_set": _test_set_sha(metrics, where),
@@ -130,8 +127,25 @@ def protocol_facts(metrics: Mapping[str, Any], where: str = "metrics") -> dict[s
         "scoring": metrics.get("scoring"),
         "eval_config": {k: v for k, v in sorted(eval_config.items()) if k not in NON_PROTOCOL_KEYS},
         "inference": metrics.get("inference"),
-        "model_inference": {k: model_config.get(k) for k in MODEL_INFERENCE_KEYS if k in model_config},
+        "model_inference": model_inference(metrics.get("checkpoint")),
     }
+
+
+def model_inference(checkpoint: Any) -> dict[str, Any]:
+    """The inference settings of the evaluated checkpoint (metrics.json "checkpoint"); {} when a results
+    file was scored. A checkpoint that stores no model config (the seed's) ran with ModelConfig's defaults,
+    which are torchvision's, as the seed built its models."""
+    import dataclasses
+
+    from synthval.config import ModelConfig
+
+    if not isinstance(checkpoint, Mapping):
+        return {}
+    train_config = checkpoint.get("config")
+    stored = train_config.get("model") if isinstance(train_config, Mapping) else None
+    stored = stored if isinstance(stored, Mapping) else {}
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in MODEL_INFERENCE_KEYS}
+    return {**defaults, **{k: stored[k] for k in MODEL_INFERENCE_KEYS if k in stored}}
 
 
 def protocol_fingerprint(metrics: Mapping[str, Any], where: str = "metrics") -> str:
