@@ -70,18 +70,21 @@ async def current_user(request: Request, credentials: HTTPAuthorizationCredentia
     return await get_user(request, None, credentials)
 
 
-def readable_rows(user: Any, **filters: Any) -> list[dict[str, Any]]:
-    """The store's rows of the recipes whose DAG runs `user` may read."""
+def may_read(user: Any, recipe: str) -> bool:
+    """Whether the deployment's auth manager lets `user` read the runs of the DAG `recipe`."""
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 
+    return get_auth_manager().is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN,
+                                                details=DagDetails(id=recipe), user=user)
+
+
+def readable_rows(user: Any) -> list[dict[str, Any]]:
+    """The store's rows of the recipes whose DAG runs `user` may read."""
     from synthval.results import open_store
 
-    rows = open_store(store_url()).rows(with_records=False, **filters)
-    auth = get_auth_manager()
-    allowed = {recipe for recipe in {r["recipe"] for r in rows}
-               if auth.is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN,
-                                         details=DagDetails(id=recipe), user=user)}
+    rows = open_store(store_url()).rows(with_records=False)
+    allowed = {recipe for recipe in {r["recipe"] for r in rows} if may_read(user, recipe)}
     return [r for r in rows if r["recipe"] in allowed]
 
 
@@ -153,7 +156,7 @@ def _row(user: Any, row_id: int) -> dict[str, Any]:
     store = open_store(store_url())
     with store.engine.connect() as conn:
         found = conn.execute(store.results.select().where(store.results.c.id == row_id)).mappings().first()
-    if found is None or not readable_rows(user, recipe=found["recipe"]):
+    if found is None or not may_read(user, found["recipe"]):
         raise HTTPException(status_code=404, detail=f"no result {row_id}")
     return dict(found)
 

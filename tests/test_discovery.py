@@ -122,7 +122,7 @@ def test_real_budgets_beyond_the_real_split_are_clipped_with_a_warning(tmp_path,
     found = discover(tmp_path, "--root", str(tmp_path / "inbox"), *flags, "--budget", "0", "--budget", "380",
                      "--real-split", "all")
     assert found["real_budgets"] == [1, 2, 3] and found["missing_real_budgets"] == [1, 2, 3]
-    warning = next(r.getMessage() for r in caplog.records if "real_budgets" in r.getMessage())
+    warning = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("param real_budgets"))
     assert "76, 380" in warning and "3 images" in warning and "'all'" in warning
     # Valued at every clipped budget: nothing left to value.
     for budget in (0, 3):
