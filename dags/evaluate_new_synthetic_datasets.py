@@ -8,20 +8,27 @@ whose `extra` holds `{"dataset_uri": "gs://..."}` (several: `"dataset_uris": [..
    the very same test images (the evaluation protocol);
 2. `discover`: lists `watch_root` (a local folder or gs:// prefix) and the announced datasets for
    dataset folders that are **complete** (their `marker` exists: `_SUCCESS` by default, which
-   `synthval generate` writes last) and have **no result yet** for this recipe under the current
-   protocol; half-written datasets are left for a later run. It also names the real-only budgets of
-   the real-only learning curve that this protocol still lacks (computed once per protocol, then reused);
+   `synthval generate` writes last) and have **no result yet** for this recipe on the current
+   benchmark (the test set's content and the scoring rules); half-written datasets are left for a later
+   run. It also names the real-only budgets of the real-only learning curve that this benchmark still
+   lacks (computed once, then reused); `real_budgets` larger than the `real_split` of the real dataset
+   are clipped to its size, with a warning in discover's log;
 3. `value_dataset` (mapped, one per new dataset): train on the dataset, evaluate on the real test
    split, publish (real budget 0); with `budget_sweep`, `sweep` (mapped, one per dataset and budget)
    fine-tunes that model on each real budget, evaluates and publishes;
 4. `real_curve` (mapped, one per missing budget): trains real-only models for the learning curve;
 5. `leaderboard` prints the board (real-image equivalent first) and `announce_results` emits one Asset
-   event per valued dataset through the alias `synthval_results`, its headline metrics in `extra`.
+   event per valued dataset through the alias `synthval_results`, its headline metrics in `extra`;
+6. `check_valuations` fails the run if any valuation failed (the board and the events above still
+   record every dataset that was valued), so a run is green only when every step of it was.
 
 Every step is a `synthval` command from the recipe task factory; results land in the results store
-(env `SYNTHVAL_RESULTS_DB_URL`, default `<output_root>/results.db`), which the *Synthval leaderboard*
-page of the Airflow UI shows. At most `SYNTHVAL_MAX_PARALLEL_EVALUATIONS` (default 2) trainings of
-this DAG run at once, so a burst of new datasets cannot starve the cluster.
+(env `SYNTHVAL_RESULTS_DB_URL`; on a pod backend the Secret `SYNTHVAL_RESULTS_DB_SECRET` names;
+default `<output_root>/results.db` on the local backend), which the *Synthval leaderboard* page of the
+Airflow UI shows. Trainings, fine-tunings and evaluations take a slot of the Airflow Pool
+`synthval_training` (create it with 2 slots where Airflow is set up: `airflow pools set
+synthval_training 2 "synthval GPU steps"`; the compose stack does), so however many runs and datasets
+there are, at most that many run at once and a burst of new datasets cannot starve the cluster.
 
 ```
 airflow dags trigger evaluate_new_synthetic_datasets --conf '{"watch_root": "gs://bucket/synthetic"}'
@@ -45,7 +52,8 @@ from synthval_tasks import MACROS, load_settings, run_slug, synthval_task
 DAG_ID = "evaluate_new_synthetic_datasets"
 settings = load_settings()
 CRON = os.environ.get("SYNTHVAL_DISCOVERY_CRON", "").strip() or "0 * * * *"
-MAX_PARALLEL = int(os.environ.get("SYNTHVAL_MAX_PARALLEL_EVALUATIONS", "").strip() or 2)
+# Bounds the GPU steps of every run of this DAG together; created with POOL_SLOTS slots where Airflow is set up.
+POOL, POOL_SLOTS = "synthval_training", 2
 WATCH_ROOT = os.environ.get("SYNTHVAL_WATCH_ROOT", "").strip() or f"{settings.data_root}/incoming"
 # A producer announces a finished dataset with an event here (extra: {"dataset_uri": ...}).
 ANNOUNCED = Asset(uri="synthval://synthetic-datasets/announced", name="synthval_synthetic_dataset_announced")
@@ -151,7 +159,8 @@ with DAG(
         "real_budgets": Param(
             [76, 380, 760], type="array", items={"type": "integer", "minimum": 1}, minItems=1,
             section="Real budgets", title="Real budgets",
-            description="Real image counts of the real-only learning curve (and of the sweep).",
+            description="Real image counts of the real-only learning curve (and of the sweep); counts above the "
+            "size of the real split are clipped to it (discover logs a warning).",
         ),
         **training_params(finetune=True),
         **output_params(),
@@ -164,8 +173,7 @@ with DAG(
     default_args={"owner": "synthval"},
 ) as dag:
     results_flags = ["--results", "{{ params.output_root }}/results"]
-    # Bounded concurrency: at most MAX_PARALLEL trainings and evaluations of this DAG at once.
-    bounded = {"max_active_tis_per_dag": MAX_PARALLEL}
+    bounded = {"pool": POOL}
 
     fetch_real = synthval_task("fetch", [
         "synthval", "fetch", "{{ params.real_dataset }}",
@@ -183,6 +191,7 @@ with DAG(
         "--split", "{{ params.test_split }}",
         "--real-dataset", "{{ params.real_dataset }}",
         "{{ budget_flags(params) }}",
+        "--real-split", "{{ params.real_split }}",
         "--limit", "{{ params.max_datasets }}",
         *results_flags,
     ])
@@ -214,7 +223,7 @@ with DAG(
         train >> evaluate >> publish
 
     @task(trigger_rule="all_done")  # one dataset's failed training must not hold up the others' sweep
-    def plan_sweep(datasets: list[dict], params=None, ti=None) -> list[dict]:
+    def plan_sweep(datasets: list[dict], found: dict, params=None, ti=None) -> list[dict]:
         """One fine-tuning job per (valued dataset, real budget), from that dataset's synthetic checkpoint."""
         if not params["budget_sweep"]:
             return []
@@ -224,7 +233,7 @@ with DAG(
         for item, result in zip(datasets, trained, strict=True):
             if not result:  # its training failed: nothing to fine-tune
                 continue
-            for budget in params["real_budgets"]:
+            for budget in found["real_budgets"]:  # as discover clipped them to the real split
                 work = item["checkpoint_dir"].rsplit("/checkpoints/", 1)[0] + f"/budget-{budget}"
                 jobs.append({"dataset_flag": item["dataset_flag"], "budget": budget, "init": result["checkpoint_uri"],
                              "checkpoint_dir": f"{work}/checkpoints/finetune", "train_tb": f"{work}/tensorboard/finetune",
@@ -284,10 +293,24 @@ with DAG(
 
     datasets = plan_datasets(discover.output)
     valued = value_dataset.expand_kwargs(datasets)
-    sweep_jobs = plan_sweep(datasets)
+    sweep_jobs = plan_sweep(datasets, discover.output)
     swept = sweep.expand_kwargs(sweep_jobs)
     curve = real_curve.expand_kwargs(plan_real_curve(discover.output))
     fetch_real >> discover
     valued >> sweep_jobs
     [valued, swept, curve] >> leaderboard
     announce_results(leaderboard.output, discover.output)
+
+    @task(trigger_rule="one_failed", retries=0)
+    def check_valuations() -> None:
+        """Fail the run when any of its tasks failed: the last tasks run whatever happened (all_done), so
+        without this a run whose valuations failed would end green."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException("a task of this run failed (see the failed tasks in the grid); the datasets "
+                                   "valued by the others are on the leaderboard")
+
+    watcher = check_valuations().operator
+    for other in dag.tasks:
+        if other is not watcher:
+            other >> watcher

@@ -57,6 +57,7 @@ with recipe_dag(
     fetch_real = fetch_step("fetch_real", "{{ params.real_dataset }}", "real")
     evaluate = evaluate_step("{{ params.checkpoint }}",
                              extra=("{{ set_flags(params.overrides, batch_size=params.batch_size) }}",))
-    publish = publish_step("{{ params.checkpoint }}", datasets=("--dataset", "real={{ params.real_dataset }}"))
+    publish = publish_step("{{ params.checkpoint }}", datasets=("--dataset", "model={{ params.checkpoint }}",
+                                                                "--dataset", "real={{ params.real_dataset }}"))
 
     fetch_real >> evaluate >> publish

@@ -25,6 +25,8 @@ from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartP
 from kubernetes.client import models as k8s
 
 from synthval_tasks import (
+    RESULTS_DB_ENV,
+    RESULTS_STORE_STEPS,
     USIM_TOKEN_ENV,
     Settings,
     check_conf,
@@ -184,6 +186,9 @@ TRAINING_IMAGE_UID = 10001
 def pod_task(settings: Settings, *, step: str, usim_token: bool, **common: Any) -> KubernetesPodOperator:
     """Return the pod operator of ``step`` for the kubernetes or gke backend."""
     profile = step_profile(step)
+    secrets = [Secret("env", USIM_TOKEN_ENV, settings.usim_secret, settings.usim_secret_key)] if usim_token else []
+    if step in RESULTS_STORE_STEPS:
+        secrets.append(Secret("env", RESULTS_DB_ENV, settings.results_db_secret, settings.results_db_secret_key))
     kwargs: dict[str, Any] = dict(
         image=f"{settings.image}:{{{{ params.image_tag }}}}",
         image_pull_policy="IfNotPresent",
@@ -192,7 +197,7 @@ def pod_task(settings: Settings, *, step: str, usim_token: bool, **common: Any) 
         service_account_name=settings.service_account,
         labels={"app.kubernetes.io/name": "synthval", "synthval/step": step},
         env_vars={"TMPDIR": "/scratch", "PYTHONUNBUFFERED": "1"},
-        secrets=[Secret("env", USIM_TOKEN_ENV, settings.usim_secret, settings.usim_secret_key)] if usim_token else [],
+        secrets=secrets,
         storage_gib="{{ params.storage_gib }}",
         do_xcom_push=True,
         get_logs=True,

@@ -42,6 +42,9 @@ BACKENDS = ("local", "kubernetes", "gke")
 XCOM_FILE_ENV = "SYNTHVAL_XCOM_FILE"  # read by synthval.cli
 USIM_TOKEN_ENV = "USIM_ACCESS_TOKEN"  # read by synthval.cli
 USIM_TOKEN_FILE_ENV = "USIM_ACCESS_TOKEN_FILE"  # read by synthval.cli
+RESULTS_DB_ENV = "SYNTHVAL_RESULTS_DB_URL"  # read by synthval.cli
+# The steps that read or write the results store; on a pod backend their pods get its URL from a Secret.
+RESULTS_STORE_STEPS = ("publish", "discover", "leaderboard")
 
 # Demo data made by the procedural generator, so the embedded default needs no network.
 LOCAL_DEFAULT_SYNTHETIC = "generate://synthetic?num_images=400&image_size=192&seed=0"
@@ -107,6 +110,8 @@ class Settings:
     usim_secret: str = "usim-access-token"
     usim_secret_key: str = "token"
     usim_conn_id: str = "usim_default"
+    results_db_secret: str | None = None
+    results_db_secret_key: str = "url"
     tensorboard_url: str | None = None
     gke_project: str | None = None
     gke_location: str | None = None
@@ -162,8 +167,10 @@ def load_settings() -> Settings:
     URI of every run's outputs; local default ``~/synthval-data``), IMAGE, IMAGE_TAG (never
     ``latest``; default: the installed synthval version), NAMESPACE, SERVICE_ACCOUNT,
     KUBERNETES_CONN_ID, GPU_NODE_POOL, GPU_ACCELERATOR, CPU_NODE_POOL, STORAGE_CLASS, DATA_PVC,
-    SHM_SIZE, STARTUP_TIMEOUT_S, USIM_SECRET, USIM_SECRET_KEY, USIM_CONN_ID, TENSORBOARD_URL,
-    GKE_PROJECT, GKE_LOCATION, GKE_CLUSTER, GCP_CONN_ID, DEFAULT_SYNTHETIC, DEFAULT_REAL.
+    SHM_SIZE, STARTUP_TIMEOUT_S, USIM_SECRET, USIM_SECRET_KEY, USIM_CONN_ID, RESULTS_DB_SECRET (the
+    Kubernetes Secret, in the task namespace, whose key RESULTS_DB_SECRET_KEY holds the results store's
+    URL: required on a pod backend, where a pod's own disk is deleted with it), RESULTS_DB_SECRET_KEY,
+    TENSORBOARD_URL, GKE_PROJECT, GKE_LOCATION, GKE_CLUSTER, GCP_CONN_ID, DEFAULT_SYNTHETIC, DEFAULT_REAL.
     An empty value means "not set".
     """
     names = [f for f in Settings.__dataclass_fields__ if f != "extra"]
@@ -209,6 +216,13 @@ def load_settings() -> Settings:
         missing = [n for n in ("gke_project", "gke_location", "gke_cluster") if not values.get(n)]
         if missing:
             raise SettingsError(f"SYNTHVAL_BACKEND=gke needs SYNTHVAL_{missing[0].upper()}")
+    if pod and not values.get("results_db_secret"):
+        raise SettingsError(
+            f"SYNTHVAL_RESULTS_DB_SECRET is not set: with SYNTHVAL_BACKEND={backend} the publish and discover pods "
+            "need the results store's URL, or they write into a pod's disk that is deleted with it. Name a Secret "
+            "of the task namespace holding it: kubectl -n <namespace> create secret generic synthval-results-db "
+            "--from-literal=url=postgresql+psycopg://USER:PASSWORD@HOST/DB"
+        )
     return Settings(**values)
 
 
@@ -349,8 +363,9 @@ def tensorboard_url(log_dir: str, dag_id: str | None = None, settings: Settings 
     """Return where a person looks at ``log_dir``.
 
     With TENSORBOARD_URL set (a TensorBoard serving the data root): that server, filtered to this
-    run's path (TensorBoard run names are paths below its logdir). Otherwise the folder itself: the
-    Cloud Storage console for gs://, a file:// URL for a local folder.
+    run's path (TensorBoard run names are paths below its logdir). Otherwise the folder itself where a
+    browser can open it (the Cloud Storage console for gs://), and no link for a local folder: a browser
+    opens no file:// link from a web page.
     """
     settings = settings or load_settings()
     if not log_dir or "{{" in log_dir:
@@ -362,9 +377,9 @@ def tensorboard_url(log_dir: str, dag_id: str | None = None, settings: Settings 
         return f"{settings.tensorboard_url.rstrip('/')}/?runFilter={quote(re.escape(tail), safe='')}#timeseries"
     if log_dir.startswith(("gs://", "gcs://")):
         return "https://console.cloud.google.com/storage/browser/" + log_dir.split("://", 1)[1]
-    if "://" in log_dir:
+    if log_dir.startswith(("http://", "https://")):
         return log_dir
-    return Path(os.path.expanduser(log_dir)).absolute().as_uri()
+    return ""
 
 
 class TensorBoardLink(BaseOperatorLink):

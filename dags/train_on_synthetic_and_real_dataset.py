@@ -89,7 +89,9 @@ with recipe_dag(
     evaluate = evaluate_step("{{ upstream('finetune', 'checkpoint_uri') }}", out="{{ run_root() }}/eval/finetuned")
     publish = publish_step(
         "{{ upstream('finetune', 'checkpoint_uri') }}",
-        datasets=("{{ [] if params.start_from_checkpoint else ['--dataset', 'synthetic=' ~ params.synthetic_dataset] }}",
+        # What the model was trained on (its role on the leaderboard): the given checkpoint, or the synthetic data.
+        datasets=("{{ ['--dataset', 'model=' ~ params.start_from_checkpoint] if params.start_from_checkpoint "
+                  "else ['--dataset', 'synthetic=' ~ params.synthetic_dataset] }}",
                   "--dataset", "real={{ params.real_dataset }}"),
         budget=("--real-budget", "{{ upstream('finetune', 'num_train_images') }}"),
     )

@@ -183,7 +183,8 @@ print("LEAKED", leaked)
 print(f"TIMES import_airflow={{t1 - t0:.2f}} parse_all_dags={{t2 - t1:.2f}}")
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHVAL_")}
-    env.update(AIRFLOW_ENV, SYNTHVAL_BACKEND=backend, SYNTHVAL_DATA_ROOT="gs://bucket/synthval")
+    env.update(AIRFLOW_ENV, SYNTHVAL_BACKEND=backend, SYNTHVAL_DATA_ROOT="gs://bucket/synthval",
+               SYNTHVAL_RESULTS_DB_SECRET="synthval-results-db")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LEAKED []" in proc.stdout, proc.stdout
@@ -370,7 +371,8 @@ def test_settings_come_from_env_else_the_variable(monkeypatch):
     synthval_tasks.load_settings.cache_clear()
     # No SYNTHVAL_BACKEND in env: the Variable (here through Airflow's own env form of a Variable).
     monkeypatch.setenv("AIRFLOW_VAR_SYNTHVAL_SETTINGS", json.dumps(
-        {"backend": "kubernetes", "data_root": "gs://b/r/", "image_tag": "1.2.3", "gpu_accelerator": "nvidia-l4"}))
+        {"backend": "kubernetes", "data_root": "gs://b/r/", "image_tag": "1.2.3", "gpu_accelerator": "nvidia-l4",
+         "results_db_secret": "synthval-results-db"}))
     s = synthval_tasks.load_settings()
     assert (s.backend, s.data_root, s.image_tag, s.gpu_accelerator) == ("kubernetes", "gs://b/r", "1.2.3", "nvidia-l4")
     assert (s.default_synthetic, s.default_real, s.default_preset, s.default_gpus) == (
@@ -405,12 +407,12 @@ def test_tensorboard_link_points_at_the_task_log_dir(monkeypatch):
     assert url.endswith("#timeseries")
     assert tensorboard_url(log_dir, settings=Settings(backend="kubernetes")) == (
         "https://console.cloud.google.com/storage/browser/" + log_dir[5:])
-    assert tensorboard_url("/data/tb/train", settings=Settings()) == "file:///data/tb/train"
+    assert tensorboard_url("/data/tb/train", settings=Settings()) == ""  # no file:// link: a browser opens none
     assert tensorboard_url("{{ tb_log_dir('train') }}", settings=Settings()) == ""
     link = synthval_tasks.TensorBoardLink()
     op = type("Op", (), {"tb_log_dir": "/data/tb/train"})()
     monkeypatch.setattr(synthval_tasks, "load_settings", lambda: Settings())
-    assert link.get_link(op, ti_key=None) == "file:///data/tb/train"
+    assert link.get_link(op, ti_key=None) == ""
 
 
 def test_train_and_evaluate_tasks_carry_the_tensorboard_link(local_dags):

@@ -36,11 +36,24 @@ def test_schedule_assets_mapping_and_bounded_concurrency():
     assert upstream["value_dataset.train"] == {"plan_datasets"}
     assert "value_dataset.evaluate" in upstream["value_dataset.publish"]
     assert {"value_dataset.publish", "sweep.publish", "real_curve.publish"} <= upstream["leaderboard"]
-    for task_id in ("value_dataset.train", "sweep.finetune", "real_curve.train", "value_dataset.evaluate"):
-        assert dag.get_task(task_id).max_active_tis_per_dag == 2
+    # One Pool bounds the GPU steps of every run together (a per-task cap would allow 2 per task: 8 at once).
+    import evaluate_new_synthetic_datasets as module
+
+    assert (module.POOL, module.POOL_SLOTS) == ("synthval_training", 2)
+    gpu_steps = {t.task_id for t in dag.tasks if getattr(t, "step", None) in ("train", "finetune", "evaluate")}
+    assert gpu_steps == {"value_dataset.train", "value_dataset.evaluate", "sweep.finetune", "sweep.evaluate",
+                         "real_curve.train", "real_curve.evaluate"}
+    for task_id in gpu_steps:
+        task = dag.get_task(task_id)
+        assert task.pool == module.POOL and task.max_active_tis_per_dag is None, task_id
     announce = dag.get_task("announce_results")
     assert any(isinstance(o, AssetAlias) and o.name == "synthval_results" for o in announce.outlets)
     assert dag.max_active_runs == 1
+    # The run fails when any task failed: a watcher downstream of every task, the only other leaf.
+    watcher = dag.get_task("check_valuations")
+    assert watcher.trigger_rule == "one_failed" and watcher.retries == 0
+    assert upstream["check_valuations"] == {t.task_id for t in dag.tasks} - {"check_valuations"}
+    assert {t.task_id for t in dag.leaves} == {"check_valuations"}
 
 
 TINY = {
@@ -106,6 +119,64 @@ def test_a_run_values_both_new_datasets_and_the_leaderboard_lists_them(airflow_d
     synth3 = {r["real_budget"]: r for r in after if r["dataset"] == str(inbox / "synth-3")}
     assert sorted(synth3) == [0, 8] and synth3[0]["run_id"] != synthetic[str(inbox / "synth-3")]["run_id"]
     assert re.search(r"Running: synthval finetune .*--max-images 8 --init-checkpoint \S+checkpoint-\S+\.pt", log)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_failed_valuation_ends_failed_and_keeps_what_was_valued(airflow_db, tmp_path):  # noqa: F811
+    """A complete-looking dataset that cannot be trained on: its valuation fails, the run ends failed; the
+    real-only curve of the same run is still published, at budgets clipped to the real split."""
+    import subprocess
+
+    from test_dags import PYTHON_BIN
+
+    from synthval.datasets import load_dataset
+
+    inbox = tmp_path / "inbox"
+    (inbox / "broken" / "Dataset").mkdir(parents=True)
+    (inbox / "broken" / "Dataset" / "captures_000.json").write_text('{"captures": "not a list"}')
+    (inbox / "broken" / "_SUCCESS").write_text("{}")
+    db_url = f"sqlite:///{tmp_path / 'results.db'}"
+    env = dict(airflow_db, SYNTHVAL_DATA_ROOT=str(tmp_path / "data"), SYNTHVAL_RESULTS_DB_URL=db_url,
+               OMP_NUM_THREADS="1")
+    conf = {**TINY, "real_budgets": [8, 1000], "watch_root": str(inbox),
+            "real_dataset": "generate://real-proxy?num_images=40&image_size=96&seed=1"}
+    proc = subprocess.run([str(PYTHON_BIN / "airflow"), "dags", "test", DAG_ID, "--conf", json.dumps(conf)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert re.search(rf"DagRun Finished: dag_id={DAG_ID}.*state=failed", log), log[-8000:]
+    assert re.search(r"check_valuations.*(FAILED|state=failed)", log, re.I | re.S), log[-8000:]
+    assert "param real_budgets: 1000 larger than" in log
+
+    from synthval.results import open_store
+
+    rows = open_store(db_url).rows()
+    assert [r["dataset"] for r in rows if r["dataset_role"] != "real"] == []  # the broken dataset: no result
+    (real_folder,) = (tmp_path / "data" / DAG_ID / "real").iterdir()
+    train_images = len(load_dataset(str(real_folder), split="train"))
+    assert sorted(r["real_budget"] for r in rows if r["dataset_role"] == "real") == [8, train_images]
+
+
+@pytest.mark.slow
+def test_the_compose_stack_creates_the_pool_of_the_documented_size(airflow_db):  # noqa: F811
+    """The pool command of docker-compose.yaml's airflow-init, run against a real Airflow database."""
+    import shlex
+    import subprocess
+
+    import yaml
+    from test_dags import PYTHON_BIN, ROOT
+
+    import evaluate_new_synthetic_datasets as module
+
+    command = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())["services"]["airflow-init"]["command"]
+    pool_command = next(part.strip() for part in command[-1].split("&&") if part.strip().startswith("airflow pools"))
+    argv = shlex.split(pool_command)
+    assert argv[:4] == ["airflow", "pools", "set", module.POOL] and int(argv[4]) == module.POOL_SLOTS
+    airflow = str(PYTHON_BIN / "airflow")
+    subprocess.run([airflow, *argv[1:]], env=airflow_db, capture_output=True, text=True, timeout=300, check=True)
+    got = subprocess.run([airflow, "pools", "get", module.POOL, "-o", "json"], env=airflow_db, capture_output=True,
+                         text=True, timeout=300, check=True)
+    (pool,) = json.loads(got.stdout[got.stdout.index("["):])
+    assert int(pool["slots"]) == module.POOL_SLOTS
 
 
 def test_announcing_asset_events_and_the_datasets_param_become_discover_flags():

@@ -22,6 +22,7 @@ CLUSTER_SETTINGS = {
     "gpu_node_pool": "gpu-pool",
     "gpu_accelerator": "nvidia-l4",
     "usim_secret": "usim-access-token",
+    "results_db_secret": "synthval-results-db",
 }
 GKE_SETTINGS = {**CLUSTER_SETTINGS, "gke_project": "proj", "gke_location": "europe-west4", "gke_cluster": "synthval"}
 GPU_STEPS = {"train", "finetune", "evaluate"}

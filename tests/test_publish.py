@@ -1,4 +1,4 @@
-"""`synthval publish`: the versioned result record, its provenance and its idempotent record id."""
+"""`synthval publish`: the versioned result record, its provenance, its model and its idempotent record id."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ from PIL import Image
 
 from synthval.cli import main
 from synthval.metrics import SUMMARY_KEYS
-from synthval.publish import make_record_id, protocol_fingerprint
+from synthval.publish import make_record_id
 
 RECIPE = "train_on_synthetic_and_real_dataset"
 
@@ -56,9 +56,15 @@ def test_record_holds_metrics_and_provenance(metrics_uri, tmp_path):
     metrics = json.loads(Path(metrics_uri).read_text())
     assert Path(result["result_uri"]).parent == tmp_path / "results"
     assert Path(result["result_uri"]).name == f"{record['record_id']}.json"
-    assert record["schema_version"] == 1
+    assert record["schema_version"] == 2
     assert record["recipe"] == RECIPE and record["run_id"] == "manual__1" and record["real_budget"] == 76
     assert record["datasets"] == {"real": "gs://bucket/groceries", "synthetic": "gs://bucket/synthdet"}
+    # A synthetic model fine-tuned on 76 real images, identified by the results file it is (no checkpoint
+    # was evaluated; the --checkpoint named cannot be read here).
+    results_file = tmp_path / "results.json"
+    assert record["model"] == {"id": record["model"]["id"], "basis": "predictions-sha256", "uri": str(results_file),
+                               "role": "synthetic+real", "dataset": "gs://bucket/synthdet"}
+    assert result["model_id"] == record["model"]["id"] and result["role"] == "synthetic+real"
     assert record["checkpoint_uri"] == "gs://bucket/run/ckpt/checkpoint-000100.pt"
     assert record["metrics"] == {k: metrics[k] for k in SUMMARY_KEYS}
     assert record["metrics"]["mAP50"] == pytest.approx(0.5)  # soup found everywhere, tea never, rice absent
@@ -69,7 +75,9 @@ def test_record_holds_metrics_and_provenance(metrics_uri, tmp_path):
     assert record["evaluation"]["predictions_uri"] == str(tmp_path / "eval" / "predictions.json")
     assert record["eval_config"]["split"] == "all"
     assert record["synthval_version"] and record["created_at"].endswith("+00:00")
-    assert len(record["protocol_fingerprint"]) == 64 and record["protocol"] == "coco-bbox-1"
+    assert len(record["protocol_fingerprint"]) == 64 and record["protocol"] == metrics["protocol"]
+    assert record["protocol_facts"]["test_set"] == metrics["test_set"]["sha256"]
+    assert len(record["benchmark_fingerprint"]) == 64
 
 
 def test_retry_overwrites_the_same_record(metrics_uri, tmp_path):
@@ -82,27 +90,26 @@ def test_retry_overwrites_the_same_record(metrics_uri, tmp_path):
 
 
 def test_record_id_depends_on_what_identifies_a_result():
-    base = dict(recipe=RECIPE, datasets={"real": "a", "synthetic": "b"}, fingerprint="f" * 64, real_budget=76,
-                run_id="r")
+    base = dict(recipe=RECIPE, model_id="m" * 64, fingerprint="f" * 64, run_id="r")
     same = make_record_id(**base)
-    assert same == make_record_id(**{**base, "datasets": {"synthetic": "b", "real": "a"}})
-    assert same.startswith(RECIPE + "-")
-    for change in ({"recipe": "other"}, {"datasets": {"real": "a"}}, {"fingerprint": "e" * 64},
-                   {"real_budget": 380}, {"real_budget": None}, {"run_id": None}):
+    assert same == make_record_id(**base) and same.startswith(RECIPE + "-")
+    for change in ({"recipe": "other"}, {"model_id": "n" * 64}, {"fingerprint": "e" * 64}, {"run_id": None}):
         assert make_record_id(**{**base, **change}) != same, change
     assert "/" not in make_record_id(**{**base, "recipe": "../evil/recipe"})
 
 
-def test_protocol_fingerprint_ignores_speed_knobs_only(metrics_uri):
-    metrics = json.loads(Path(metrics_uri).read_text())
-    base = protocol_fingerprint(metrics)
-    faster = {**metrics, "config": {**metrics["config"], "batch_size": 64, "num_workers": 8, "device": "cuda"}}
-    assert protocol_fingerprint(faster) == base
-    other_split = {**metrics, "test_set": {**metrics["test_set"], "split": "val"}}
-    other_images = {**metrics, "test_set": {**metrics["test_set"], "image_ids_sha256": "0" * 64}}
-    other_amp = {**metrics, "config": {**metrics["config"], "amp": "fp16"}}
-    for changed in (other_split, other_images, other_amp):
-        assert protocol_fingerprint(changed) != base
+@pytest.mark.parametrize("datasets, budget, message", [
+    (["synthetic=gs://b/s", "model=synthetic-400k"], "0", "either a synthetic dataset or a given model"),
+    (["synthetic=gs://b/s"], "76", "--dataset real=URI"),
+    (["sim=gs://b/s"], "0", "role 'sim'"),
+])
+def test_datasets_that_cannot_say_what_the_model_was_trained_on_exit_2(metrics_uri, tmp_path, capsys, datasets,
+                                                                      budget, message):
+    flags = [f for d in datasets for f in ("--dataset", d)]
+    code = main(["publish", "--metrics", metrics_uri, "--results", str(tmp_path / "results"), "--recipe", RECIPE,
+                 *flags, "--real-budget", budget, "--xcom-file", str(tmp_path / "x.json")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -110,6 +117,7 @@ def test_protocol_fingerprint_ignores_speed_knobs_only(metrics_uri):
     (lambda m: m.pop("test_set"), "'test_set'"),
     (lambda m: m.update(schema_version=99), "'schema_version'"),
     (lambda m: m.update(mAP50=1.5), "'mAP50'"),
+    (lambda m: m["test_set"].pop("sha256"), "'test_set.sha256'"),  # evaluated before content fingerprints
 ])
 def test_bad_metrics_file_exits_2_and_writes_nothing(metrics_uri, tmp_path, capsys, edit, field):
     metrics = json.loads(Path(metrics_uri).read_text())

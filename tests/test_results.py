@@ -1,8 +1,10 @@
-"""The results store: publish writes rows, idempotent per key, stale protocols, concurrent publishes.
+"""The results store: one row per (model, protocol), stale benchmarks, concurrent publishes, the upgrade
+of a schema-1 store, on SQLite and PostgreSQL.
 
 The records come from the real chain (`synthval evaluate --predictions` on a small COCO set, then
-`synthval publish`), and PostgreSQL is a real server this module starts with the Debian package's
-initdb/pg_ctl on loopback (skipped, with the reason, where the package is not installed).
+`synthval publish`): each results file is a model of its own (identified by its content). PostgreSQL is a
+real server this module starts with the Debian package's initdb/pg_ctl on loopback (skipped, with the
+reason, where the package is not installed).
 """
 
 from __future__ import annotations
@@ -12,31 +14,41 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+import zlib
 from pathlib import Path
 
 import pytest
 from test_publish import write_coco
 
 from synthval.cli import main
-from synthval.results import default_url, open_store, redact_url
+from synthval.results import SCHEMA_VERSION, StoreError, default_url, open_store, redact_url
 
 RECIPE = "evaluate_new_synthetic_datasets"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 # --- fixtures ------------------------------------------------------------------------------------
 
 
-def evaluate(tmp_path: Path, name: str, keep_labels: tuple[int, ...] = (1,), split: str = "all") -> str:
-    """metrics.json of a detector that finds exactly the boxes of `keep_labels` on a 3-image COCO set."""
-    data = tmp_path / "real"
+def evaluate(tmp_path: Path, name: str, keep_labels: tuple[int, ...] = (1,), split: str = "all",
+             data: Path | None = None) -> str:
+    """metrics.json of a detector that finds exactly the boxes of `keep_labels` on a 3-image COCO set.
+
+    Each `name` is a model of its own: its detections score a little differently (same ranking, same
+    metrics), so its results file, and with it the model's identity, differs.
+    """
+    data = data or tmp_path / "real"
     if not data.exists():
         write_coco(data)
     doc = json.loads((data / "annotations" / "instances.json").read_text())
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+    score = 0.5 + (zlib.crc32(name.encode()) % 1000) / 10_000
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": score}
                for a in doc["annotations"] if a["category_id"] in keep_labels]
     (tmp_path / f"{name}.json").write_text(json.dumps(results))
     out = tmp_path / "eval" / name
@@ -50,6 +62,12 @@ def publish_args(metrics_uri: str, results: Path, dataset: str, budget: int | No
     args = ["publish", "--metrics", metrics_uri, "--results", str(results), "--recipe", recipe,
             "--run-id", run_id, "--dataset", f"synthetic={dataset}", "--dataset", "real=/data/real"]
     return args + (["--real-budget", str(budget)] if budget is not None else [])
+
+
+def publish(args: list[str], tmp_path: Path) -> dict:
+    xcom = tmp_path / f"publish-{uuid.uuid4().hex[:8]}.json"
+    assert main([*args, "--xcom-file", str(xcom)]) == 0
+    return json.loads(xcom.read_text())
 
 
 @pytest.fixture
@@ -111,70 +129,103 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def fresh_postgres_database(server_url: str) -> str:
+    """A new, empty database on the session's PostgreSQL server."""
+    import sqlalchemy as sa
+
+    name = f"synthval_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    engine.dispose()
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store' / 'results.db'}"
-    url = request.getfixturevalue("postgres_url")
-    store = open_store(url)  # one server per session: start each test from empty tables
-    with store.engine.begin() as conn:
-        conn.execute(store.results.delete())
-        conn.execute(store.protocols.delete())
-    return url
+    return fresh_postgres_database(request.getfixturevalue("postgres_url"))
 
 
-# --- tests ---------------------------------------------------------------------------------------
+# --- one row per model and protocol ----------------------------------------------------------------
 
 
-def test_publish_writes_one_row_per_key_and_a_rerun_updates_it(metrics_uri, tmp_path, db_url, monkeypatch):
+def test_a_row_is_one_model_on_one_protocol_whatever_the_run(tmp_path, db_url, monkeypatch):
     monkeypatch.setenv("SYNTHVAL_RESULTS_DB_URL", db_url)
     results = tmp_path / "results"
-    assert main([*publish_args(metrics_uri, results, "/data/synth-a", run_id="scheduled__1"),
-                 "--xcom-file", str(tmp_path / "x")]) == 0
-    # A DAG re-run (another run id) and a task retry of the same evaluation: still one row.
+    model_a, model_b = evaluate(tmp_path, "model-a"), evaluate(tmp_path, "model-b")
+    first = publish(publish_args(model_a, results, "/data/synth-a", run_id="scheduled__1"), tmp_path)
+    # A cleared DAG run (another run id) and a task retry of the same evaluation: still one row.
     for run_id in ("scheduled__2", "scheduled__2"):
-        assert main([*publish_args(metrics_uri, results, "/data/synth-a/", run_id=run_id),
-                     "--xcom-file", str(tmp_path / "x")]) == 0
+        again = publish(publish_args(model_a, results, "/data/synth-a/", run_id=run_id), tmp_path)
     store = open_store(db_url)
     rows = store.rows()
-    assert len(rows) == 1
+    assert len(rows) == 1 and again["model_id"] == first["model_id"]
     row = rows[0]
     assert row["dataset"] == "/data/synth-a" and row["real_budget"] == 0 and row["run_id"] == "scheduled__2"
-    assert row["map"] == pytest.approx(json.loads(Path(metrics_uri).read_text())["mAP"])
-    assert row["record"]["recipe"] == RECIPE and not row["stale"]
-    # Another budget and another dataset are other keys.
-    for args in (publish_args(metrics_uri, results, "/data/synth-a", budget=76),
-                 publish_args(metrics_uri, results, "/data/synth-b")):
-        assert main([*args, "--xcom-file", str(tmp_path / "x")]) == 0
-    assert store.count() == 3
-    assert store.evaluated_datasets(RECIPE, row["protocol"], [0]) == {"/data/synth-a", "/data/synth-b"}
-    assert store.evaluated_datasets(RECIPE, row["protocol"], [0, 76]) == {"/data/synth-a"}
+    assert row["model_id"] == first["model_id"] and row["dataset_role"] == "synthetic" and not row["stale"]
+    assert row["map"] == pytest.approx(json.loads(Path(model_a).read_text())["mAP"])
+    assert len(list(results.iterdir())) == 2  # a record per run; the row is the model's
+    # Another model with the very same dataset, budget, recipe and seed (schema 1's whole key): another row.
+    other = publish(publish_args(model_b, results, "/data/synth-a", run_id="scheduled__3"), tmp_path)
+    assert store.count() == 2
+    assert {r["model_id"] for r in store.rows()} == {first["model_id"], other["model_id"]}
+    model_c = evaluate(tmp_path, "model-c")
+    publish(publish_args(model_c, results, "/data/synth-b"), tmp_path)
+    assert store.evaluated_datasets(RECIPE, row["benchmark"], [0]) == {"/data/synth-a", "/data/synth-b"}
+    assert store.evaluated_datasets(RECIPE, row["benchmark"], [0, 76]) == set()
+
+
+def test_two_runs_fetching_the_same_test_set_into_their_own_folders_share_one_protocol(tmp_path, db_url,
+                                                                                        monkeypatch):
+    """The test set each DAG run fetches into its run folder is the same content: one protocol, every row current."""
+    monkeypatch.setenv("SYNTHVAL_RESULTS_DB_URL", db_url)
+    write_coco(tmp_path / "source")
+    for run in ("manual__1", "manual__2"):
+        folder = tmp_path / "runs" / run / "data" / "real"
+        assert main(["fetch", str(tmp_path / "source"), "--out", str(folder), "--xcom-file", str(tmp_path / "f")]) == 0
+        metrics = evaluate(tmp_path, f"model-{run}", data=folder)
+        assert json.loads(Path(metrics).read_text())["test_set"]["data_uri"] == str(folder)
+        publish(publish_args(metrics, tmp_path / "results", "/data/synth", run_id=run), tmp_path)
+    rows = open_store(db_url).rows()
+    assert len(rows) == 2 and len({r["protocol"] for r in rows}) == 1 and len({r["benchmark"] for r in rows}) == 1
+    assert not any(r["stale"] for r in rows)
 
 
 def test_default_store_sits_beside_local_results(metrics_uri, tmp_path, monkeypatch):
     monkeypatch.delenv("SYNTHVAL_RESULTS_DB_URL", raising=False)
     results = tmp_path / "out" / "results"
-    assert main([*publish_args(metrics_uri, results, "/data/synth-a"), "--xcom-file", str(tmp_path / "x")]) == 0
+    publish(publish_args(metrics_uri, results, "/data/synth-a"), tmp_path)
     assert default_url(str(results)) == f"sqlite:///{tmp_path / 'out' / 'results.db'}"
     assert open_store(default_url(str(results))).count() == 1
     assert all(p.suffix == ".json" for p in results.iterdir())  # the record folder keeps only records
     assert default_url("gs://bucket/results") == f"sqlite:///{Path.home() / '.synthval' / 'results.db'}"
 
 
-def test_a_new_protocol_makes_old_rows_stale_not_gone(tmp_path, db_url, monkeypatch):
+def test_a_changed_test_set_makes_old_rows_stale_not_gone(tmp_path, db_url, monkeypatch):
     monkeypatch.setenv("SYNTHVAL_RESULTS_DB_URL", db_url)
     store = open_store(db_url)
-    old = evaluate(tmp_path, "old", split="all")
-    assert main([*publish_args(old, tmp_path / "results", "/data/synth-a"), "--xcom-file", str(tmp_path / "x")]) == 0
+    old = evaluate(tmp_path, "old")
+    publish(publish_args(old, tmp_path / "results", "/data/synth-a"), tmp_path)
     time.sleep(0.01)
-    new = evaluate(tmp_path, "new", split="train")  # another test split: another protocol
-    assert main([*publish_args(new, tmp_path / "results", "/data/synth-b"), "--xcom-file", str(tmp_path / "x")]) == 0
+    # The same folder with one box moved by a pixel: another test set.
+    annotations = tmp_path / "real" / "annotations" / "instances.json"
+    doc = json.loads(annotations.read_text())
+    doc["annotations"][0]["bbox"][0] += 1
+    annotations.write_text(json.dumps(doc))
+    new = evaluate(tmp_path, "new")
+    publish(publish_args(new, tmp_path / "results", "/data/synth-b"), tmp_path)
     rows = {r["dataset"]: r for r in store.rows()}
     assert rows["/data/synth-a"]["stale"] and not rows["/data/synth-b"]["stale"]
-    assert rows["/data/synth-a"]["protocol"] != rows["/data/synth-b"]["protocol"]
+    assert rows["/data/synth-a"]["benchmark"] != rows["/data/synth-b"]["benchmark"]
     assert [r["dataset"] for r in store.rows(include_stale=False)] == ["/data/synth-b"]
-    # A late publish of the old protocol lands, and is stale at once.
-    assert main([*publish_args(old, tmp_path / "results", "/data/synth-c"), "--xcom-file", str(tmp_path / "x")]) == 0
+    # A late publish on the old test set lands, and is stale at once.
+    late = json.loads(Path(old).read_text())
+    late["source_predictions_uri"] = str(tmp_path / "late.json")
+    (tmp_path / "late.json").write_text("[]")
+    (tmp_path / "late-metrics.json").write_text(json.dumps(late))
+    publish(publish_args(str(tmp_path / "late-metrics.json"), tmp_path / "results", "/data/synth-c"), tmp_path)
     assert {r["dataset"]: r["stale"] for r in store.rows()}["/data/synth-c"] is True
 
 
@@ -188,22 +239,27 @@ def test_twenty_concurrent_publishes_all_land(metrics_uri, tmp_path, db_url, mon
 
     monkeypatch.setenv("SYNTHVAL_RESULTS_DB_URL", db_url)
     results = tmp_path / "results"
-    # 20 processes, released together: 16 distinct keys, and 4 more publishes of key 0 racing on its row.
+    metrics = json.loads(Path(metrics_uri).read_text())
+    models = []
+    for i in range(16):  # 16 models: the same evaluation, each of its own results file
+        (tmp_path / f"model-{i}.json").write_text(" " * i + "[]")
+        (tmp_path / f"metrics-{i}.json").write_text(json.dumps(
+            {**metrics, "source_predictions_uri": str(tmp_path / f"model-{i}.json")}))
+        models.append(str(tmp_path / f"metrics-{i}.json"))
+    # 20 processes, released together: 16 models, and 4 more publishes of model 0 racing on its row.
     ctx = multiprocessing.get_context("fork")  # children start with synthval imported: the race is the writes
     barrier = ctx.Barrier(20)
     procs = []
     for i in range(20):
-        dataset = f"/data/synth-{i:02d}" if i < 16 else "/data/synth-00"
-        args = [*publish_args(metrics_uri, results, dataset, run_id=f"run-{i}"), "--xcom-file",
-                str(tmp_path / f"x{i}.json")]
+        args = [*publish_args(models[i % 16], results, f"/data/synth-{i % 16:02d}", run_id=f"run-{i}"),
+                "--xcom-file", str(tmp_path / f"x{i}.json")]
         procs.append(ctx.Process(target=_publish_at_once, args=(barrier, args)))
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join(timeout=300)
     assert [p.exitcode for p in procs] == [0] * 20
-    store = open_store(db_url)
-    rows = store.rows()
+    rows = open_store(db_url).rows()
     assert len(rows) == 16
     assert sorted(r["dataset"] for r in rows) == [f"/data/synth-{i:02d}" for i in range(16)]
     assert all(r["map"] is not None for r in rows)
@@ -211,10 +267,101 @@ def test_twenty_concurrent_publishes_all_land(metrics_uri, tmp_path, db_url, mon
 
 def test_bad_urls_and_records_fail_clearly(tmp_path):
     from synthval.errors import ConfigError
-    from synthval.results import StoreError, row_from_record
+    from synthval.results import row_from_record
 
     with pytest.raises(ConfigError, match="mysql"):
         open_store("mysql://user:secret@db/results")
-    with pytest.raises(StoreError, match="protocol_fingerprint"):
-        row_from_record({"record_id": "x", "recipe": "r", "datasets": {}, "metrics": {}, "created_at": "t"})
+    with pytest.raises(StoreError, match="'model'"):
+        row_from_record({"record_id": "x", "recipe": "r", "protocol_fingerprint": "p", "benchmark_fingerprint": "b",
+                         "metrics": {}, "created_at": "t"})
     assert "secret" not in redact_url("postgresql+psycopg://user:secret@db/results")
+
+
+# --- the upgrade of a schema-1 store -------------------------------------------------------------
+
+
+def load_v1_store(db_url: str) -> None:
+    """Restore the schema-1 store synthval 0.1.0 wrote (tests/fixtures/results-store-v1.*.sql)."""
+    import sqlalchemy as sa
+
+    if db_url.startswith("sqlite"):
+        path = db_url.removeprefix("sqlite:///")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with sqlite3.connect(path) as conn:
+            conn.executescript((FIXTURES / "results-store-v1.sqlite.sql").read_text())
+        return
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql((FIXTURES / "results-store-v1.postgresql.sql").read_text())
+        conn.exec_driver_sql("SELECT pg_catalog.set_config('search_path', 'public', false)")
+    engine.dispose()
+
+
+def test_a_store_written_by_synthval_0_1_0_is_upgraded_in_place(tmp_path, db_url, monkeypatch):
+    import sqlalchemy as sa
+
+    load_v1_store(db_url)
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        old = {r.id: r for r in conn.execute(sa.text("SELECT * FROM synthval_results ORDER BY id"))}
+    assert len(old) == 5
+
+    store = open_store(db_url)
+    with store.engine.connect() as conn:
+        assert store.schema_version(conn) == SCHEMA_VERSION
+    rows = {r["record_id"]: r for r in store.rows()}
+    assert len(rows) == 5
+    by_recipe = {}
+    for row in rows.values():
+        by_recipe.setdefault(row["recipe"], []).append(row)
+        before = next(o for o in old.values() if o.record_id == row["record_id"])
+        assert (row["map"], row["result_uri"], row["created_at"]) == (before.map, before.result_uri, before.created_at)
+        assert row["record"] == json.loads(before.record)
+    # Roles derived again: schema 1 put the fine-tune of a given checkpoint and evaluate_the_model's models in
+    # the real-only curve ("real").
+    roles = {r["recipe"]: (r["dataset_role"], r["dataset"], r["real_budget"]) for r in rows.values()}
+    assert roles == {
+        "train_on_synthdet_sample": ("synthetic", "/data/synth-a", 0),
+        "train_on_real_world_dataset": ("real", "/data/real", 76),
+        "train_on_synthetic_and_real_dataset": ("model+real", "/data/real", 76),
+        "evaluate_the_model": ("model", "/models/other.pt", None),
+        "evaluate_new_synthetic_datasets": ("synthetic", "/data/synth-b", 0),
+    }
+    assert len({r["model_id"] for r in rows.values()}) == 5
+    assert not any(r["stale"] for r in rows.values())  # each recipe's protocol is still its current benchmark
+
+    # The old tables stay as they were, and refuse the writes of a synthval 0.1.0 left running.
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM synthval_results")).scalar_one() == 5
+    with pytest.raises(sa.exc.DBAPIError, match="replaced by synthval_model_results"), engine.begin() as conn:
+        conn.execute(sa.text("UPDATE synthval_results SET map = 0"))
+    engine.dispose()
+
+    # New publishes land beside the upgraded rows; the recipe's new benchmark (content) makes its old row stale.
+    monkeypatch.setenv("SYNTHVAL_RESULTS_DB_URL", db_url)
+    metrics = evaluate(tmp_path, "after-upgrade")
+    publish(publish_args(metrics, tmp_path / "results", "/data/synth-b"), tmp_path)
+    after = store.rows()
+    assert len(after) == 6
+    stale = {r["record_id"]: r["stale"] for r in after if r["recipe"] == RECIPE}
+    assert sorted(stale.values()) == [False, True]
+    # Opening it again (another process) finds nothing to do.
+    from synthval.results import ResultsStore
+
+    assert ResultsStore(db_url).count() == 6
+
+
+def test_a_store_newer_than_this_synthval_is_refused(tmp_path, capsys, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    store = open_store(url)
+    with store.engine.begin() as conn:
+        conn.execute(store.meta.update().values(value=str(SCHEMA_VERSION + 1)))
+    from synthval.results import ResultsStore
+
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        ResultsStore(url)
+    monkeypatch.setenv("SYNTHVAL_RESULTS_DB_URL", url)
+    metrics = evaluate(tmp_path, "m")
+    monkeypatch.setattr("synthval.results._STORES", {})
+    code = main([*publish_args(metrics, tmp_path / "results", "/data/s"), "--xcom-file", str(tmp_path / "x")])
+    assert code == 1 and "upgrade synthval" in capsys.readouterr().err

@@ -141,7 +141,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe (DAG) name")
     p.add_argument("--run-id", default=None, help="orchestrator run id, for provenance")
     p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="ROLE=URI",
-                   help="dataset URIs by role, e.g. synthetic=gs://..., real=... (repeatable)")
+                   help="what the model was trained on, by role: synthetic=URI, real=URI (the real dataset; "
+                        "training data with --real-budget > 0), model=URI or name (a given model) (repeatable)")
     p.add_argument("--checkpoint", default=None, metavar="URI")
     p.add_argument("--real-budget", type=int, default=None, help="real images used for training")
     p.add_argument("--no-report", action="store_true",
@@ -345,13 +346,14 @@ def _add_results_commands(sub: Any) -> None:
                    help="only datasets whose URI contains TEXT")
     p.add_argument("--budget", dest="budgets", type=int, action="append", default=None,
                    help="only this real budget (repeatable)")
-    p.add_argument("--role", dest="roles", action="append", choices=["synthetic", "real", "model"], default=None,
-                   help="only synthetic datasets, real-only runs or given models (repeatable)")
+    p.add_argument("--role", dest="roles", action="append", default=None,
+                   help="only this role (repeatable): synthetic, synthetic+real, real (the real-only curve), "
+                        "model (a given model), model+real")
     p.add_argument("--sort", default="real_equiv",
                    help="real_equiv (default), mAP, mAP50, mAR100, when, dataset, real_budget or recipe")
     p.add_argument("--ascending", action="store_true")
     p.add_argument("--baseline", default=None, metavar="DATASET", help="show metric deltas against this dataset")
-    p.add_argument("--include-stale", action="store_true", help="also rows of an older evaluation protocol")
+    p.add_argument("--include-stale", action="store_true", help="also rows of an older test set or scoring")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--format", dest="output_format", default="table", choices=["table", "csv", "json"])
     p.add_argument("--out", default=None, metavar="URI", help="write the table there instead of printing it")
@@ -376,6 +378,8 @@ def _add_results_commands(sub: Any) -> None:
                    help="real budgets each dataset is valued at (repeatable; default 0)")
     p.add_argument("--real-budget", dest="real_budgets", type=int, action="append", default=[],
                    help="budgets of the real-only curve (repeatable)")
+    p.add_argument("--real-split", default=None,
+                   help="split of --test-data the real budgets are drawn from: budgets above its size are clipped")
     p.add_argument("--limit", type=int, default=None, help="value at most this many datasets per run")
     _add_common(p)
 
@@ -395,20 +399,22 @@ def _run_results_command(args: argparse.Namespace) -> dict[str, Any]:
     return run_discover(root_uri=args.root, db_url=db_url, recipe=args.recipe, test_data_uri=args.test_data,
                         real_dataset=args.real_dataset, split=args.split, announced=args.announced,
                         marker=args.marker, budgets=args.budgets or [0], real_budgets=args.real_budgets,
-                        dataset_format=args.test_format, limit=args.limit)
+                        real_split=args.real_split, dataset_format=args.test_format, limit=args.limit)
 
 
-def write_xcom(result: dict[str, Any], path: str | None) -> None:
+def write_xcom(result: dict[str, Any], path: str | None, echo: bool = True) -> None:
     """Write the step's result where the KubernetesPodOperator sidecar (or the local backend) reads it.
 
-    With no explicit path and no /airflow/xcom folder (a plain shell), the result is only printed.
+    With no explicit path and no /airflow/xcom folder (a plain shell), the result is only printed
+    (`echo`: also printed otherwise).
     """
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun only rank 0 speaks for the step
     explicit = path or os.environ.get(XCOM_ENV)
     target = explicit or DEFAULT_XCOM_FILE
     text = json.dumps(result, sort_keys=True)
-    print(text, flush=True)
+    if echo:
+        print(text, flush=True)
     if not explicit and not os.path.isdir(os.path.dirname(DEFAULT_XCOM_FILE)):
         return
     from synthval import storage
@@ -437,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         result = run_command(args)
-        write_xcom(result, args.xcom_file)
+        # `leaderboard` without --out prints the board to stdout; a result line after it would break its CSV/JSON.
+        write_xcom(result, args.xcom_file, echo=not (args.command == "leaderboard" and args.out is None))
     except SynthvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

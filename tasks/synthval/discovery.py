@@ -8,10 +8,15 @@ is left alone, however long it has been there; hidden folders (`.name`, the gene
 folders) and `_name` folders are never datasets.
 
 A dataset is *new* unless the results store already holds a result for it under the recipe, for
-every requested real budget, under the *current* evaluation protocol. The protocol is computed before
-anything is trained, exactly as `synthval publish` will compute it from the evaluation (the test
-set's identity and the scoring config, see synthval.publish.protocol_fingerprint), so a changed test
-split re-values every dataset, and results of the old protocol turn stale in the store.
+every requested real budget, on the *current* benchmark: the test set's content and the metric
+protocol (synthval.protocol), computed before anything is trained exactly as `synthval publish` will
+compute it from the evaluation. A changed test set (one box, one image byte, another split) or scoring
+re-values every dataset, and results on the old benchmark turn stale in the store; the same test set
+fetched into another run folder is the same benchmark.
+
+Real budgets larger than the real training split cannot be trained: they are clipped to the split's
+size with a warning naming the `real_budgets` param, and the clipped list is returned for the DAG to
+use.
 
 Datasets may also be announced one by one (an Airflow Asset event carrying their URI): they are
 checked for the marker like the listed ones and valued only if complete and new.
@@ -28,12 +33,13 @@ from typing import Any
 
 from synthval import storage
 from synthval.errors import ConfigError, FetchError
-from synthval.results import normalize_uri, open_store
+from synthval.fetch import local_dataset
+from synthval.identity import REAL_ONLY, normalize_uri
+from synthval.results import open_store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MARKER = "_SUCCESS"
-REAL_ONLY_ROLE = "real"
 
 
 def _children(root_uri: str) -> list[str]:
@@ -90,57 +96,72 @@ def find_datasets(root_uri: str | None, announced: Iterable[str] = (), marker: s
     return complete, incomplete
 
 
-def evaluation_protocol(test_data_uri: str, split: str = "test", dataset_format: str = "auto",
-                        overrides: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
-    """(fingerprint, description) of evaluating on `split` of `test_data_uri`, as publish will record it."""
+def evaluation_benchmark(test_data_uri: str, split: str = "test", dataset_format: str = "auto"
+                         ) -> tuple[str, dict[str, Any]]:
+    """(fingerprint, description) of the benchmark of `split` of `test_data_uri`, as publish will record it."""
     from synthval.config import EvalConfig, load_config
     from synthval.datasets import load_dataset
     from synthval.evaluate import coco_image_ids, provenance
     from synthval.metrics import METRIC_PROTOCOL
-    from synthval.publish import protocol_fingerprint
+    from synthval.protocol import benchmark_fingerprint
 
-    if not storage.is_local(test_data_uri):
-        raise ConfigError(f"{test_data_uri}: the test set must be fetched first (synthval fetch) and given locally")
-    config = load_config(EvalConfig, preset=None, config_text=None, overrides=[*overrides, f"split={split}"],
-                         source="config")
-    path = storage.local_path(test_data_uri)
+    path = local_dataset(test_data_uri)  # a pod gets gs://: read through the local cache, as evaluate does
+    config = load_config(EvalConfig, preset=None, config_text=None, overrides=[f"split={split}"], source="config")
     index = load_dataset(path, format=dataset_format, split=config.split)
     facts = provenance(config, index, test_data_uri, None, None, "", coco_image_ids(index, path), None)
     facts["protocol"] = METRIC_PROTOCOL
-    return protocol_fingerprint(facts), {"test_set": facts["test_set"], "protocol": METRIC_PROTOCOL}
+    return benchmark_fingerprint(facts, test_data_uri), {"test_set": facts["test_set"], "protocol": METRIC_PROTOCOL}
+
+
+def clip_budgets(budgets: Sequence[int], available: int, source: str) -> list[int]:
+    """`budgets` sorted and unique, any larger than `available` images clipped to it, with a warning."""
+    too_big = sorted(b for b in set(budgets) if b > available)
+    clipped = sorted({min(b, available) for b in budgets})
+    if too_big:
+        log.warning("param real_budgets: %s larger than the %d images of %s; clipped to %d (real budgets now %s)",
+                    ", ".join(map(str, too_big)), available, source, available, clipped)
+    return clipped
 
 
 def run_discover(*, root_uri: str | None, db_url: str, recipe: str, test_data_uri: str, real_dataset: str,
                  split: str = "test", announced: Sequence[str] = (), marker: str = DEFAULT_MARKER,
-                 budgets: Sequence[int] = (0,), real_budgets: Sequence[int] = (), dataset_format: str = "auto",
-                 limit: int | None = None) -> dict[str, Any]:
-    """List new complete datasets and the real-only budgets still missing for the current protocol.
+                 budgets: Sequence[int] = (0,), real_budgets: Sequence[int] = (), real_split: str | None = None,
+                 dataset_format: str = "auto", limit: int | None = None) -> dict[str, Any]:
+    """List new complete datasets and the real-only budgets still missing on the current benchmark.
 
-    Returns {"protocol", "new_datasets", "incomplete", "already_evaluated", "missing_real_budgets"};
+    Returns {"benchmark", "new_datasets", "incomplete", "already_evaluated", "real_budgets" (as given, or
+    clipped to the `real_split` of the real dataset at `test_data_uri`), "missing_real_budgets"};
     `real_dataset` is the URI the real-only results are recorded under (their `real=` dataset).
     """
     if not root_uri and not announced:
         raise ConfigError("discover: give a watched root (--root) or announced datasets (--dataset)")
     if any(b < 0 for b in [*budgets, *real_budgets]):
         raise ConfigError(f"discover: real budgets must not be negative, got {list(budgets)} / {list(real_budgets)}")
-    protocol, description = evaluation_protocol(test_data_uri, split, dataset_format)
+    if real_split is not None:
+        from synthval.datasets import load_dataset
+
+        path = local_dataset(test_data_uri)
+        available = len(load_dataset(path, format=dataset_format, split=real_split))
+        real_budgets = clip_budgets(real_budgets, available, f"split {real_split!r} of {test_data_uri}")
+        budgets = sorted({min(b, available) for b in budgets})
+    benchmark, description = evaluation_benchmark(test_data_uri, split, dataset_format)
     store = open_store(db_url)
-    store.register_protocol(recipe, protocol, description, make_current=True)
+    store.register_benchmark(recipe, benchmark, description, make_current=True)
     complete, incomplete = find_datasets(root_uri, announced, marker)
-    done = store.evaluated_datasets(recipe, protocol, budgets)
+    done = store.evaluated_datasets(recipe, benchmark, budgets)
     new = [uri for uri in complete if uri not in done]
     valued = [uri for uri in complete if uri in done]
     if limit is not None and len(new) > limit:
         log.info("discover: %d new datasets; valuing the first %d now, the rest in later runs", len(new), limit)
         new = new[:limit]
-    have_real = {row["real_budget"] for row in store.rows(recipe=recipe, protocol=protocol,
-                                                          dataset_role=REAL_ONLY_ROLE)
-                 if row["dataset"] == normalize_uri(real_dataset)}
+    real = normalize_uri(real_dataset)
+    have_real = {row["real_budget"] for row in store.rows(recipe=recipe, benchmark=benchmark, dataset_role=REAL_ONLY,
+                                                          with_records=False) if row["dataset"] == real}
     missing_real = sorted({b for b in real_budgets if b > 0} - have_real)
-    log.info("discover: protocol %s; %d complete dataset(s): %d to value now, %d valued before; %d incomplete "
-             "(no %s yet); real-only budgets to train: %s", protocol[:12], len(complete), len(new), len(valued),
+    log.info("discover: benchmark %s; %d complete dataset(s): %d to value now, %d valued before; %d incomplete "
+             "(no %s yet); real-only budgets to train: %s", benchmark[:12], len(complete), len(new), len(valued),
              len(incomplete), marker, missing_real or "none")
     for uri in incomplete:
         log.info("discover: not complete yet, left for a later run: %s", uri)
-    return {"protocol": protocol, "new_datasets": new, "incomplete": incomplete,
-            "already_evaluated": valued, "missing_real_budgets": missing_real}
+    return {"benchmark": benchmark, "new_datasets": new, "incomplete": incomplete,
+            "already_evaluated": valued, "real_budgets": list(real_budgets), "missing_real_budgets": missing_real}

@@ -132,10 +132,14 @@ def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoin
     synthval_version and training config of the checkpoint; null when a results file was scored),
     "source_predictions_uri" (the results file scored, or null), "predictions_uri" (the written
     predictions.json), "data_uri", "split", "test_set" {data_uri, split, format, num_images, num_boxes,
-    image_ids_sha256: SHA-256 of the sorted image ids, so publish can tell whether two evaluations
-    scored the same images}, "config" (the resolved EvalConfig), "synthval_version", "created_at" (UTC).
-    Local URIs are recorded as absolute paths.
+    image_ids_sha256: SHA-256 of the sorted image ids, and the content fingerprint of
+    `protocol.test_set_fingerprint`: sha256, images_sha256, annotations_sha256, label_map_sha256},
+    "scoring" (the IoU thresholds, max detections and area ranges scored with), "config" (the resolved
+    EvalConfig), "synthval_version", "created_at" (UTC). Local URIs are recorded as absolute paths,
+    published model names as names.
     """
+    from synthval.protocol import scoring_settings, test_set_fingerprint
+
     ids = sorted(coco_ids[r.image_id] for r in index.images)
     data_uri = _absolute(data_uri)
     return {
@@ -149,7 +153,9 @@ def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoin
             "data_uri": data_uri, "split": config.split, "format": index.format, "num_images": len(index),
             "num_boxes": index.num_boxes,
             "image_ids_sha256": hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest(),
+            **test_set_fingerprint(index, coco_ids, config.split),
         },
+        "scoring": scoring_settings(),
         "config": to_dict(config),
         "synthval_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -157,8 +163,12 @@ def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoin
 
 
 def _absolute(uri: str | None) -> str | None:
-    """Local paths made absolute, so provenance (and the protocol fingerprint) does not hang on a cwd."""
-    return storage.local_path(uri) if uri is not None and storage.is_local(uri) else uri
+    """Local paths made absolute, so provenance does not hang on a cwd; published model names stay names."""
+    from synthval.identity import is_named_model
+
+    if uri is None or not storage.is_local(uri) or is_named_model(uri):
+        return uri
+    return storage.local_path(uri)
 
 
 def _jsonable(value: Any) -> Any:

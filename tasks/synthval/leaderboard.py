@@ -15,8 +15,15 @@ error sqrt(p (1 - p) / n) over the n test boxes, a rough floor for the sampling 
 A result above the curve's last point has an equivalent "more than the largest budget" (reported as
 infinite, shown as "> N"); below the first point it is 0.
 
-Rows of the real-only curve itself carry their own budget as equivalent. Deltas compare each row with
-the chosen baseline dataset's row of the same recipe, protocol and real budget.
+Rows of the real-only curve itself (role `real`) carry their own budget as equivalent; every other row
+(synthetic, synthetic+real, model, model+real: synthval.identity) is read off the curve of its own
+protocol. Deltas compare each row with the chosen baseline dataset's row of the same recipe, protocol
+and real budget.
+
+Output is for people and for programs: `--format json|csv` to stdout is the document and nothing else;
+text from datasets (URIs are folder names anyone could pick) never carries terminal control sequences
+into a table or CSV (they are shown escaped, `\x1b`), and a CSV text cell that a spreadsheet would run
+as a formula (starting with = + - @, tab or CR) is prefixed with a quote.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from synthval.errors import ConfigError
+from synthval.identity import REAL_ONLY, ROLES
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,11 @@ BOOTSTRAP_REPLICATES = 2000
 CONFIDENCE = 0.95
 CSV_COLUMNS = ("dataset", "role", "recipe", "real_budget", "seed", "mAP", "mAP50", "mAR100", "real_equiv",
                "real_equiv_low", "real_equiv_high", "delta_mAP", "delta_mAP50", "delta_mAR100", "delta_real_equiv",
-               "when", "protocol", "stale", "run_id", "link", "run_link", "tensorboard")
+               "when", "protocol", "stale", "run_id", "model_id", "link", "run_link", "tensorboard")
+# C0 and C1 control characters and DEL: in a terminal they move the cursor, recolour, retitle, or worse.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A spreadsheet runs a cell starting with these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 # --- the real-only curve and the real-image equivalent ---------------------------------------------------
@@ -62,14 +75,14 @@ def real_only_curves(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[s
     """
     by_protocol: dict[str, dict[int, list[Mapping[str, Any]]]] = {}
     for row in rows:
-        if row["dataset_role"] == "real" and row["real_budget"] is not None and row["map"] is not None:
+        if row["dataset_role"] == REAL_ONLY and row["real_budget"] is not None and row["map"] is not None:
             by_protocol.setdefault(row["protocol"], {}).setdefault(int(row["real_budget"]), []).append(row)
     curves = {}
     for protocol, budgets in by_protocol.items():
         points = []
         for budget, group in sorted(budgets.items()):
             values = [float(r["map"]) for r in group]
-            num_gt = group[0]["record"].get("num_gt")
+            num_gt = group[0]["num_gt"]
             points.append({"budget": budget, "mAP": float(np.mean(values)), "sigma": standard_error(values, num_gt),
                            "n": len(values)})
         if points[0]["budget"] != 0:
@@ -78,14 +91,50 @@ def real_only_curves(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[s
     return curves
 
 
-def _equivalent(curve_map: np.ndarray, x: np.ndarray, target: float) -> float:
-    """Images of a non-decreasing curve (mAP at log1p budgets `x`) at which it reaches `target`."""
-    if target <= curve_map[0]:
-        return float(math.expm1(x[0]))
-    if target > curve_map[-1]:
-        return math.inf
-    ramp = curve_map + np.arange(len(curve_map)) * 1e-12  # strictly increasing, as np.interp requires
-    return float(math.expm1(np.interp(target, ramp, x)))
+def _equivalents(ramp: np.ndarray, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Images at which one curve reaches each target: `ramp` is its mAP at log1p budgets `x`, strictly
+    increasing. At or below the first point: the first budget; above the last: infinity; between two
+    points: linear in log(1 + images)."""
+    out = np.expm1(np.interp(targets, ramp, x))
+    out[targets > ramp[-1]] = math.inf
+    return out
+
+
+def _ramp(curves: np.ndarray) -> np.ndarray:
+    # Strictly increasing, as interpolation needs; 1e-12 is far below any mAP difference that matters.
+    return curves + np.arange(curves.shape[-1]) * 1e-12
+
+
+def real_image_equivalents(curve: Sequence[Mapping[str, Any]], target_maps: Sequence[float],
+                           target_sigmas: Sequence[float], replicates: int = BOOTSTRAP_REPLICATES,
+                           seed: int = 0) -> list[dict[str, Any]]:
+    """`real_image_equivalent` of several results on one curve at once, with the same bootstrap draws
+    (each result's interval is the one it gets alone)."""
+    if len(curve) < 2:
+        raise ConfigError("real-image equivalent: the real-only curve needs at least one measured budget")
+    budgets = np.array([p["budget"] for p in curve], dtype=float)
+    x = np.log1p(budgets)
+    means = np.maximum.accumulate(np.array([p["mAP"] for p in curve], dtype=float))
+    sigmas = np.array([p["sigma"] for p in curve], dtype=float)
+    maps, spreads = np.asarray(target_maps, dtype=float), np.asarray(target_sigmas, dtype=float)
+    values = _equivalents(_ramp(means), x, maps)
+    rng = np.random.default_rng(seed)
+    draws = _ramp(np.maximum.accumulate(means + sigmas * rng.standard_normal((replicates, len(curve))), axis=1))
+    noise = rng.standard_normal(replicates)
+    alpha = (1.0 - CONFIDENCE) / 2
+    # np.quantile(..., method="lower") picks these order statistics; partitioning finds just those two.
+    ranks = [math.floor(alpha * (replicates - 1)), math.floor((1.0 - alpha) * (replicates - 1))]
+    bounds = np.empty((2, len(maps)))
+    for start in range(0, len(maps), 2048):  # replicates x 2048 results at a time: 32 MB
+        chunk = slice(start, start + 2048)
+        targets = maps[None, chunk] + noise[:, None] * spreads[None, chunk]
+        replicated = np.empty((targets.shape[1], replicates))  # one row per result: partitioned in place
+        for r in range(replicates):
+            replicated[:, r] = _equivalents(draws[r], x, targets[r])
+        replicated.partition(ranks, axis=1)
+        bounds[:, chunk] = replicated[:, ranks].T
+    return [{"value": float(v), "low": float(lo), "high": float(hi), "max_budget": int(budgets[-1])}
+            for v, lo, hi in zip(values, bounds[0], bounds[1], strict=True)]
 
 
 def real_image_equivalent(curve: Sequence[Mapping[str, Any]], target_map: float, target_sigma: float = 0.0,
@@ -94,20 +143,7 @@ def real_image_equivalent(curve: Sequence[Mapping[str, Any]], target_map: float,
 
     `value` and `high` are infinite when the result beats the largest real budget measured.
     """
-    if len(curve) < 2:
-        raise ConfigError("real-image equivalent: the real-only curve needs at least one measured budget")
-    budgets = np.array([p["budget"] for p in curve], dtype=float)
-    x = np.log1p(budgets)
-    means = np.maximum.accumulate(np.array([p["mAP"] for p in curve], dtype=float))
-    sigmas = np.array([p["sigma"] for p in curve], dtype=float)
-    value = _equivalent(means, x, target_map)
-    rng = np.random.default_rng(seed)
-    draws = np.maximum.accumulate(means + sigmas * rng.standard_normal((replicates, len(curve))), axis=1)
-    targets = target_map + target_sigma * rng.standard_normal(replicates)
-    values = np.array([_equivalent(draws[i], x, targets[i]) for i in range(replicates)])
-    alpha = (1.0 - CONFIDENCE) / 2
-    low, high = np.quantile(values, [alpha, 1.0 - alpha], method="lower")
-    return {"value": value, "low": float(low), "high": float(high), "max_budget": int(budgets[-1])}
+    return real_image_equivalents(curve, [target_map], [target_sigma], replicates, seed)[0]
 
 
 # --- the table -------------------------------------------------------------------------------------------
@@ -150,6 +186,9 @@ def build_leaderboard(rows: Iterable[Mapping[str, Any]], *, recipe: str | None =
     """
     if sort not in SORT_KEYS:
         raise ConfigError(f"leaderboard: sort key {sort!r} is unknown; expected one of {', '.join(SORT_KEYS)}")
+    unknown = sorted(set(roles or ()) - set(ROLES))
+    if unknown:
+        raise ConfigError(f"leaderboard: role {unknown[0]!r} is unknown; expected one of {', '.join(ROLES)}")
     rows = list(rows)
     curves = real_only_curves(r for r in rows if not r["stale"])
     entries = []
@@ -164,7 +203,8 @@ def build_leaderboard(rows: Iterable[Mapping[str, Any]], *, recipe: str | None =
             continue
         if budgets is not None and row["real_budget"] not in budgets:
             continue
-        entries.append(_entry(row, curves.get(row["protocol"]), airflow_url, tensorboard_url))
+        entries.append(_entry(row, airflow_url, tensorboard_url))
+    _add_equivalents(entries, curves)
     if baseline is not None:
         _add_deltas(entries, _baseline_dataset(entries, baseline))
     present = [e for e in entries if e[sort] is not None]
@@ -174,8 +214,7 @@ def build_leaderboard(rows: Iterable[Mapping[str, Any]], *, recipe: str | None =
     return ordered[:limit] if limit is not None else ordered
 
 
-def _entry(row: Mapping[str, Any], curve: list[dict[str, Any]] | None, airflow_url: str | None,
-           tensorboard_url: str | None) -> dict[str, Any]:
+def _entry(row: Mapping[str, Any], airflow_url: str | None, tensorboard_url: str | None) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "dataset": row["dataset"], "role": row["dataset_role"], "recipe": row["recipe"],
         "real_budget": row["real_budget"], "seed": row["seed"],
@@ -183,15 +222,26 @@ def _entry(row: Mapping[str, Any], curve: list[dict[str, Any]] | None, airflow_u
         "real_equiv": None, "real_equiv_low": None, "real_equiv_high": None,
         "delta_mAP": None, "delta_mAP50": None, "delta_mAR100": None, "delta_real_equiv": None,
         "when": row["updated_at"], "protocol": row["protocol"], "stale": bool(row["stale"]),
-        "run_id": row.get("run_id"), **links(row, airflow_url, tensorboard_url),
+        "run_id": row.get("run_id"), "model_id": row["model_id"], "row_id": row["id"], "num_gt": row["num_gt"],
+        **links(row, airflow_url, tensorboard_url),
     }
-    if row["dataset_role"] == "real" and row["real_budget"] is not None:
+    if row["dataset_role"] == REAL_ONLY and row["real_budget"] is not None:
         entry["real_equiv"] = entry["real_equiv_low"] = entry["real_equiv_high"] = float(row["real_budget"])
-    elif curve is not None and len(curve) > 1 and row["map"] is not None:
-        sigma = standard_error([float(row["map"])], row["record"].get("num_gt"))
-        equiv = real_image_equivalent(curve, float(row["map"]), sigma)
-        entry.update(real_equiv=equiv["value"], real_equiv_low=equiv["low"], real_equiv_high=equiv["high"])
     return entry
+
+
+def _add_equivalents(entries: list[dict[str, Any]], curves: Mapping[str, list[dict[str, Any]]]) -> None:
+    """The real-image equivalent of every entry off the real-only curve of its protocol, one batch per curve."""
+    by_protocol: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        curve = curves.get(entry["protocol"])
+        if entry["real_equiv"] is None and entry["mAP"] is not None and curve is not None and len(curve) > 1:
+            by_protocol.setdefault(entry["protocol"], []).append(entry)
+    for protocol, group in by_protocol.items():
+        maps = [float(e["mAP"]) for e in group]
+        sigmas = [standard_error([m], e["num_gt"]) for m, e in zip(maps, group, strict=True)]
+        for entry, equiv in zip(group, real_image_equivalents(curves[protocol], maps, sigmas), strict=True):
+            entry.update(real_equiv=equiv["value"], real_equiv_low=equiv["low"], real_equiv_high=equiv["high"])
 
 
 def _baseline_dataset(entries: Sequence[Mapping[str, Any]], baseline: str) -> str:
@@ -218,17 +268,31 @@ def _add_deltas(entries: list[dict[str, Any]], baseline: str) -> None:
 
 
 def dataset_curves(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """{dataset: {"role", "protocol", "points": [{"budget", "mAP", "mAP50"}]}} of current rows, for plots."""
-    curves: dict[str, dict[str, Any]] = {}
+    """{dataset: {"role", "protocol", "points": [{"budget", "mAP", "mAP50", "n"}]}} of current rows, for plots.
+
+    `role` is what the dataset is (synthetic, model or real); points at one budget are averaged (several
+    seeds or models). A dataset scored under several protocols is drawn under the one with most rows.
+    """
+    groups: dict[str, dict[str, dict[int, list[Mapping[str, Any]]]]] = {}
     for row in rows:
         if row["stale"] or row["real_budget"] is None or row["map"] is None:
             continue
-        curve = curves.setdefault(row["dataset"], {"role": row["dataset_role"], "protocol": row["protocol"],
-                                                   "points": []})
-        curve["points"].append({"budget": row["real_budget"], "mAP": row["map"], "mAP50": row["map50"]})
-    for curve in curves.values():
-        curve["points"].sort(key=lambda p: p["budget"])
+        groups.setdefault(row["dataset"], {}).setdefault(row["protocol"], {}).setdefault(
+            int(row["real_budget"]), []).append(row)
+    curves: dict[str, dict[str, Any]] = {}
+    for dataset, by_protocol in groups.items():
+        protocol, budgets = max(by_protocol.items(), key=lambda item: sum(map(len, item[1].values())))
+        first = next(iter(budgets.values()))[0]
+        points = [{"budget": budget, "mAP": float(np.mean([r["map"] for r in group])),
+                   "mAP50": _mean_or_none([r["map50"] for r in group]), "n": len(group)}
+                  for budget, group in sorted(budgets.items())]
+        curves[dataset] = {"role": first["dataset_role"].split("+")[0], "protocol": protocol, "points": points}
     return curves
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 # --- output ----------------------------------------------------------------------------------------------
@@ -253,8 +317,13 @@ def _num(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
+def printable(text: str) -> str:
+    """`text` with control characters shown as `\\xNN`, so printing it cannot drive a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def format_table(entries: Sequence[Mapping[str, Any]], with_deltas: bool = False) -> str:
-    """A plain-text table for a terminal; one line per entry."""
+    """A plain-text table for a terminal; one line per entry, no control characters from the data."""
     header = ["#", "dataset", "recipe", "real", "mAP", "mAP@.5", "mAR@100", "real-equiv [95%]"]
     if with_deltas:
         header += ["dmAP", "dmAP@.5", "dmAR@100"]
@@ -267,7 +336,7 @@ def format_table(entries: Sequence[Mapping[str, Any]], with_deltas: bool = False
         if with_deltas:
             line += [_num(e["delta_mAP"], True), _num(e["delta_mAP50"], True), _num(e["delta_mAR100"], True)]
         line += [(e["when"] or "")[:19].replace("T", " "), e["link"] or ""]
-        lines.append(line)
+        lines.append([printable(cell) for cell in line])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                      for row in lines)
@@ -292,8 +361,17 @@ def to_csv(entries: Sequence[Mapping[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for entry in entries:
-        writer.writerow({k: ("" if entry.get(k) is None else entry.get(k)) for k in CSV_COLUMNS})
+        writer.writerow({k: _csv_cell(entry.get(k)) for k in CSV_COLUMNS})
     return buffer.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return value  # numbers and booleans: a negative delta stays a number
+    text = printable(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def run_leaderboard(db_url: str, *, out_uri: str | None = None, output_format: str = "table",
@@ -304,7 +382,7 @@ def run_leaderboard(db_url: str, *, out_uri: str | None = None, output_format: s
 
     if output_format not in ("table", "csv", "json"):
         raise ConfigError(f"leaderboard: format {output_format!r} is unknown; expected table, csv or json")
-    entries = build_leaderboard(open_store(db_url).rows(), **options)
+    entries = build_leaderboard(open_store(db_url).rows(with_records=False), **options)
     table = format_table(entries, options.get("baseline") is not None) + "\n"
     text = {"table": table, "csv": to_csv(entries), "json": to_json(entries)}[output_format]
     if out_uri:

@@ -1,48 +1,52 @@
 """`run_publish`: turn one evaluation's metrics.json into a versioned result record under a results URI.
 
 The record is what a leaderboard reads: the metrics summary and per-class AP, and everything needed to
-say where they come from and whether two results are comparable. Layout (schema_version 1):
+say where they come from, which model they are of, and whether two results are comparable. Layout
+(schema_version 2):
 
     schema_version, record_id, created_at (UTC, ISO 8601)
-    recipe, run_id, real_budget, datasets {role: URI}, checkpoint_uri
+    recipe, run_id, real_budget, datasets {role: URI} (synthetic, real, model; names stay names),
+    checkpoint_uri
+    model {id, basis, uri, role, dataset}: which model this is, by content, and what it was trained
+          on (synthval.identity)
     metrics {mAP, mAP50, mAP75, mAP_small, mAP_medium, mAP_large, mAR1, mAR10, mAR100, mAR_small,
              mAR_medium, mAR_large, mean-average-precision, mean-average-precision-iou50,
              mean-average-recall}  (each in [0, 1] or null: no ground truth to score)
     per_class {label name: {AP, AP50, num_gt}}, label_match {shared, only_in_model, only_in_data}
     num_images, num_gt, num_predictions
-    test_set {data_uri, split, format, num_images, num_boxes, image_ids_sha256}
-    protocol, protocol_fingerprint: results with equal fingerprints were scored on the same images
-             the same way; compare only those
+    test_set {data_uri, split, format, num_images, num_boxes, image_ids_sha256, sha256, images_sha256,
+              annotations_sha256, label_map_sha256}
+    protocol (the metric protocol's name), protocol_fingerprint, protocol_facts, benchmark_fingerprint:
+             results with equal protocol fingerprints were scored on the same content the same way
+             (synthval.protocol); compare only those
     evaluation {metrics_uri, predictions_uri, source_predictions_uri, checkpoint_uri, created_at,
-                synthval_version}
+                synthval_version, inference}
     eval_config, checkpoint {step, epoch, model, synthval_version, source_format, num_classes, config}
     synthval_version (of the publisher)
-    report_uri: the self-contained HTML run report (beside metrics.json), or null (added in schema 1)
+    report_uri: the self-contained HTML run report (beside metrics.json), or null
 
-The record is written atomically to `<results_uri>/<record_id>.json`. The record id is derived from
-(recipe, datasets, protocol fingerprint, real budget, run id) only, so a retried publish overwrites
-its own record instead of adding a duplicate.
+Schema 1 (synthval 0.1.0) had no model, benchmark or protocol facts, and a protocol fingerprint of the
+test set's path. The record is written atomically to `<results_uri>/<record_id>.json`; the record id
+is derived from (recipe, model, protocol, run id), so a retried publish overwrites its own record, and
+the results store keeps one row per (model, protocol) whatever the run.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import logging
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from synthval import __version__, storage
 from synthval.errors import ConfigError, DatasetError
+from synthval.identity import model_identity, model_role, normalize_uri
 from synthval.metrics import METRICS_SCHEMA_VERSION, SUMMARY_KEYS
+from synthval.protocol import benchmark_fingerprint, protocol_facts, sha256_of
 
 log = logging.getLogger(__name__)
 
-RECORD_SCHEMA_VERSION = 1
-# Eval config keys that change speed or pictures, never the numbers: left out of the protocol fingerprint.
-NON_PROTOCOL_KEYS = ("batch_size", "num_workers", "device", "draw_score_thresh", "num_sample_images")
+RECORD_SCHEMA_VERSION = 2
 REQUIRED_FIELDS = ("schema_version", "test_set", "config", "per_class", "label_match", *SUMMARY_KEYS)
 
 
@@ -50,7 +54,7 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
                 checkpoint_uri: str | None, real_budget: int | None, store_url: str | None = None,
                 report: bool = True) -> dict[str, Any]:
     """Write the result record of the evaluation at `metrics_uri`; returns {"result_uri", "record_id",
-    "report_uri"}.
+    "report_uri", "model_id", "role"}.
 
     With `report` (the default) the run report (synthval.report) is written first, beside the evaluation's
     metrics.json as `report.html` (the run's own folder; the results folder keeps only records), and the
@@ -63,14 +67,20 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
         raise ConfigError("publish: the recipe name is empty")
     if real_budget is not None and real_budget < 0:
         raise ConfigError(f"publish: real_budget {real_budget} must not be negative")
+    datasets = {role: normalize_uri(uri) for role, uri in sorted(datasets.items())}
+    role, dataset = model_role(datasets, real_budget)
     metrics = storage.read_json(metrics_uri)
     check_metrics(metrics, metrics_uri)
     evaluated_checkpoint = metrics.get("checkpoint_uri")
     if checkpoint_uri and evaluated_checkpoint and checkpoint_uri != evaluated_checkpoint:
-        log.warning("--checkpoint %s differs from the checkpoint %s evaluated; recording both",
-                    checkpoint_uri, evaluated_checkpoint)
-    fingerprint = protocol_fingerprint(metrics)
-    record_id = make_record_id(recipe, datasets, fingerprint, real_budget, run_id)
+        log.warning("--checkpoint %s differs from the checkpoint %s evaluated; recording both, identifying "
+                    "the model by the evaluated one", checkpoint_uri, evaluated_checkpoint)
+    scored_file = metrics.get("source_predictions_uri")
+    model = model_identity(evaluated_checkpoint or (None if scored_file else checkpoint_uri), scored_file)
+    model.update(role=role, dataset=dataset or model["uri"])
+    facts = protocol_facts(metrics, metrics_uri)
+    fingerprint = sha256_of(facts)
+    record_id = make_record_id(recipe, model["id"], fingerprint, run_id)
     record = {
         "schema_version": RECORD_SCHEMA_VERSION,
         "record_id": record_id,
@@ -78,8 +88,9 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
         "recipe": recipe,
         "run_id": run_id,
         "real_budget": real_budget,
-        "datasets": dict(sorted(datasets.items())),
+        "datasets": datasets,
         "checkpoint_uri": checkpoint_uri or evaluated_checkpoint,
+        "model": model,
         "metrics": {key: metrics[key] for key in SUMMARY_KEYS},
         "per_class": {name: {k: row.get(k) for k in ("AP", "AP50", "num_gt")}
                       for name, row in metrics["per_class"].items()},
@@ -90,6 +101,8 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
         "test_set": metrics["test_set"],
         "protocol": metrics.get("protocol"),
         "protocol_fingerprint": fingerprint,
+        "protocol_facts": facts,
+        "benchmark_fingerprint": benchmark_fingerprint(metrics, metrics_uri),
         "evaluation": {
             "metrics_uri": metrics_uri,
             "predictions_uri": metrics.get("predictions_uri"),
@@ -97,6 +110,7 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
             "checkpoint_uri": evaluated_checkpoint,
             "created_at": metrics.get("created_at"),
             "synthval_version": metrics.get("synthval_version"),
+            "inference": metrics.get("inference"),
         },
         "eval_config": metrics["config"],
         "checkpoint": metrics.get("checkpoint"),
@@ -110,8 +124,10 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
 
         open_store(store_url).upsert(record, result_uri)
     summary = ", ".join(f"{k} {_fmt(record['metrics'][k])}" for k in ("mAP", "mAP50", "mAR100"))
-    log.info("published %s (%s; protocol %s)", result_uri, summary, fingerprint[:12])
-    return {"result_uri": result_uri, "record_id": record_id, "report_uri": record["report_uri"]}
+    log.info("published %s (%s; %s model %s, protocol %s)", result_uri, summary, role, model["id"][:12],
+             fingerprint[:12])
+    return {"result_uri": result_uri, "record_id": record_id, "report_uri": record["report_uri"],
+            "model_id": model["id"], "role": role}
 
 
 def write_report(metrics_uri: str, record_id: str) -> str | None:
@@ -145,37 +161,18 @@ def check_metrics(metrics: Any, uri: str) -> None:
         if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
             raise DatasetError(f"{uri}: field {key!r} is {value!r}; expected a number in [0, 1] or null")
     test_set = metrics["test_set"]
-    for key in ("data_uri", "split", "image_ids_sha256"):
+    for key in ("data_uri", "split", "image_ids_sha256", "sha256"):
         if not isinstance(test_set, dict) or key not in test_set:
-            raise DatasetError(f"{uri}: missing field 'test_set.{key}'")
+            raise DatasetError(f"{uri}: missing field 'test_set.{key}'"
+                               + ("; evaluate again with this synthval, which fingerprints the test set's content"
+                                  if key == "sha256" else ""))
 
 
-def protocol_fingerprint(metrics: Mapping[str, Any]) -> str:
-    """SHA-256 of what makes two results comparable: the test set's identity and how it was scored.
-
-    The test set is its data URI, split and image ids; the scoring is the metric protocol and the eval
-    config without the knobs that change only speed or pictures (NON_PROTOCOL_KEYS).
-    """
-    test_set = metrics["test_set"]
-    identity = {
-        "test_set": {k: test_set[k] for k in ("data_uri", "split", "image_ids_sha256")},
-        "protocol": metrics.get("protocol"),
-        "eval_config": {k: v for k, v in metrics["config"].items() if k not in NON_PROTOCOL_KEYS},
-    }
-    return _sha256(identity)
-
-
-def make_record_id(recipe: str, datasets: Mapping[str, str], fingerprint: str, real_budget: int | None,
-                   run_id: str | None) -> str:
+def make_record_id(recipe: str, model_id: str, fingerprint: str, run_id: str | None) -> str:
     """`<recipe>-<20 hex digits>`, the same for the same inputs: a retry overwrites its own record."""
-    digest = _sha256({"recipe": recipe, "datasets": dict(sorted(datasets.items())), "protocol": fingerprint,
-                      "real_budget": real_budget, "run_id": run_id})
+    digest = sha256_of({"recipe": recipe, "model": model_id, "protocol": fingerprint, "run_id": run_id})
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", recipe.strip()).strip("._")[:80] or "recipe"
     return f"{slug}-{digest[:20]}"
-
-
-def _sha256(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def _fmt(value: float | None) -> str:
