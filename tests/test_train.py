@@ -93,18 +93,23 @@ def test_train_writes_checkpoints_tensorboard_and_a_small_result(data, tmp_path)
     result = train(config("max_steps=3", "epochs=1"), data["rgb"], tmp_path, "run", val_data_uri=data["gby"])
     assert result["steps"] == 3 and result["epochs"] == 1
     assert result["checkpoint_uri"] == str(tmp_path / "run" / "ckpt" / "checkpoint-3.pt")
-    assert result["images_per_second"] > 0 and set(result["val_metrics"]) == {"mAP", "mAP50"}
+    assert result["images_per_second"] > 0 and set(result["val_metrics"]) == {"loss", "mAP", "mAP50"}
+    assert result["val_metrics"]["loss"] > 0
+    assert result["best_checkpoint_uri"] == str(tmp_path / "run" / "ckpt" / "best.pt")
+    assert result["best_val_metrics"] == {"mAP": result["val_metrics"]["mAP"], "step": 3}
     assert len(json.dumps(result)) < 1000
 
     state = load_checkpoint(result["checkpoint_uri"])
     assert state["format"] == FORMAT and state["format_version"] >= 1 and state["synthval_version"]
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "epoch_step", "step", "rng", "config",
-            "label_names", "metrics"} <= set(state)
+            "label_names", "metrics", "best", "batches_per_step"} <= set(state)
     assert state["step"] == 3 and state["finished"] is True
     assert state["label_names"] == ["red", "green", "blue"]
     assert state["config"]["model"]["name"] == "tiny" and state["config"]["max_steps"] == 3
-    assert {"torch", "numpy", "python"} <= set(state["rng"])
-    assert 0.0 <= state["metrics"]["mAP50"] <= 1.0
+    assert len(state["rng"]["ranks"]) == 1 and {"torch", "numpy", "python"} <= set(state["rng"]["ranks"][0])
+    assert 0.0 <= state["metrics"]["mAP50"] <= 1.0 and state["metrics"]["loss"] > 0
+    best = load_checkpoint(result["best_checkpoint_uri"])  # the best beside the last, a whole checkpoint
+    assert best["step"] == 3 and all(torch.equal(best["model"][k], v) for k, v in state["model"].items())
 
     events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0})
     events.Reload()
@@ -112,7 +117,7 @@ def test_train_writes_checkpoints_tensorboard_and_a_small_result(data, tmp_path)
     assert {"val/per_class_AP", "val/pr_curves", "val/worst/0", "val/best/0"} <= set(events.Tags()["images"])
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_classifier", "train/lr", "train/images_per_second", "val/mAP",
-            "val/mAP50"} <= tags
+            "val/mAP50", "val/loss", "val/loss_classifier", "val/loss_objectness"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
 
 
@@ -220,3 +225,74 @@ def test_two_processes_with_torchrun_train_as_one(data, tmp_path):
     assert state["step"] == 2 and [s for s, _ in list_checkpoints(str(ckpt))] == [2]
     assert proc.stderr.count("training done") == 1  # only rank 0 logs
     assert torch.isfinite(next(iter(state["model"].values()))).all()
+
+
+def assert_same_state(a, b, where=""):
+    """Two checkpoint values equal bit for bit: tensors by torch.equal, containers item by item."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# 30 images in two aspect ratios, batches of 4 (8 a pass), 2 batches per step: 4 steps an epoch, 10 in all.
+# Flips and colour jitter on, validation every epoch: every random stream the run has is in play.
+RESUME = ["max_steps=10", "checkpoint_every_steps=3", "keep_checkpoints=0", "grad_accum_steps=2",
+          "data.hflip_prob=0.5", "data.photometric=true", "schedule.name=cosine", "schedule.warmup_steps=2"]
+
+
+@pytest.mark.parametrize("stop_after, resumed_from, workers", [(5, 4, 0), (7, 6, 2)],
+                         ids=["at-an-epoch-end", "mid-epoch-with-2-workers"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_weights_and_optimizer_state(
+        data, tmp_path, monkeypatch, stop_after, resumed_from, workers):
+    cfg = config(*RESUME, f"data.num_workers={workers}")
+    whole = train(cfg, data["rgb"], tmp_path, "whole", val_data_uri=data["gby"], resume="none")
+
+    seen, control = watch_steps(monkeypatch)
+    control["stop_after"] = stop_after
+    with pytest.raises(Interrupted):
+        train(config(*RESUME, f"data.num_workers={workers}"), data["rgb"], tmp_path, "cut", val_data_uri=data["gby"])
+    latest = load_checkpoint(str(tmp_path / "cut" / "ckpt" / f"checkpoint-{resumed_from}.pt"))
+    assert latest["epoch_step"] == (0 if resumed_from == 4 else 2)  # at the start of epoch 1, or 2 steps in
+    assert not (tmp_path / "cut" / "ckpt" / f"checkpoint-{stop_after}.pt").exists()
+
+    seen.clear()
+    control["stop_after"] = None
+    resumed = train(config(*RESUME, f"data.num_workers={workers}"), data["rgb"], tmp_path, "cut",
+                    val_data_uri=data["gby"])
+    assert seen == list(range(resumed_from + 1, 11))
+    a, b = load_checkpoint(whole["checkpoint_uri"]), load_checkpoint(resumed["checkpoint_uri"])
+    for key in ("model", "optimizer", "scheduler", "rng", "epoch", "epoch_step", "step", "metrics", "best"):
+        assert_same_state(a[key], b[key], key)
+    assert resumed["val_metrics"] == whole["val_metrics"]
+
+
+def test_resume_restores_what_it_must(data, tmp_path, monkeypatch):
+    """The same comparison fails when a piece of state is not restored: the test above can tell."""
+    cfg = config(*RESUME)
+    whole = load_checkpoint(train(cfg, data["rgb"], tmp_path, "whole", resume="none")["checkpoint_uri"])
+    real_restore = train_module._restore_rng
+
+    def run_cut(name, **patches):
+        seen, control = watch_steps(monkeypatch)
+        control["stop_after"] = 7
+        with pytest.raises(Interrupted):
+            train(config(*RESUME), data["rgb"], tmp_path, name)
+        control["stop_after"] = None
+        with monkeypatch.context() as m:
+            for attr, value in patches.items():
+                m.setattr(train_module, attr, value)
+            return load_checkpoint(train(config(*RESUME), data["rgb"], tmp_path, name)["checkpoint_uri"])
+
+    without_rng = run_cut("no-rng", _restore_rng=lambda state: None)
+    assert not torch.equal(without_rng["model"]["roi_heads.box_head.fc6.weight"],
+                           whole["model"]["roi_heads.box_head.fc6.weight"])
+    assert real_restore is train_module._restore_rng

@@ -302,7 +302,8 @@ def load_backbone_state(body: nn.Module, uri: str, ignore_prefixes: Sequence[str
     state = _strip_prefixes(state, ("module.backbone.body.", "backbone.body.", "module.", "body."))
     state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore_prefixes)}
     missing, unexpected = body.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _ignorable(k)]
+    # The classifier (fc) is not part of the detector's backbone: missing or not, it is dropped later.
+    missing = [k for k in missing if not _ignorable(k) and not any(k.startswith(p) for p in ignore_prefixes)]
     unexpected = [k for k in unexpected if not _ignorable(k)]
     if missing or unexpected:
         raise CheckpointError(

@@ -498,7 +498,7 @@ class _Run:
                 if val_index is not None and (finished or (epoch_done and (epoch + 1) % config.val_every_epochs == 0)):
                     last_metrics = self._validate(model, val_index, space, amp_dtype, epoch, step, writer)
                     if last_metrics.get("mAP") is not None and (best is None or last_metrics["mAP"] > best["mAP"]):
-                        best = {"step": step, "epoch": epoch, "mAP": last_metrics["mAP"], "checkpoint_uri": best_uri}
+                        best = {"step": step, "epoch": epoch, "mAP": last_metrics["mAP"]}
                         improved = True
                 if epoch_done:
                     epoch, epoch_step = epoch + 1, 0
@@ -518,11 +518,11 @@ class _Run:
         if last_metrics:
             result["val_metrics"] = {k: last_metrics.get(k) for k in ("loss", "mAP", "mAP50") if k in last_metrics}
         if best is not None:
-            result["best_checkpoint_uri"] = _absolute(best["checkpoint_uri"])
+            result["best_checkpoint_uri"] = _absolute(best_uri)
             result["best_val_metrics"] = {"mAP": best["mAP"], "step": best["step"]}
         if self.main:
             log.info("training done: %d steps, final checkpoint %s%s", step, final_uri,
-                     f", best {best['checkpoint_uri']} (val mAP {best['mAP']:.4f} at step {best['step']})"
+                     f", best {best_uri} (val mAP {best['mAP']:.4f} at step {best['step']})"
                      if best else "")
         return result
 
