@@ -96,7 +96,8 @@ def reference_model(num_classes: int = 64, **kwargs) -> FasterRCNN:
 def random_seed_state(num_classes: int = 64, seed: int = 0, class_bias: dict[int, float] | None = None
                       ) -> OrderedDict:
     """A seed model's state dict (today's key names): torchvision's random init, with random batch
-    statistics (some variances tiny, so FrozenBatchNorm2d's eps shows) and `class_bias` on the classifier."""
+    statistics (some variances tiny, so FrozenBatchNorm2d's eps shows); each class k of `class_bias` scores
+    its bias alone (its classifier row zeroed), the same on every proposal."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = reference_model(num_classes)
@@ -109,6 +110,7 @@ def random_seed_state(num_classes: int = 64, seed: int = 0, class_bias: dict[int
                 module.bias.copy_(torch.randn(n) * 0.05)
     state = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     for k, bias in (class_bias or {}).items():
+        state["roi_heads.box_predictor.cls_score.weight"][k] = 0.0
         state["roi_heads.box_predictor.cls_score.bias"][k] = bias
     return state
 
