@@ -29,7 +29,6 @@ given), in images per second per CPU core.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -268,10 +268,10 @@ class _Run:
         lr_factor(config, steps_per_epoch, total_steps)  # warns once if the warm-up must be fitted
         return _Plan(accum, world, steps_per_epoch, total_steps)
 
-    def _init_state(self, init_uri: str | None) -> dict | None:
+    def _init_state(self, init_uri: str | None, fresh_start: bool) -> dict | None:
         """The init checkpoint (read now, so a bad one fails before anything is written)."""
         if init_uri is None:
-            if self.config.model.weights_backbone:
+            if fresh_start and self.config.model.weights_backbone:
                 backbone_weights_uri(self.config.model)  # a missing ImageNet file fails here, naming it
             return None
         return load_checkpoint(init_uri)
@@ -349,7 +349,8 @@ class _Run:
         sampler = build_batch_sampler(train_index, config.data.batch_size, config.data.aspect_ratio_group_factor,
                                       seed=config.seed, shuffle=True)
         plan = self._plan(sampler, len(train_index))
-        init_state = self._init_state(init_uri)
+        fresh_start = resume == "none" or (resume == "auto" and not list_checkpoints(checkpoint_dir_uri))
+        init_state = self._init_state(init_uri, fresh_start)
 
         lock = CheckpointDirLock(checkpoint_dir_uri)
         refused = None
