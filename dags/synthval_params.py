@@ -20,7 +20,7 @@ from synthval_tasks import MACROS, load_settings
 # Mirrors synthval.config.MODEL_NAMES and PRESETS (a contract test keeps them equal; DAG files must not
 # import synthval).
 MODEL_NAMES = ("resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fpn", "mobilenet_v3_large_320_fpn", "tiny")
-PRESETS = ("gpu", "cpu-demo")
+PRESETS = ("seed-synthetic", "seed-real", "seed-finetune", "seed-unity-simulation", "modern", "gpu", "cpu-demo")
 # The seed's published checkpoints; `synthval` resolves the names (synthval.fetch.NAMED_SOURCES).
 PUBLISHED_MODELS = ("real-world-760", "synthetic-400k", "synthetic-and-real-76", "synthetic-and-real-380",
                     "synthetic-and-real-760")
@@ -62,12 +62,18 @@ def output_params() -> dict[str, Param]:
     }
 
 
-def training_params(*, finetune: bool = False) -> dict[str, Param]:
+def training_params(*, finetune: bool = False, pod_preset: str = "seed-synthetic") -> dict[str, Param]:
+    """The training knobs; the preset defaults to the recipe's seed preset `pod_preset` on the pod backends
+    (the number Unity's pipeline would have given) and to the fast cpu-demo one on the local backend."""
     settings = load_settings()
     params = {
         "preset": Param(
-            settings.default_preset, type="string", enum=list(PRESETS), section="Training",
-            description="Named starting config: gpu (full size) or cpu-demo (small images, tiny model).",
+            pod_preset if settings.is_pod_backend else settings.default_preset, type="string", enum=list(PRESETS),
+            section="Training",
+            description="Named recipe: seed-synthetic, seed-real, seed-finetune, seed-unity-simulation (the seed's "
+                        "recipes, comparable with its published numbers), modern (torchvision's reference recipe, "
+                        "for the best number), cpu-demo (small images, tiny model). `synthval finetune` applies the "
+                        "preset's fine-tuning variant (a seed preset fine-tunes as the seed did).",
         ),
         "model": Param(
             None, type=_nullable("string"), enum=[None, *MODEL_NAMES], section="Training",
@@ -112,6 +118,29 @@ def real_split_params(section: str = "Datasets") -> dict[str, Param]:
             description="Use only this many images of the split (empty: all of it).",
         ),
     }
+
+
+def synthetic_split_params() -> dict[str, Param]:
+    return {
+        "synthetic_train_split": Param(
+            "seed-train", type="string", minLength=1, section="Validation", title="Synthetic training split",
+            description="Split of the synthetic dataset to train on; seed-train / seed-val are the seed's 90/10 "
+                        "split (scikit-learn's train_test_split, random_state 47).",
+        ),
+        "synthetic_val_split": Param(
+            "seed-val", type="string", minLength=1, section="Validation", title="Synthetic validation split",
+            description="Split of the synthetic dataset validated on after every epoch (loss and mAP to "
+                        "TensorBoard; the best checkpoint is kept beside the last).",
+        ),
+    }
+
+
+def real_val_split_param() -> dict[str, Param]:
+    return {"real_val_split": Param(
+        "val", type="string", minLength=1, section="Validation", title="Real validation split",
+        description="Split of the real dataset validated on after every epoch of training on real images (loss "
+                    "and mAP to TensorBoard; the best checkpoint is kept beside the last).",
+    )}
 
 
 def test_split_param() -> dict[str, Param]:

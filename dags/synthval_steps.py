@@ -21,10 +21,11 @@ def fetch_step(task_id: str, source: str, folder: str, **kwargs: Any) -> Any:
                          task_id=task_id, **kwargs)
 
 
-def train_step(step: str, train_data: str, *, split_flags: tuple[str, ...] = (), init_checkpoint: str | None = None,
-               config: str = "{{ config_flags(params) }}", checkpoint_dir: str | None = None,
-               tb_log_dir: str | None = None, **kwargs: Any) -> Any:
-    """Train (`step="train"`) or fine-tune on `train_data`; pushes {"checkpoint_uri", ...}.
+def train_step(step: str, train_data: str, *, split_flags: tuple[str, ...] = (), val_flags: tuple[str, ...] = (),
+               init_checkpoint: str | None = None, config: str = "{{ config_flags(params) }}",
+               checkpoint_dir: str | None = None, tb_log_dir: str | None = None, **kwargs: Any) -> Any:
+    """Train (`step="train"`) or fine-tune on `train_data`, validating per `val_flags`; pushes
+    {"checkpoint_uri", "best_checkpoint_uri", ...}.
 
     The checkpoint folder (default: the run's own, per step) is stable across retries, so a retried
     task resumes (`--resume auto`).
@@ -36,6 +37,7 @@ def train_step(step: str, train_data: str, *, split_flags: tuple[str, ...] = (),
         "synthval", step,
         "--train-data", train_data,
         *split_flags,
+        *val_flags,
         *init,
         "--checkpoint-dir", checkpoint_dir,
         "--tb-log-dir", tb_log_dir,
@@ -45,6 +47,10 @@ def train_step(step: str, train_data: str, *, split_flags: tuple[str, ...] = (),
 
 
 REAL_SPLIT_FLAGS = ("--train-split", "{{ params.real_split }}", "{{ optional('--max-images', params.real_count) }}")
+REAL_VAL_FLAGS = ("--val-data", REAL_DATA, "--val-split", "{{ params.real_val_split }}")
+SYNTHETIC_DATA = "{{ upstream('fetch_synthetic', 'dataset_uri') }}"
+SYNTHETIC_SPLIT_FLAGS = ("--train-split", "{{ params.synthetic_train_split }}")
+SYNTHETIC_VAL_FLAGS = ("--val-data", SYNTHETIC_DATA, "--val-split", "{{ params.synthetic_val_split }}")
 
 
 def evaluate_step(checkpoint: str, *, task_id: str = "evaluate", out: str = "{{ run_root() }}/eval",

@@ -3,7 +3,9 @@
 The seed's first question: how well does a detector trained on synthetic images alone do on real
 ones? This recipe fetches the synthetic dataset (`synthdet-sample` in a cluster; generated demo data
 on the local backend; any dataset URI by param) and the real test set, trains on the synthetic
-images, evaluates on the real test split and publishes the result record.
+images (validating on the seed's 10% synthetic validation split after every epoch), evaluates on the
+real test split and publishes the result record. On GPUs the default preset is `seed-synthetic`, the
+seed's recipe (its effective batch of 256 on any number of GPUs); `modern` is torchvision's.
 
 Tasks: `fetch_synthetic`, `fetch_real` -> `train` -> `evaluate` -> `publish`. Each task is one
 `synthval <step>` command (see its Rendered Template); XComs carry URIs: train -> evaluate
@@ -21,10 +23,19 @@ from synthval_params import (
     dataset_param,
     output_params,
     recipe_dag,
+    synthetic_split_params,
     test_split_param,
     training_params,
 )
-from synthval_steps import evaluate_step, fetch_step, publish_step, train_step
+from synthval_steps import (
+    SYNTHETIC_DATA,
+    SYNTHETIC_SPLIT_FLAGS,
+    SYNTHETIC_VAL_FLAGS,
+    evaluate_step,
+    fetch_step,
+    publish_step,
+    train_step,
+)
 from synthval_tasks import load_settings
 
 settings = load_settings()
@@ -36,7 +47,8 @@ with recipe_dag(
         "synthetic_dataset": dataset_param("synthetic", settings.default_synthetic),
         "real_dataset": dataset_param("real", settings.default_real),
         **test_split_param(),
-        **training_params(),
+        **synthetic_split_params(),
+        **training_params(pod_preset="seed-synthetic"),
         **output_params(),
         **compute_params(),
     },
@@ -44,7 +56,7 @@ with recipe_dag(
 ) as dag:
     fetch_synthetic = fetch_step("fetch_synthetic", "{{ params.synthetic_dataset }}", "synthetic")
     fetch_real = fetch_step("fetch_real", "{{ params.real_dataset }}", "real")
-    train = train_step("train", "{{ upstream('fetch_synthetic', 'dataset_uri') }}")
+    train = train_step("train", SYNTHETIC_DATA, split_flags=SYNTHETIC_SPLIT_FLAGS, val_flags=SYNTHETIC_VAL_FLAGS)
     evaluate = evaluate_step("{{ upstream('train', 'checkpoint_uri') }}")
     publish = publish_step(
         "{{ upstream('train', 'checkpoint_uri') }}",

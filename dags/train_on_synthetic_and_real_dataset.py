@@ -3,7 +3,10 @@
 How much is a synthetic dataset worth when real labels are scarce? This recipe trains on the
 synthetic dataset, fine-tunes that model on a real split (`train_small` ~76 images, `train_medium`
 ~380, `train` 760, or `real_count` images of it), evaluates **both** the synthetic-only and the
-fine-tuned model on the real test split, and publishes the fine-tuned result.
+fine-tuned model on the real test split, and publishes the fine-tuned result. Training validates on the
+seed's 10% synthetic validation split, fine-tuning on the real `val` split, after every epoch. On GPUs
+the default preset is `seed-synthetic`: training is the seed's synthetic recipe and fine-tuning its
+fine-tuning one (Adam 2e-5, 30 epochs, 64 images per step).
 
 **Start from a synthetic checkpoint**: set `start_from_checkpoint` (a URI, or a published model such
 as `synthetic-400k`) and the synthetic fetch and training are skipped (shown as skipped in the grid).
@@ -30,11 +33,24 @@ from synthval_params import (
     dataset_param,
     output_params,
     real_split_params,
+    real_val_split_param,
     recipe_dag,
+    synthetic_split_params,
     test_split_param,
     training_params,
 )
-from synthval_steps import REAL_DATA, REAL_SPLIT_FLAGS, evaluate_step, fetch_step, publish_step, train_step
+from synthval_steps import (
+    REAL_DATA,
+    REAL_SPLIT_FLAGS,
+    REAL_VAL_FLAGS,
+    SYNTHETIC_DATA,
+    SYNTHETIC_SPLIT_FLAGS,
+    SYNTHETIC_VAL_FLAGS,
+    evaluate_step,
+    fetch_step,
+    publish_step,
+    train_step,
+)
 from synthval_tasks import check_conf, load_settings
 
 settings = load_settings()
@@ -46,6 +62,8 @@ with recipe_dag(
         "synthetic_dataset": dataset_param("synthetic", settings.default_synthetic),
         "real_dataset": dataset_param("real", settings.default_real),
         **real_split_params(),
+        **real_val_split_param(),
+        **synthetic_split_params(),
         **test_split_param(),
         "start_from_checkpoint": Param(
             None, type=["null", "string"], anyOf=[{"type": "null"}, {"enum": list(PUBLISHED_MODELS)},
@@ -53,7 +71,7 @@ with recipe_dag(
             examples=list(PUBLISHED_MODELS), section="Fine-tuning", title="Start from checkpoint",
             description="Skip synthetic training and fine-tune this checkpoint (URI or published model name).",
         ),
-        **training_params(finetune=True),
+        **training_params(finetune=True, pod_preset="seed-synthetic"),
         **output_params(),
         **compute_params(),
     },
@@ -76,7 +94,7 @@ with recipe_dag(
 
     fetch_synthetic = fetch_step("fetch_synthetic", "{{ params.synthetic_dataset }}", "synthetic")
     fetch_real = fetch_step("fetch_real", "{{ params.real_dataset }}", "real")
-    train = train_step("train", "{{ upstream('fetch_synthetic', 'dataset_uri') }}")
+    train = train_step("train", SYNTHETIC_DATA, split_flags=SYNTHETIC_SPLIT_FLAGS, val_flags=SYNTHETIC_VAL_FLAGS)
 
     # The checkpoint fine-tuning starts from: the given one, or the one `train` just wrote.
     start_checkpoint = "{{ params.start_from_checkpoint or upstream('train', 'checkpoint_uri') }}"
@@ -84,7 +102,8 @@ with recipe_dag(
 
     evaluate_synthetic = evaluate_step(start_checkpoint, task_id="evaluate_synthetic",
                                        out="{{ run_root() }}/eval/synthetic", trigger_rule=after_either)
-    finetune = train_step("finetune", REAL_DATA, split_flags=REAL_SPLIT_FLAGS, init_checkpoint=start_checkpoint,
+    finetune = train_step("finetune", REAL_DATA, split_flags=REAL_SPLIT_FLAGS, val_flags=REAL_VAL_FLAGS,
+                          init_checkpoint=start_checkpoint,
                           config="{{ config_flags(params, prefix='finetune_') }}", trigger_rule=after_either)
     evaluate = evaluate_step("{{ upstream('finetune', 'checkpoint_uri') }}", out="{{ run_root() }}/eval/finetuned")
     publish = publish_step(

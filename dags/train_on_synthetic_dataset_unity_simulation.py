@@ -1,8 +1,9 @@
 """Train Faster R-CNN on the images of a Unity Simulation run, evaluate it on real images.
 
 Fetches the dataset a Unity Simulation run execution produced (`usim://<project_id>/<run_execution_id>`)
-and the real test set, trains on the synthetic images, evaluates on the real test split and
-publishes the result record.
+and the real test set, trains on the synthetic images (validating on the seed's 10% synthetic
+validation split after every epoch), evaluates on the real test split and publishes the result record.
+On GPUs the default preset is `seed-unity-simulation`, the seed's synthetic recipe.
 
 **The access token never passes through conf, arguments or logs.** On the kubernetes and gke
 backends the fetch pod reads it from the Kubernetes Secret named by the `SYNTHVAL_USIM_SECRET`
@@ -28,10 +29,19 @@ from synthval_params import (
     dataset_param,
     output_params,
     recipe_dag,
+    synthetic_split_params,
     test_split_param,
     training_params,
 )
-from synthval_steps import evaluate_step, fetch_step, publish_step, train_step
+from synthval_steps import (
+    SYNTHETIC_DATA,
+    SYNTHETIC_SPLIT_FLAGS,
+    SYNTHETIC_VAL_FLAGS,
+    evaluate_step,
+    fetch_step,
+    publish_step,
+    train_step,
+)
 from synthval_tasks import load_settings
 
 settings = load_settings()
@@ -47,7 +57,8 @@ with recipe_dag(
                                   title="Run execution id", description="The run execution to fetch."),
         "real_dataset": dataset_param("real", settings.default_real),
         **test_split_param(),
-        **training_params(),
+        **synthetic_split_params(),
+        **training_params(pod_preset="seed-unity-simulation"),
         **output_params(),
         **compute_params(),
     },
@@ -56,7 +67,7 @@ with recipe_dag(
     fetch_synthetic = fetch_step("fetch_synthetic", "usim://{{ params.project_id }}/{{ params.run_execution_id }}",
                                  "synthetic", usim_token=True)
     fetch_real = fetch_step("fetch_real", "{{ params.real_dataset }}", "real")
-    train = train_step("train", "{{ upstream('fetch_synthetic', 'dataset_uri') }}")
+    train = train_step("train", SYNTHETIC_DATA, split_flags=SYNTHETIC_SPLIT_FLAGS, val_flags=SYNTHETIC_VAL_FLAGS)
     evaluate = evaluate_step("{{ upstream('train', 'checkpoint_uri') }}")
     publish = publish_step(
         "{{ upstream('train', 'checkpoint_uri') }}",

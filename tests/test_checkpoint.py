@@ -2,11 +2,10 @@
 
 import os
 import pickle
-import sys
-import types
 
 import pytest
 import torch
+from seed_checkpoint import SEED_CONFIG, fake_yacs_installed, random_seed_state, reference_model, write_seed_estimator
 
 from synthval.checkpoint import (
     find_latest_checkpoint,
@@ -21,75 +20,40 @@ from synthval.config import ModelConfig
 from synthval.errors import CheckpointError
 from synthval.model import build_model
 
-SEED_CONFIG = {
-    "estimator": "FasterRCNN", "backbone": "resnet50", "num_classes": 64, "task": "object_detection",
-    "train": {"epochs": 80, "batch_size": 8, "accumulation_steps": 8,
-              "dataset": {"name": "GroceriesReal", "args": {"version": "v3", "split": "train"}}},
-    "optimizer": {"name": "Adam", "args": {"lr": 2.0e-4}}, "pretrained": False, "pretrained_backbone": True,
-    "checkpoint_file": "None",
-}
+def test_seed_estimator_file_loads_as_the_seed_built_it_without_running_pickled_code(tmp_path):
+    import zipfile
 
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
-def fake_yacs_cfgnode():
-    """A stand-in for yacs.config.CfgNode that pickles exactly as the real one does (yacs is not installed):
-    a dict subclass whose __dict__ holds yacs' bookkeeping, referenced as GLOBAL 'yacs.config CfgNode'."""
-
-    class CfgNode(dict):
-        def __init__(self, init_dict=None, key_list=None, new_allowed=False):
-            init_dict = dict(init_dict or {})
-            for k, v in init_dict.items():
-                if isinstance(v, dict):
-                    init_dict[k] = CfgNode(v)
-            super().__init__(init_dict)
-            self.__dict__["__immutable__"] = True
-            self.__dict__["__deprecated_keys__"] = set()
-            self.__dict__["__renamed_keys__"] = {"OLD.KEY": ("NEW.KEY", "renamed")}
-            self.__dict__["__new_allowed__"] = new_allowed
-
-        def __getattr__(self, name):
-            if name in self:
-                return self[name]
-            raise AttributeError(name)
-
-    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
-    return CfgNode
-
-
-def save_seed_style(path, model_state, config):
-    """torch.save({"model": ..., "config": CfgNode}) with yacs importable only while saving."""
-    package, module = types.ModuleType("yacs"), types.ModuleType("yacs.config")
-    cfgnode = fake_yacs_cfgnode()
-    module.CfgNode, package.config = cfgnode, module
-    sys.modules["yacs"], sys.modules["yacs.config"] = package, module
-    try:
-        torch.save({"model": model_state, "config": cfgnode(config)}, path)
-    finally:
-        del sys.modules["yacs"], sys.modules["yacs.config"]
-    assert b"yacs.config" in open(path, "rb").read()
-
-
-def test_seed_estimator_file_loads_without_yacs_into_a_64_class_resnet50_fpn(tmp_path):
-    import torchvision
-
-    assert "yacs" not in sys.modules
-    reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
-                                                                       num_classes=64)
-    state = reference.state_dict()
-    # The seed trained on an ImageNet backbone, i.e. with FrozenBatchNorm2d: no step counters in the body.
-    state = type(state)((k, v) for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    state = random_seed_state()
     path = tmp_path / "FasterRCNN.estimator"
-    save_seed_style(path, state, SEED_CONFIG)
+    write_seed_estimator(path, state)
+    assert not zipfile.is_zipfile(path) and b"inner_blocks.0.weight" in path.read_bytes()
 
-    loaded = load_checkpoint(str(path))
-    assert loaded["config"] == SEED_CONFIG and type(loaded["config"]["train"]) is dict
-    assert "yacs" not in sys.modules
-
-    model, space, metadata = load_model_for_inference(str(path), "cpu")
+    ran = []  # yacs importable, its CfgNode booby-trapped: the loader must build plain dicts instead
+    with fake_yacs_installed(on_run=ran.append):
+        loaded = load_checkpoint(str(path))
+        model, space, metadata = load_model_for_inference(str(path), "cpu")
+    assert ran == [] and loaded["config"] == SEED_CONFIG and type(loaded["config"]["train"]) is dict
     assert space is None and metadata["num_classes"] == 64 and metadata["source_format"] == "datasetinsights"
     assert metadata["config"]["backbone"] == "resnet50" and not model.training
-    assert set(model.state_dict()) == set(reference.state_dict())
+
+    # torchvision 0.5's model: frozen batch norm with eps 0 throughout the body, no trainable BatchNorm2d.
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))]
+    assert len(norms) == 53 and all(type(m) is FrozenBatchNorm2d and m.eps == 0.0 for m in norms)
     ours = model.state_dict()
-    assert all(torch.equal(ours[key], value) for key, value in state.items())
+    assert set(ours) == set(state) and all(torch.equal(ours[k], v) for k, v in state.items())
+
+    image = [torch.rand(3, 120, 160, generator=torch.Generator().manual_seed(3))]
+    reference = reference_model().eval()
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        features, expected = model.backbone(image[0][None]), reference.backbone(image[0][None])
+        assert all(torch.equal(features[k], expected[k]) for k in expected)
+        for m in reference.modules():  # today's default eps would change the features: the test can tell
+            if isinstance(m, FrozenBatchNorm2d):
+                m.eps = 1e-5
+        assert not torch.allclose(model.backbone(image[0][None])["0"], reference.backbone(image[0][None])["0"])
 
 
 def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):

@@ -223,7 +223,8 @@ def test_command_lines_carry_upstream_uris_and_params(local_dags):
     root = "/tmp/synthval-test-root/train_on_synthetic_and_real_dataset/manual__2026-11-24T14-20-42.222917"
     assert finetune == [
         "synthval", "finetune", "--train-data", "gs://bucket/runs/data/real", "--train-split", "train_small",
-        "--max-images", "40", "--init-checkpoint", UPSTREAM_XCOMS["train"]["checkpoint_uri"],
+        "--max-images", "40", "--val-data", "gs://bucket/runs/data/real", "--val-split", "val",
+        "--init-checkpoint", UPSTREAM_XCOMS["train"]["checkpoint_uri"],
         "--checkpoint-dir", f"{root}/checkpoints/finetune", "--tb-log-dir", f"{root}/tensorboard/finetune",
         # The training epochs and learning rate are not inherited: `synthval finetune` applies the
         # preset's fine-tuning rate unless finetune_learning_rate / finetune_epochs are given.

@@ -1,5 +1,6 @@
 """Model classes against dataset labels, matched by name."""
 
+import numpy as np
 import pytest
 
 from synthval.datasets import DatasetIndex, LabelSpace, match_labels
@@ -52,3 +53,29 @@ def test_label_space_rejects_repeats_and_blanks():
     index = index_with({1: "a", 2: "a", 3: "b"})
     space = LabelSpace.from_index(index)
     assert space.names == ("a", "b") and space.class_ids(index) == {1: 1, 2: 1, 3: 2}
+
+
+@pytest.mark.parametrize("n", [12, 400, 4001])
+def test_seed_split_is_scikit_learn_s_train_test_split_with_random_state_47(n):
+    """datasets/synthetic.py of the seed: train_test_split(catalog, train_size=0.9, random_state=47)."""
+    from sklearn.model_selection import train_test_split
+
+    from synthval.datasets.splits import seed_partition
+
+    train, val = train_test_split(np.arange(n), train_size=0.9, random_state=47)
+    ours = seed_partition(n)
+    assert ours["seed-train"].tolist() == sorted(train.tolist()) and ours["seed-val"].tolist() == sorted(val.tolist())
+
+
+def test_blank_and_repeated_labels_are_refused_naming_the_entry():
+    from synthval.datasets.labels import add_label
+    from synthval.errors import DatasetError
+
+    names: dict[int, str] = {}
+    add_label(names, 1, " cereal ", "defs.json: spec[0]")
+    assert names == {1: "cereal"}
+    for label_id, name, message in ((2, "", "label id 2 has a blank name"),
+                                    (1, "milk", r"label id 1 \('milk'\) is listed twice \(also 'cereal'\)"),
+                                    (3, "cereal", r"label name 'cereal' is listed twice \(ids 1 and 3\)")):
+        with pytest.raises(DatasetError, match="defs.json: spec\\[1\\]: " + message):
+            add_label(names, label_id, name, "defs.json: spec[1]")

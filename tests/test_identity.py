@@ -11,7 +11,8 @@ from test_dags import airflow_db  # noqa: F401 - the session's migrated throwawa
 from test_publish import write_coco
 
 from synthval.cli import main
-from synthval.identity import is_named_model, model_role, normalize_uri
+from synthval.fetch import is_named_source
+from synthval.identity import model_role, normalize_uri
 from synthval.leaderboard import real_only_curves
 from synthval.results import open_store
 
@@ -136,7 +137,7 @@ def test_a_trained_model_published_again_as_a_given_model_keeps_its_role(tmp_pat
 def test_published_names_stay_names(tmp_path, store, monkeypatch):
     """A named model is identified by its name: nothing is downloaded, nothing becomes `<cwd>/name`."""
     monkeypatch.chdir(tmp_path)
-    assert normalize_uri("synthdet-sample") == "synthdet-sample" and is_named_model("synthetic-400k")
+    assert normalize_uri("synthdet-sample") == "synthdet-sample" and is_named_source("synthetic-400k")
     assert normalize_uri("./synthdet-sample") == str(tmp_path / "synthdet-sample")
     (tmp_path / "my-model").mkdir()
     assert normalize_uri("my-model") == str(tmp_path / "my-model")  # not a published name: a local path

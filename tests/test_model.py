@@ -157,3 +157,99 @@ def test_weights_of_another_architecture_are_refused():
     other = build_model(cpu_demo_model(box_head_dim=128), num_classes=3)
     with pytest.raises(CheckpointError, match="shapes differ|different box head"):
         init_from_checkpoint(other, tiny.state_dict(), ["a", "b"], ["a", "b"], "ckpt.pt")
+
+
+def trainable_body_tensors(model) -> int:
+    return sum(p.requires_grad for p in model.backbone.body.parameters())
+
+
+def write_imagenet_file(torch_home, seed=0):
+    """A random ResNet-50 classifier state dict where torchvision's cache keeps the ImageNet file."""
+    import torchvision
+
+    from synthval.model import imagenet_weights_path
+
+    torch.manual_seed(seed)
+    state = torchvision.models.resnet50().state_dict()
+    path = imagenet_weights_path("resnet50_fpn")
+    assert path.startswith(str(torch_home))
+    import os
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+    return path, state
+
+
+def test_imagenet_backbone_comes_from_the_torch_cache_with_frozen_batch_norm(tmp_path, monkeypatch):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from synthval.config import load_config
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    seed = load_config(TrainConfig, preset="seed-synthetic", overrides=["model.min_size=96", "model.max_size=128"])
+    with pytest.raises(CheckpointError) as err:
+        build_model(seed.model, num_classes=64)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in str(err.value)
+    assert "never downloads" in str(err.value)
+
+    path, state = write_imagenet_file(tmp_path / "torch")
+    model = build_model(seed.model, num_classes=64)
+    body = model.backbone.body.state_dict()
+    assert all(torch.equal(body[k], state[k]) for k in body if not k.endswith("num_batches_tracked"))
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert all(type(m) is FrozenBatchNorm2d and m.eps == 0.0 for m in norms)
+    assert trainable_body_tensors(model) == 42  # layer2-layer4 convolutions, as the seed trained
+    modern = build_model(load_config(TrainConfig, preset="modern").model, num_classes=3)
+    assert trainable_body_tensors(modern) == 42 and all(
+        m.eps == 1e-5 for m in modern.backbone.body.modules() if isinstance(m, FrozenBatchNorm2d))
+    # Random init, as the first releases' gpu preset: all 159 tensors train, batch norm included.
+    assert trainable_body_tensors(build_model(ModelConfig(), num_classes=3)) == 159
+
+
+def test_a_seed_checkpoint_rebuilds_the_seed_s_frozen_structure_for_fine_tuning(monkeypatch):
+    from synthval.checkpoint import describe, model_config_from
+
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent")  # structure only: no ImageNet file is read
+    info = describe({"model": {}, "config": {"backbone": "resnet50"}}, "FasterRCNN.estimator")
+    model = build_model(model_config_from(info["model_config"], "x"), 64, load_backbone_weights=False)
+    assert trainable_body_tensors(model) == 42
+    assert not any(k.endswith("num_batches_tracked") for k in model.backbone.body.state_dict())
+
+
+def test_pre_0_13_torchvision_key_names_load():
+    from synthval.model import canonical_state, load_model_state
+
+    model = build_model(ModelConfig(name="resnet50_fpn", **SMALL), 3)
+    state = model.state_dict()
+    old = {k.replace("inner_blocks.0.0.", "inner_blocks.0.").replace("layer_blocks.3.0.", "layer_blocks.3.")
+           .replace("rpn.head.conv.0.0.", "rpn.head.conv."): v for k, v in state.items()}
+    assert "backbone.fpn.inner_blocks.0.weight" in old and "rpn.head.conv.weight" in old
+    assert canonical_state({f"module.{k}": v for k, v in old.items()}).keys() == state.keys()
+    fresh = build_model(ModelConfig(name="resnet50_fpn", **SMALL), 3)
+    load_model_state(fresh, old, "old.pt")
+    assert torch.equal(fresh.rpn.head.conv[0][0].weight, model.rpn.head.conv[0][0].weight)
+
+
+def test_warm_up_is_scaled_to_a_short_run_and_reaches_the_peak_rate(caplog):
+    from synthval.config import load_config
+    from synthval.engine import warmup_length
+
+    # train_small (76 images) with the modern recipe: 4 steps an epoch, 104 in all; 1000 of 190,580 steps
+    # of warm-up scale to 1, and the rate peaks at 1.0 before the first milestone (epoch 16).
+    modern = load_config(TrainConfig, preset="modern")
+    f = lr_factor(modern, steps_per_epoch=4, total_steps=104)
+    assert warmup_length(modern, 4, 104) == 1 and max(f(s) for s in range(104)) == 1.0
+    assert f(0) == pytest.approx(0.001) and f(64) == pytest.approx(0.1) and f(88) == pytest.approx(0.01)
+    demo = load_config(TrainConfig, preset="cpu-demo")
+    assert warmup_length(demo, 50, 300) == 50 and warmup_length(demo, 10, 60) == 10  # 1/6 of either run
+    # The issue's case: 500 absolute warm-up steps, 12 epochs of 19 steps, decay at epoch 8 (step 152).
+    # Clipped, it peaked at 0.67 x lr; fitted, it ends half-way to the decay and says so.
+    old = from_dict(TrainConfig, {"schedule": {"warmup_steps": 500, "milestones": [8, 11]}, "epochs": 12})
+    with caplog.at_level("WARNING", logger="synthval"):
+        f = lr_factor(old, steps_per_epoch=19, total_steps=228)
+    assert max(f(s) for s in range(228)) == 1.0 and f(76) == 1.0 and f(75) < 1.0
+    assert "warmup_steps=500 would not end before the first lr decay at step 152" in caplog.text

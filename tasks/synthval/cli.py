@@ -56,7 +56,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_config(p: argparse.ArgumentParser, preset_default: str | None) -> None:
-    p.add_argument("--preset", default=preset_default, help="named starting config: gpu, cpu-demo")
+    p.add_argument("--preset", default=preset_default,
+                   help="named recipe: seed-synthetic, seed-real, seed-finetune, seed-unity-simulation, modern, cpu-demo")
     p.add_argument("--config", default=None, metavar="URI", help="YAML config file applied over the preset")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

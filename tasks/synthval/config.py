@@ -9,6 +9,7 @@ every metrics file as a plain dict.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -35,10 +36,18 @@ class ModelConfig:
     """Which torchvision Faster R-CNN to build and how big its inputs and heads are."""
 
     name: Literal[MODEL_NAMES] = "resnet50_fpn"
-    # None: random init; "imagenet": torchvision's own weights (baked into the training image);
-    # anything else: a file or URI holding a backbone state dict.
+    # None: random init; "imagenet": torchvision's ImageNet weights, read from the torch hub cache that the
+    # training image fills at build time (never downloaded at run time); else a file or URI of a backbone
+    # state dict.
     weights_backbone: str | None = None
+    # Backbone layers (from the top) that train; None: 3 with backbone weights (torchvision), else all.
     trainable_backbone_layers: int | None = None
+    # "frozen": FrozenBatchNorm2d keeps the backbone's batch statistics (torchvision's choice with backbone
+    # weights: batches of 2-8 images cannot estimate them); "batch": trainable BatchNorm2d; None: frozen
+    # with backbone weights, batch without.
+    backbone_norm: Literal["frozen", "batch"] | None = None
+    # FrozenBatchNorm2d's eps: torchvision before 0.8, which the seed trained with, used 0 (pytorch/vision#2933).
+    frozen_bn_eps: float = 1e-5
     min_size: int = 800
     max_size: int = 1333
     # Box-head knobs: on CPU the heads, not the backbone, decide speed (RoIAlign + 6272x1024 matmul).
@@ -56,7 +65,8 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    # adam: torch.optim.Adam (the seed's); adamw: decoupled weight decay; sgd: with momentum.
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -64,11 +74,17 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warm-up for `warmup_steps`, then a step or cosine decay over the epochs."""
+    """Linear warm-up, then a step or cosine decay over the epochs (or a constant rate).
+
+    `warmup_steps` is the warm-up of a run of `warmup_reference_steps` optimizer steps: a shorter run
+    warms up over the same fraction of its steps (at least one), so it still reaches the peak rate
+    before the first decay. Without a reference the warm-up is `warmup_steps` whatever the run's length.
+    """
 
     name: Literal["step", "cosine", "constant"] = "step"
     warmup_steps: int = 500
     warmup_factor: float = 0.001
+    warmup_reference_steps: int | None = None
     milestones: list[int] = field(default_factory=lambda: [8, 11])
     gamma: float = 0.1
 
@@ -78,7 +94,12 @@ class DataConfig:
     # None: the dataset's own train / val split where it defines splits (GroceriesReal), else every image.
     split: str | None = None
     val_split: str | None = None
+    # Images per batch in each process.
     batch_size: int = 4
+    # Images per optimizer step over all processes; None: batch_size x processes x grad_accum_steps.
+    # When set, gradient accumulation is derived from it (see `accumulation_steps`): 1 GPU and 8 GPUs
+    # then take the same optimizer steps on the same number of images.
+    effective_batch_size: int | None = None
     num_workers: int = 2
     aspect_ratio_group_factor: int = 3
     hflip_prob: float = 0.5
@@ -96,6 +117,7 @@ class TrainConfig:
     epochs: int = 12
     # Stop after this many optimizer steps in all (None: run every epoch); for smoke tests and demos.
     max_steps: int | None = None
+    # Batches per process summed into one optimizer step; derived when data.effective_batch_size is set.
     grad_accum_steps: int = 1
     # Mixed precision on CUDA: "auto" picks bf16 where supported, else fp16; ignored on CPU.
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
@@ -121,9 +143,69 @@ class EvalConfig:
     num_sample_images: int = 4
 
 
-# Named starting points; a config file or --set overrides go on top.
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into a copy of `base`."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# Named starting points; a config file or --set overrides go on top. The README's recipe table gives the
+# source of every seed value (Unity-Technologies/datasetinsights, branch 0.2.x).
+_SEED = {
+    # configs/faster_rcnn*.yaml: backbone resnet50, pretrained_backbone True, pretrained False;
+    # estimators/faster_rcnn.py builds torchvision 0.5's fasterrcnn_resnet50_fpn with 100 detections per
+    # image and score threshold 0.05, which freezes batch norm (eps 0) and trains layer2-layer4.
+    "model": {"name": "resnet50_fpn", "weights_backbone": "imagenet", "trainable_backbone_layers": 3,
+              "backbone_norm": "frozen", "frozen_bn_eps": 0.0, "min_size": 800, "max_size": 1333,
+              "box_score_thresh": 0.05, "box_detections_per_img": 100},
+    # optimizer: Adam with only lr set, and "use fixed learning rate when using Adam" (LambdaLR of 1.0).
+    "optimizer": {"name": "adam", "lr": 2e-4, "weight_decay": 0.0},
+    "schedule": {"name": "constant", "warmup_steps": 0},
+    # The seed's transforms are ToTensor only; its samplers shuffle without aspect-ratio grouping.
+    "data": {"hflip_prob": 0.0, "photometric": False, "aspect_ratio_group_factor": 0},
+    "amp": "off",
+    "val_every_epochs": 1,
+}
+_SEED_REAL = {"data": {"batch_size": 8, "effective_batch_size": 64}, "epochs": 100}
+_SEED_FINETUNE_CHANGES = {"optimizer": {"lr": 2e-5}, "epochs": 30,
+                          "data": {"batch_size": 8, "effective_batch_size": 64, "split": None, "val_split": None}}
+# torchvision references/detection: fasterrcnn_resnet50_fpn, 26 epochs, lr 0.02 for 8 GPUs x 2 images,
+# milestones 16 and 22, 1000 warm-up iterations from 1/1000 (about 7,330 steps per COCO epoch, 26 epochs).
+_MODERN = {
+    "model": {"name": "resnet50_fpn", "weights_backbone": "imagenet", "trainable_backbone_layers": 3},
+    "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4},
+    "schedule": {"name": "step", "warmup_steps": 1000, "warmup_factor": 0.001,
+                 "warmup_reference_steps": 190_580, "milestones": [16, 22], "gamma": 0.1},
+    "data": {"batch_size": 2, "effective_batch_size": 16, "hflip_prob": 0.5, "photometric": False,
+             "aspect_ratio_group_factor": 3},
+    "epochs": 26,
+    "amp": "auto",
+}
+
+
+def _seed_preset(*changes: dict[str, Any]) -> dict[str, Any]:
+    preset = _SEED
+    for change in changes:
+        preset = merge(preset, change)
+    return preset
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "gpu": {},
+    # configs/faster_rcnn_synthetic.yaml: SynDetection2D split 90/10 by random_seed 47, batch 4 x 8
+    # accumulation, 10 epochs; kubeflow/pipelines.py trains it on 8 GPUs: 256 images per step.
+    "seed-synthetic": _seed_preset({"data": {"split": "seed-train", "val_split": "seed-val", "batch_size": 4,
+                                             "effective_batch_size": 256}, "epochs": 10}),
+    # configs/faster_rcnn_groceries_real.yaml: GroceriesReal v3 train / val, batch 8 x 8 accumulation,
+    # 100 epochs, on 1 GPU: 64 images per step.
+    "seed-real": _seed_preset(_SEED_REAL),
+    # configs/faster_rcnn_fine_tune.yaml: as real, lr 2e-5, 30 epochs.
+    "seed-finetune": _seed_preset(_SEED_REAL, _SEED_FINETUNE_CHANGES),
+    "modern": _MODERN,
     # Fast on 2 CPU threads: small images, a small backbone and small heads (measured: 2x the step rate).
     "cpu-demo": {
         "model": {
@@ -139,21 +221,33 @@ PRESETS: dict[str, dict[str, Any]] = {
             "rpn_post_nms_top_n_test": 150,
         },
         "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.0001},
-        "schedule": {"name": "cosine", "warmup_steps": 50},
+        # 50 steps of a demo run's 300 (400 images, batch 8, 6 epochs); shorter runs scale it.
+        "schedule": {"name": "cosine", "warmup_steps": 50, "warmup_reference_steps": 300},
         "data": {"batch_size": 8, "num_workers": 0},
         "epochs": 6,
         "log_every_steps": 10,
     },
 }
+# The seed's Unity Simulation pipeline trains with faster_rcnn_synthetic.yaml, on 8 GPUs.
+PRESETS["seed-unity-simulation"] = PRESETS["seed-synthetic"]
+# The first releases' default preset name; the modern recipe took its place.
+PRESETS["gpu"] = PRESETS["modern"]
 
 
 # What `synthval finetune` changes on top of a preset: a trained detector wants a smaller step and almost
-# no warm-up, or its fresh optimizer undoes what it learned. Measured with cpu-demo on generated data
-# (400 synthetic, 90 real-proxy images): the preset's own lr made the fine-tuned model worse than the
-# synthetic-only one (mAP 0.368 against 0.400); lr 2e-4 with 5 warm-up steps made it better (0.507 against 0.437).
+# no warm-up, or its fresh optimizer undoes what it learned. The seed presets fine-tune as the seed did.
+# cpu-demo, measured on generated data (400 synthetic, 90 real-proxy images): the preset's own lr made the
+# fine-tuned model worse than the synthetic-only one (mAP 0.368 against 0.400); lr 2e-4 with 5 warm-up
+# steps made it better (0.507 against 0.437).
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
-    "gpu": {"optimizer": {"lr": 0.002}, "schedule": {"warmup_steps": 100}},
-    "cpu-demo": {"optimizer": {"lr": 0.0002}, "schedule": {"warmup_steps": 5}, "epochs": 10},
+    "seed-synthetic": _SEED_FINETUNE_CHANGES,
+    "seed-unity-simulation": _SEED_FINETUNE_CHANGES,
+    "seed-real": _SEED_FINETUNE_CHANGES,
+    "seed-finetune": {},
+    "modern": {"optimizer": {"lr": 0.002}},
+    "gpu": {"optimizer": {"lr": 0.002}},
+    "cpu-demo": {"optimizer": {"lr": 0.0002}, "schedule": {"warmup_steps": 5, "warmup_reference_steps": None},
+                 "epochs": 10},
 }
 
 
@@ -231,17 +325,6 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `update` into a copy of `base`."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def parse_override(text: str) -> dict[str, Any]:
     """Turn "a.b.c=value" into {"a": {"b": {"c": value}}}; the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
@@ -292,18 +375,60 @@ def load_config(
     return config
 
 
+_POSITIVE = {"lr", "batch_size", "effective_batch_size", "epochs", "grad_accum_steps", "min_size", "max_size",
+             "roi_pool_size", "box_head_dim", "box_batch_size_per_image", "max_steps", "max_images",
+             "log_every_steps", "val_every_epochs", "warmup_reference_steps", "rpn_batch_size_per_image",
+             "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+             "rpn_post_nms_top_n_test", "box_detections_per_img", "num_sample_images"}
+# Probabilities and fractions: outside [0, 1] they mean nothing (a flip "probability" of 1.5).
+_UNIT_INTERVAL = {"hflip_prob", "box_score_thresh", "draw_score_thresh", "warmup_factor", "momentum", "gamma"}
+
+
 def validate(config: Any, prefix: str = "") -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express: finite numbers, positive counts, probabilities in [0, 1]."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             validate(value, prefix=f"{key}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            positive = {"lr", "batch_size", "epochs", "grad_accum_steps", "min_size", "max_size",
-                        "roi_pool_size", "box_head_dim", "box_batch_size_per_image", "max_steps",
-                        "max_images", "log_every_steps", "val_every_epochs"}
-            if f.name in positive and value <= 0:
-                raise ConfigError(f"{key}: {value!r} must be greater than 0")
-            if value < 0:
-                raise ConfigError(f"{key}: {value!r} must not be negative")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_number(f.name, f"{key}[{i}]", item)
+        else:
+            _check_number(f.name, key, value)
+
+
+def _check_number(name: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    if name in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}: {value!r} must be between 0 and 1")
+    if name in _POSITIVE and value <= 0:
+        raise ConfigError(f"{key}: {value!r} must be greater than 0")
+    if value < 0:
+        raise ConfigError(f"{key}: {value!r} must not be negative")
+
+
+def accumulation_steps(config: Any, world_size: int) -> int:
+    """Batches each process accumulates per optimizer step, for `world_size` processes.
+
+    With `data.effective_batch_size` set: effective / (data.batch_size x world_size), which must be a
+    whole number (ConfigError naming the numbers otherwise); else `grad_accum_steps`.
+    """
+    effective, batch = config.data.effective_batch_size, config.data.batch_size
+    if effective is None:
+        return config.grad_accum_steps
+    per_pass = batch * world_size
+    accum, rest = divmod(effective, per_pass)
+    if rest or accum < 1:
+        raise ConfigError(
+            f"data.effective_batch_size={effective} is not a whole multiple of data.batch_size={batch} x "
+            f"{world_size} process(es) = {per_pass}; choose a batch size and process count whose product "
+            f"divides {effective}")
+    if config.grad_accum_steps not in (1, accum):
+        raise ConfigError(
+            f"grad_accum_steps={config.grad_accum_steps} contradicts data.effective_batch_size={effective} with "
+            f"data.batch_size={batch} x {world_size} process(es), which needs {accum}; set only one of them")
+    return accum

@@ -39,32 +39,56 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (with momentum) or AdamW over the trainable parameters, as `config.optimizer` says."""
+    """SGD (with momentum), Adam or AdamW over the trainable parameters, as `config.optimizer` says."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = config.optimizer
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    if opt.name == "adam":
+        return torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
     return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def lr_factor(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
-    """Return the per-step learning-rate multiplier: linear warm-up, then step, cosine or constant."""
+def warmup_length(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
+    """Warm-up steps of a run of `total_steps`: `schedule.warmup_steps` scaled to the run's length where a
+    reference length is given (the same fraction of the run, at least one step).
+
+    A warm-up that would still run into the first decay (a step milestone, else the run's end) never
+    reaches the peak rate; it is then scaled to end half-way to that decay, with a warning.
+    """
     schedule = config.schedule
-    warmup = min(schedule.warmup_steps, max(total_steps - 1, 0))
+    warmup = schedule.warmup_steps
+    reference = schedule.warmup_reference_steps
+    if warmup and reference is not None and total_steps < reference:
+        warmup = max(1, round(warmup * total_steps / reference))
+    first_decay = total_steps
+    if schedule.name == "step" and schedule.milestones:
+        first_decay = min(first_decay, min(schedule.milestones) * steps_per_epoch)
+    if warmup and warmup >= first_decay:
+        fitted = max(first_decay // 2, 1) if first_decay > 1 else 0
+        log.warning("schedule.warmup_steps=%d would not end before the first lr decay at step %d of %d; "
+                    "warming up over %d steps instead (set schedule.warmup_reference_steps to scale it)",
+                    warmup, first_decay, total_steps, fitted)
+        warmup = fitted
+    return warmup
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """Return the per-step learning-rate multiplier: linear warm-up to 1, then step decays at the
+    milestone epochs, a cosine decay over the steps after the warm-up, or a constant rate."""
+    schedule = config.schedule
+    warmup = warmup_length(config, steps_per_epoch, total_steps)
     milestones = sorted(m * steps_per_epoch for m in schedule.milestones)
 
     def factor(step: int) -> float:
-        warm = 1.0
         if step < warmup:
-            warm = schedule.warmup_factor + (1.0 - schedule.warmup_factor) * step / warmup
+            return schedule.warmup_factor + (1.0 - schedule.warmup_factor) * step / warmup
         if schedule.name == "step":
-            decay = schedule.gamma ** bisect.bisect_right(milestones, step)
-        elif schedule.name == "cosine":
-            progress = min(step / max(total_steps, 1), 1.0)
-            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        else:
-            decay = 1.0
-        return warm * decay
+            return schedule.gamma ** bisect.bisect_right(milestones, step)
+        if schedule.name == "cosine":
+            progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
 
     return factor
 
@@ -199,6 +223,46 @@ def train_one_epoch(
     result = {k: v / max(steps, 1) for k, v in sums.items()}
     result.update(steps=steps, images=images, seconds=seconds, images_per_second=images / max(seconds, 1e-9))
     return result
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None,
+                    seed: int) -> dict[str, float]:
+    """Mean losses over `loader` ("loss" and each part), averaged per image over all processes.
+
+    torchvision's detectors compute losses only in training mode; as the seed did, validation runs them
+    there, with every batch-norm layer held in eval mode so no running statistic moves. The RPN and box
+    samplers draw from torch's generator, re-seeded with `seed` inside a fork: the validation loss is a
+    function of the weights and the seed, and training's random stream is left exactly where it was.
+    """
+    model = unwrap(model)
+    was_training = model.training
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    devices = [device.index] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
+            torch.manual_seed(seed)
+            for batch_images, batch_targets in loader:
+                batch_images, batch_targets = _to_device(batch_images, batch_targets, device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss_dict = model(batch_images, batch_targets)
+                for k, v in loss_dict.items():
+                    sums[k] += float(v) * len(batch_images)
+                count += len(batch_images)
+    finally:
+        model.train(was_training)
+    names = sorted(sums)
+    totals = distributed.reduce_dict({"count": torch.tensor(float(count)),
+                                      **{k: torch.tensor(sums[k]) for k in names}}, average=False)
+    n = max(float(totals["count"]), 1.0)
+    means = {k: float(totals[k]) / n for k in names}
+    means["loss"] = sum(means.values())
+    return means
 
 
 def _image_id(target: Any, fallback: int) -> int:

@@ -3,9 +3,11 @@
     dataset URI -> index of the split -> (model -> batched predictions) or (results file) -> CocoEvaluator
                 -> <out>/predictions.json, <out>/metrics.json, TensorBoard, a summary table in the log
 
-Labels: the test set's labels are scored; model classes are matched to them by name. Test labels the
-model cannot predict stay in (AP 0 where they have boxes: the truth for that model) and a warning names
-them; detections of model-only classes are dropped. `metrics.json` holds `synthval.metrics`' result
+Labels: the test set's labels are scored; model classes are matched to them by name (a seed checkpoint,
+which names none, by id: its class k is the test set's label id k). Test labels the model cannot predict
+stay in (AP 0 where they have boxes: the truth for that model) and a warning names them; detections of
+model classes the test set lacks are not scored, and a warning and `metrics.json`'s "unscored_detections"
+count them per class. `metrics.json` holds `synthval.metrics`' result
 dict plus provenance (see `provenance`); `predictions.json` is a COCO results list in the test set's
 category ids and image ids: a COCO test set's own `images[].id`, else synthval's index ids. That is also
 what `--predictions` files must use, so a written `predictions.json` scores again to the same numbers.
@@ -26,7 +28,7 @@ from synthval import __version__, storage
 from synthval.config import EvalConfig, to_dict
 from synthval.datasets import DatasetIndex, default_split, load_dataset
 from synthval.errors import ConfigError
-from synthval.fetch import local_dataset
+from synthval.fetch import is_named_source, local_dataset
 from synthval.metrics import SUMMARY_KEYS, CocoEvaluator, format_summary, load_coco_results
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
     evaluator.process(predictions)
     metrics = evaluator.evaluate()
     _warn_label_mismatch(metrics["label_match"], metrics["num_predictions_dropped"])
+    metrics["unscored_detections"] = unscored_detections(predictions, class_ids, model_names)
 
     out_predictions_uri = storage.join_uri(out_uri, PREDICTIONS_FILE)
     metrics_uri = storage.join_uri(out_uri, METRICS_FILE)
@@ -163,16 +166,40 @@ def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoin
 
 
 def _absolute(uri: str | None) -> str | None:
-    """Local paths made absolute, so provenance does not hang on a cwd; published model names stay names."""
-    from synthval.identity import is_named_model
-
-    if uri is None or not storage.is_local(uri) or is_named_model(uri):
+    """Local paths made absolute, so provenance (and the protocol fingerprint) does not hang on a cwd;
+    a named source (a published model, `groceries-real`) stays a name."""
+    if uri is None or is_named_source(uri) or not storage.is_local(uri):
         return uri
     return storage.local_path(uri)
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+def unscored_detections(predictions: list[dict], class_ids: Mapping[int, int], model_names: list[str] | None
+                        ) -> dict[str, Any]:
+    """{"total": n, "by_class": {class: n}} of the detections whose model class has no label in the test
+    set, so are not scored; a class is its name, or "class <k>" when the model names none. Warns when the
+    model names none (`_warn_label_mismatch` names them otherwise)."""
+    import numpy as np
+
+    scored = np.array(sorted(set(class_ids.values())), dtype=np.int64)
+    labels = np.concatenate([np.asarray(p["labels"], dtype=np.int64).reshape(-1) for p in predictions]
+                            or [np.zeros(0, np.int64)])
+    classes, counts = np.unique(labels[~np.isin(labels, scored)], return_counts=True)
+
+    def name(k: int) -> str:
+        return model_names[k - 1] if model_names is not None and 0 < k <= len(model_names) else f"class {k}"
+
+    by_class = {name(int(k)): int(n) for k, n in zip(classes, counts)}
+    total = int(counts.sum())
+    if total and model_names is None:
+        shown = ", ".join(f"{k} ({n})" for k, n in sorted(by_class.items(), key=lambda kv: -kv[1])[:20])
+        log.warning("%d detection(s) of %d model class(es) with no label id in the test set are not scored "
+                    "(the checkpoint names no classes, so class k is the test set's label id k): %s",
+                    total, len(by_class), shown)
+    return {"total": total, "by_class": by_class}
 
 
 def _warn_label_mismatch(match: Mapping[str, list[str]], dropped: int) -> None:

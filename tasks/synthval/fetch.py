@@ -107,6 +107,27 @@ def resolve_source(name_or_uri: str) -> str:
     return entry["url"] if entry else name_or_uri
 
 
+def is_named_source(name_or_uri: str) -> bool:
+    """Whether the text names a source of NAMED_SOURCES (a dataset or a published model): such names stay
+    names wherever they are recorded, never `<cwd>/name`."""
+    return name_or_uri in NAMED_SOURCES
+
+
+def is_named_model(name_or_uri: str) -> bool:
+    """Whether the text is a published model's name (a local file of that name is written ./name)."""
+    entry = NAMED_SOURCES.get(name_or_uri)
+    return entry is not None and entry["kind"] == "model"
+
+
+def local_model_file(name: str) -> str:
+    """The local path of a published model, downloaded once (resumable, verified where a checksum is
+    published) into the local cache; every later call finds it there."""
+    if not is_named_model(name):
+        raise FetchError(f"{name!r} is not a published model; known: "
+                         + ", ".join(sorted(k for k, v in NAMED_SOURCES.items() if v["kind"] == "model")))
+    return materialize(resolve_source(name), DATA_CACHE_ROOT, checksum=NAMED_SOURCES[name]["checksum"])
+
+
 _ALGORITHMS: dict[str, Callable[[], Any]] = {"md5": hashlib.md5, "sha256": hashlib.sha256}
 
 
@@ -747,7 +768,8 @@ def local_dataset(uri: str) -> str:
     return materialize(uri, DATA_CACHE_ROOT)
 
 
-def materialize(uri: str, cache_root: str, *, retries: int = 5, retry_delay: float | None = None) -> str:
+def materialize(uri: str, cache_root: str, *, checksum: str | None = None, retries: int = 5,
+                retry_delay: float | None = None) -> str:
     """Return a local path for a dataset or file URI, fetching a remote one once into `cache_root`.
 
     Local paths and file:// come back as they are. gs:// and http(s):// are fetched (archives
@@ -755,8 +777,9 @@ def materialize(uri: str, cache_root: str, *, retries: int = 5, retry_delay: flo
     calls: the path of the single file for a file URI, of the folder for a prefix or an archive.
     Named sources (see NAMED_SOURCES) resolve to their URLs.
     """
-    if uri in NAMED_SOURCES and not os.path.exists(uri):
-        uri = resolve_source(uri)
+    named = NAMED_SOURCES.get(uri) if not os.path.exists(uri) else None
+    if named:
+        uri, checksum = resolve_source(uri), checksum or named["checksum"]
     scheme = storage.scheme_of(uri)
     if scheme == "file":
         return storage.local_path(uri)
@@ -765,5 +788,5 @@ def materialize(uri: str, cache_root: str, *, retries: int = 5, retry_delay: flo
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", _file_name(uri, "data"))[:64]
     dest = os.path.join(storage.local_path(cache_root), f"{digest}-{name}")
-    result = run_fetch(uri, dest, retries=retries, retry_delay=retry_delay)
+    result = run_fetch(uri, dest, checksum=checksum, retries=retries, retry_delay=retry_delay)
     return storage.local_path(result["file_uri"]) if "file_uri" in result else dest

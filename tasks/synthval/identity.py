@@ -36,6 +36,7 @@ from typing import Any
 
 from synthval import storage
 from synthval.errors import ConfigError
+from synthval.fetch import is_named_source
 from synthval.protocol import CHUNK_BYTES, sha256_of
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,11 @@ ROLES = ("synthetic", "synthetic+real", "real", "model", "model+real")
 REAL_ONLY = "real"
 
 
-def is_named_model(uri: str) -> bool:
-    """A published name of `fetch.NAMED_SOURCES` (and no local file of that name)."""
-    from synthval.fetch import NAMED_SOURCES
-
-    return uri in NAMED_SOURCES and not os.path.exists(uri)
-
-
 def normalize_uri(uri: str) -> str:
     """One spelling per dataset or model: local paths absolute, no trailing slash, gcs:// as gs://,
     published names (`synthdet-sample`, `synthetic-400k`) as they are."""
     uri = uri.strip()
-    if is_named_model(uri):
+    if is_named_source(uri):
         return uri
     if storage.is_local(uri):
         return storage.local_path(uri).rstrip(os.sep) or os.sep
@@ -136,7 +130,7 @@ def model_identity(checkpoint_uri: str | None, predictions_uri: str | None) -> d
         raise ConfigError("publish: the evaluation names neither a checkpoint nor a results file; "
                           "pass --checkpoint URI")
     uri = normalize_uri(source)
-    if checkpoint_uri and is_named_model(checkpoint_uri):
+    if checkpoint_uri and is_named_source(checkpoint_uri):
         basis, value = "name", uri
     else:
         basis = "checkpoint-sha256" if checkpoint_uri else "predictions-sha256"

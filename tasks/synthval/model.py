@@ -1,15 +1,20 @@
 """Building the detector, loading its weights, and mapping its classifier head by label name.
 
 Every model is a torchvision `FasterRCNN`. The torchvision names build exactly what torchvision's own
-builders build (so the seed's published `fasterrcnn_resnet50_fpn` checkpoints load as they are); `tiny`
-is a small convolutional backbone with small heads for CPU demos and tests. Nothing is downloaded unless
-`weights_backbone` is "imagenet", which uses torchvision's own weights (the training image bakes them in).
+builders build (so the seed's published `fasterrcnn_resnet50_fpn` checkpoints load, their pre-0.13 key
+names upgraded); `tiny` is a small convolutional backbone with small heads for CPU demos and tests.
+Nothing is ever downloaded: `weights_backbone="imagenet"` reads torchvision's ImageNet file from the torch
+hub cache, where the training image puts it at build time, and names the file when it is absent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
+import re
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,8 +42,9 @@ log = logging.getLogger(__name__)
 # Keys of the classifier head whose rows follow the class list (row 0: background).
 HEAD_CLS = "roi_heads.box_predictor.cls_score"
 HEAD_BOX = "roi_heads.box_predictor.bbox_pred"
-# Fields that decide the shapes of the weights; the rest (image size, sampling counts) are free to change.
-ARCHITECTURE_FIELDS = ("name", "roi_pool_size", "box_head_dim")
+# Fields that decide what the weights mean: their shapes, and whether the backbone's batch statistics are
+# frozen (trained with weights_backbone) or running. The rest (image size, sampling counts) are free.
+ARCHITECTURE_FIELDS = ("name", "roi_pool_size", "box_head_dim", "weights_backbone", "backbone_norm", "frozen_bn_eps")
 
 _DEFAULTS = ModelConfig()
 # Values torchvision's own builders use for these models where FasterRCNN's defaults differ.
@@ -82,17 +88,57 @@ def build_model(
     return model
 
 
-def _backbone_weights(config: ModelConfig, enum: Any, load: bool) -> tuple[bool, Any, str | None]:
-    """Return (is_pretrained, torchvision weights enum or None, file URI or None)."""
+_IMAGENET = {"resnet50_fpn": ResNet50_Weights.IMAGENET1K_V1, "resnet50_fpn_v2": ResNet50_Weights.IMAGENET1K_V1,
+             "mobilenet_v3_large_fpn": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+             "mobilenet_v3_large_320_fpn": MobileNet_V3_Large_Weights.IMAGENET1K_V1}
+
+
+def imagenet_weights_path(name: str) -> str:
+    """Where torchvision keeps the ImageNet weights of model `name`'s backbone: the torch hub cache
+    (`$TORCH_HOME/hub/checkpoints/`), under the file name of torchvision's URL."""
+    if name not in _IMAGENET:
+        raise ConfigError(f"model.weights_backbone: {name!r} has no ImageNet weights; "
+                          "use a file or URI of a backbone state dict, or leave it empty")
+    file_name = os.path.basename(urllib.parse.urlsplit(_IMAGENET[name].url).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+
+
+def backbone_weights_uri(config: ModelConfig) -> str | None:
+    """The file or URI the backbone's weights load from, or None for a random init.
+
+    "imagenet" is the torch hub cache file, which must exist: training never downloads (a cluster node
+    may have no internet, and an unpinned download could change the weights between runs).
+    """
     spec = config.weights_backbone
-    if spec is None or spec == "":
-        return False, None, None
-    if spec == "imagenet":
-        if enum is None:
-            raise ConfigError(f"model.weights_backbone: {config.name!r} has no ImageNet weights; "
-                              "use a file or URI of a backbone state dict, or leave it empty")
-        return True, (enum if load else None), None
-    return True, None, (spec if load else None)
+    if not spec:
+        return None
+    if spec != "imagenet":
+        return spec
+    path = imagenet_weights_path(config.name)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{path}: the ImageNet weights of {config.name}'s backbone (model.weights_backbone=imagenet) are not "
+            "there, and synthval never downloads at run time. The training image puts them there when it is "
+            "built; elsewhere copy the file there (torchvision's URL: "
+            f"{_IMAGENET[config.name].url}) or set TORCH_HOME to a folder holding hub/checkpoints/ with it")
+    return path
+
+
+def _backbone_weights(config: ModelConfig, load: bool) -> tuple[bool, str | None]:
+    """Return (is_pretrained, file URI to load or None)."""
+    if not config.weights_backbone:
+        return False, None
+    return True, (backbone_weights_uri(config) if load else None)
+
+
+def _norm_layer(config: ModelConfig, pretrained: bool) -> Any:
+    kind = config.backbone_norm
+    if kind is None:
+        # torchvision: frozen statistics with backbone weights, except v2, which keeps batch norm.
+        kind = "frozen" if pretrained and config.name != "resnet50_fpn_v2" else "batch"
+    if kind == "batch":
+        return nn.BatchNorm2d
+    return functools.partial(misc_nn_ops.FrozenBatchNorm2d, eps=config.frozen_bn_eps)
 
 
 def _trainable_layers(config: ModelConfig, pretrained: bool, max_value: int) -> int:
@@ -108,16 +154,11 @@ def _trainable_layers(config: ModelConfig, pretrained: bool, max_value: int) -> 
 def _torchvision_model(config: ModelConfig, num_classes: int, kwargs: dict, load: bool) -> FasterRCNN:
     name = config.name
     is_resnet = name.startswith("resnet50")
-    enum = ResNet50_Weights.IMAGENET1K_V1 if is_resnet else MobileNet_V3_Large_Weights.IMAGENET1K_V1
-    pretrained, weights_enum, weights_uri = _backbone_weights(config, enum, load)
-    if name == "resnet50_fpn_v2":
-        norm_layer = nn.BatchNorm2d  # v2 keeps trainable batch norm even on a pretrained backbone
-    else:
-        norm_layer = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    if is_resnet:
-        body = resnet50(weights=weights_enum, norm_layer=norm_layer)
-    else:
-        body = mobilenet_v3_large(weights=weights_enum, norm_layer=norm_layer)
+    if config.weights_backbone == "imagenet":
+        imagenet_weights_path(name)  # a model without ImageNet weights is a config error, loaded or not
+    pretrained, weights_uri = _backbone_weights(config, load)
+    norm_layer = _norm_layer(config, pretrained)
+    body = resnet50(norm_layer=norm_layer) if is_resnet else mobilenet_v3_large(norm_layer=norm_layer)
     if weights_uri is not None:
         load_backbone_state(body, weights_uri, ignore_prefixes=("fc.", "classifier."))
 
@@ -157,23 +198,24 @@ def _feature_names(backbone: BackboneWithFPN) -> list[str]:
 # --- tiny --------------------------------------------------------------------------------------------
 
 
-def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+def _conv(cin: int, cout: int, stride: int, norm_layer: Any) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), norm_layer(cout), nn.ReLU(inplace=True)
     )
 
 
 class TinyBody(nn.Sequential):
     """Five conv stages, each halving the resolution: features at strides 4, 8, 16 and 32."""
 
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 96, 128)) -> None:
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 96, 128), norm_layer: Any = nn.BatchNorm2d) -> None:
         w = list(widths)
+        conv = functools.partial(_conv, norm_layer=norm_layer)
         super().__init__(OrderedDict([
-            ("stem", _conv(3, w[0], 2)),
-            ("stage1", nn.Sequential(_conv(w[0], w[1], 2), _conv(w[1], w[1], 1))),
-            ("stage2", nn.Sequential(_conv(w[1], w[2], 2), _conv(w[2], w[2], 1))),
-            ("stage3", nn.Sequential(_conv(w[2], w[3], 2), _conv(w[3], w[3], 1))),
-            ("stage4", nn.Sequential(_conv(w[3], w[4], 2), _conv(w[4], w[4], 1))),
+            ("stem", conv(3, w[0], 2)),
+            ("stage1", nn.Sequential(conv(w[0], w[1], 2), conv(w[1], w[1], 1))),
+            ("stage2", nn.Sequential(conv(w[1], w[2], 2), conv(w[2], w[2], 1))),
+            ("stage3", nn.Sequential(conv(w[2], w[3], 2), conv(w[3], w[3], 1))),
+            ("stage4", nn.Sequential(conv(w[3], w[4], 2), conv(w[4], w[4], 1))),
         ]))
         self.widths = w
         for m in self.modules():
@@ -185,8 +227,10 @@ TINY_FPN_CHANNELS = 64
 
 
 def _tiny(config: ModelConfig, num_classes: int, kwargs: dict, load: bool) -> FasterRCNN:
-    pretrained, _, weights_uri = _backbone_weights(config, None, load)
-    body = TinyBody()
+    if config.weights_backbone == "imagenet":
+        imagenet_weights_path(config.name)
+    pretrained, weights_uri = _backbone_weights(config, load)
+    body = TinyBody(norm_layer=_norm_layer(config, pretrained))
     if weights_uri is not None:
         load_backbone_state(body, weights_uri)
     if pretrained and config.trainable_backbone_layers is not None:
@@ -224,6 +268,24 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: Sequence[str]) 
     return out
 
 
+# torchvision 0.13 wrapped the FPN's and the RPN head's convolutions in Conv2dNormActivation; checkpoints
+# saved before (the seed's, torchvision 0.5) name them one level up.
+_LEGACY_KEYS = (
+    (re.compile(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$"), r"\1.0.\2"),
+    (re.compile(r"^(rpn\.head\.conv)\.(weight|bias)$"), r"\1.0.0.\2"),
+)
+
+
+def canonical_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detector state dict with DDP's `module.` prefix removed and pre-0.13 torchvision names upgraded."""
+    out = {}
+    for key, value in _strip_prefixes(state, ("module.",)).items():
+        for pattern, replacement in _LEGACY_KEYS:
+            key = pattern.sub(replacement, key)
+        out[key] = value
+    return out
+
+
 def _ignorable(key: str) -> bool:
     # BatchNorm2d has a step counter that FrozenBatchNorm2d lacks; it never changes a prediction.
     return key.endswith("num_batches_tracked")
@@ -240,7 +302,8 @@ def load_backbone_state(body: nn.Module, uri: str, ignore_prefixes: Sequence[str
     state = _strip_prefixes(state, ("module.backbone.body.", "backbone.body.", "module.", "body."))
     state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore_prefixes)}
     missing, unexpected = body.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _ignorable(k)]
+    # The classifier (fc) is not part of the detector's backbone: missing or not, it is dropped later.
+    missing = [k for k in missing if not _ignorable(k) and not any(k.startswith(p) for p in ignore_prefixes)]
     unexpected = [k for k in unexpected if not _ignorable(k)]
     if missing or unexpected:
         raise CheckpointError(
@@ -252,7 +315,7 @@ def load_backbone_state(body: nn.Module, uri: str, ignore_prefixes: Sequence[str
 
 def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load a whole detector state dict; a key or shape that does not fit raises CheckpointError."""
-    state = _strip_prefixes(state, ("module.",))
+    state = canonical_state(state)
     own = model.state_dict()
     bad_shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -271,7 +334,7 @@ def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source
 
 def num_classes_in_state(state: Mapping[str, torch.Tensor]) -> int:
     """Return the class count (background included) of a detector state dict."""
-    state = _strip_prefixes(state, ("module.",))
+    state = canonical_state(state)
     key = f"{HEAD_CLS}.weight"
     if key not in state:
         raise CheckpointError(f"the checkpoint holds no Faster R-CNN classifier ({key} is missing)")
@@ -307,7 +370,7 @@ def init_from_checkpoint(
     Class k of either model is names[k-1]; row 0 is the background. Rows of labels the checkpoint
     does not know keep the model's fresh initialization. Returns what was mapped, new and dropped.
     """
-    state = _strip_prefixes(state, ("module.",))
+    state = canonical_state(state)
     n_old = num_classes_in_state(state)
     if n_old != len(old_names) + 1:
         raise CheckpointError(f"{source}: the classifier has {n_old} classes but {len(old_names)} label names "

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from synthval.datasets.index import RawIndex, RawIndexBuilder, field_error, read_json_file
+from synthval.datasets.labels import add_label
 from synthval.errors import DatasetError
 
 
@@ -58,9 +59,10 @@ def read_coco(uri_path: str) -> RawIndex:
     label_names: dict[int, str] = {}
     for k, category in enumerate(doc["categories"]):
         try:
-            label_names[int(category["id"])] = str(category["name"]).strip()
+            label_id, name = int(category["id"]), category["name"]
         except (KeyError, TypeError, ValueError) as exc:
             raise field_error(f"{path}: categories[{k}]", exc, category) from exc
+        add_label(label_names, label_id, name, f"{path}: categories[{k}]")
 
     images = doc["images"]
     position: dict[Any, int] = {}

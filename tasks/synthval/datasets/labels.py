@@ -11,6 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from synthval.datasets.index import DatasetIndex
+from synthval.errors import DatasetError
+
+
+def add_label(names: dict[int, str], label_id: int, name: object, where: str) -> None:
+    """Add one entry of a dataset's label list to `names`; a blank name, or an id or a name (after
+    stripping) listed twice, raises DatasetError naming `where` and the label: two entries of one id would
+    silently overwrite each other, two of one name would merge two classes into one."""
+    text = str(name).strip() if name is not None else ""
+    if not text:
+        raise DatasetError(f"{where}: label id {label_id} has a blank name")
+    if label_id in names:
+        raise DatasetError(f"{where}: label id {label_id} ({text!r}) is listed twice (also {names[label_id]!r})")
+    for other_id, other in names.items():
+        if other == text:
+            raise DatasetError(f"{where}: label name {text!r} is listed twice (ids {other_id} and {label_id})")
+    names[label_id] = text
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from synthval.datasets.index import (
     natural_key,
     read_json_file,
 )
+from synthval.datasets.labels import add_label
 from synthval.datasets.simulator import SimulatorMetrics, SimulatorMetricsBuilder
 from synthval.errors import DatasetError
 
@@ -96,7 +97,7 @@ def label_names_of(definition: dict, where: str) -> dict[int, str]:
                 raise TypeError("label_id must be an integer")
         except (KeyError, TypeError) as exc:
             raise field_error(f"{where}: definition {definition.get('id')!s} spec[{k}]", exc, item) from exc
-        names[label_id] = str(name).strip()
+        add_label(names, label_id, name, f"{where}: definition {definition.get('id')!s} spec[{k}]")
     return names
 
 

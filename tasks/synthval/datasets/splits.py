@@ -7,12 +7,18 @@
   seed does not move the partition on purpose: evaluation loads "test" without the training seed, and
   runs repeated over seeds must share one test set, so a seed-dependent partition would leak training
   images into the test split.
+- "seed-train" / "seed-val" are the seed's synthetic split (datasetinsights 0.2.x, datasets/synthetic.py):
+  scikit-learn's `train_test_split(catalog, train_size=0.9, random_state=47)` over the images in reader
+  order, reproduced with numpy alone. The seed split its catalog after dropping captures without boxes
+  or image files; the membership is the seed's where the dataset has none of those.
 - "all" (or None) is every image.
 - A budget of N images (`max_images`) is the first N usable images of the split in a permutation by
   the run's seed, so budgets drawn with one seed are nested: the 76 images are among the 380.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -22,6 +28,8 @@ from synthval.errors import DatasetError
 PARTITION = {"train": 0.8, "val": 0.1, "test": 0.1}  # val and test rounded half up; train the rest
 PARTITION_SEED = 0
 ALL = "all"
+SEED_TRAIN, SEED_VAL = "seed-train", "seed-val"
+SEED_SPLIT_SEED, SEED_TRAIN_FRACTION = 47, 0.9
 # A stream of its own, so a budget's order is unrelated to the partition's permutation.
 _BUDGET_STREAM = 0x62756467
 
@@ -31,6 +39,11 @@ def split_positions(raw: RawIndex, split: str | None) -> np.ndarray:
     n = len(raw)
     if split is None or split == ALL:
         return np.arange(n, dtype=np.int64)
+    if split in (SEED_TRAIN, SEED_VAL):
+        positions = seed_partition(n)[split]
+        if len(positions) == 0:
+            raise DatasetError(f"{raw.root}: split {split!r} is empty: {n} images are too few for a 90/10 split")
+        return positions
     if raw.split_files:
         path = raw.split_files.get(split)
         if path is None:
@@ -55,6 +68,16 @@ def partition(n: int) -> dict[str, np.ndarray]:
     n_train = n - n_val - n_test
     cuts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
     return {name: np.sort(p).astype(np.int64) for name, p in cuts.items()}
+
+
+def seed_partition(n: int) -> dict[str, np.ndarray]:
+    """{"seed-train", "seed-val"}: ascending positions of train_test_split(range(n), train_size=0.9,
+    random_state=47): floor(0.9 n) train images, the rest val, cut from RandomState(47).permutation(n)."""
+    perm = np.random.RandomState(SEED_SPLIT_SEED).permutation(n)
+    n_train = math.floor(SEED_TRAIN_FRACTION * n)
+    n_val = n - n_train
+    return {SEED_VAL: np.sort(perm[:n_val]).astype(np.int64),
+            SEED_TRAIN: np.sort(perm[n_val:n_val + n_train]).astype(np.int64)}
 
 
 def budget_order(positions: np.ndarray, seed: int) -> np.ndarray:

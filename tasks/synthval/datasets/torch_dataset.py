@@ -17,6 +17,8 @@ from synthval.errors import DatasetError
 
 # Mild colour jitter: product colours are what tells many grocery classes apart, so hue moves little.
 _JITTER = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}
+_ADJUST = (v2.functional.adjust_brightness, v2.functional.adjust_contrast, v2.functional.adjust_saturation,
+           v2.functional.adjust_hue)
 
 
 class DetectionDataset(Dataset):
@@ -25,18 +27,31 @@ class DetectionDataset(Dataset):
     `class_ids` maps dataset label ids to model class ids (LabelSpace.class_ids); boxes with other
     labels are dropped. With `train`, the image is flipped left-right with probability `hflip_prob`
     (boxes follow) and, with `photometric`, colour-jittered; without `train` neither happens.
-    Randomness comes from torch's generator, which DataLoader seeds per worker.
+
+    The random draws of image i are a function of (`seed`, the epoch set by `set_epoch`, i) alone, never
+    of a generator's position: a run resumed in the middle of an epoch, any number of loader workers and
+    any number of processes augment every image exactly as an uninterrupted run does.
     """
 
     def __init__(self, index: DatasetIndex, class_ids: dict[int, int], train: bool = False,
-                 hflip_prob: float = 0.0, photometric: bool = False):
+                 hflip_prob: float = 0.0, photometric: bool = False, seed: int = 0):
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         self.index = index
         self.class_ids = dict(class_ids)
         self.train = train
         self.hflip_prob = hflip_prob if train else 0.0
-        self.jitter = v2.ColorJitter(**_JITTER) if train and photometric else None
+        self.photometric = train and photometric
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of `epoch` (set before the DataLoader's workers start)."""
+        self.epoch = epoch
+
+    def _generator(self, i: int) -> torch.Generator:
+        key = np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(key))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -60,14 +75,28 @@ class DetectionDataset(Dataset):
             raise DatasetError(f"{record.path}: decoded size {image.shape[2]}x{image.shape[1]} differs from the "
                                f"{record.width}x{record.height} the annotations give; boxes would not fit")
         target = self.target(i)
-        if self.hflip_prob and torch.rand(()) < self.hflip_prob:
+        if not (self.hflip_prob or self.photometric):
+            return image.to(torch.float32).div_(255.0), target
+        g = self._generator(i)
+        if self.hflip_prob and torch.rand((), generator=g) < self.hflip_prob:
             image = image.flip(-1)
             boxes = target["boxes"]
             target["boxes"] = torch.stack([record.width - boxes[:, 2], boxes[:, 1],
                                            record.width - boxes[:, 0], boxes[:, 3]], dim=1)
-        if self.jitter is not None:
-            image = self.jitter(image)
+        if self.photometric:
+            image = color_jitter(image, g)
         return image.to(torch.float32).div_(255.0), target
+
+
+def color_jitter(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's ColorJitter with `_JITTER`'s ranges (brightness, contrast, saturation and hue in a
+    random order), its draws taken from `generator` rather than torch's global one."""
+    b, c, s, h = (_JITTER[k] for k in ("brightness", "contrast", "saturation", "hue"))
+    low = torch.tensor([1 - b, 1 - c, 1 - s, -h])
+    factors = (low + torch.rand(4, generator=generator) * (torch.tensor([1 + b, 1 + c, 1 + s, h]) - low)).tolist()
+    for k in torch.randperm(4, generator=generator).tolist():
+        image = _ADJUST[k](image, factors[k])
+    return image
 
 
 def read_image(path: str) -> torch.Tensor:
