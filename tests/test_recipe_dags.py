@@ -15,7 +15,7 @@ from test_dags import REQUIRED_CONF, UPSTREAM_XCOMS, load_dags, render
 from synthval.cli import get_parser
 from synthval.config import TrainConfig, load_config
 
-POD_SETTINGS = {"data_root": "gs://bucket/synthval", "image_tag": "0.1.0"}
+POD_SETTINGS = {"data_root": "gs://bucket/synthval", "image_tag": "0.1.0", "results_db_secret": "synthval-results-db"}
 TRAINING_STEPS = {  # (dag, task) -> the seed preset its step resolves to on the pod backends
     ("train_on_synthdet_sample", "train"): "seed-synthetic",
     ("train_on_synthetic_dataset_unity_simulation", "train"): "seed-synthetic",
