@@ -5,15 +5,23 @@ before any task runs (`airflow dags trigger --conf` fails naming the field). Def
 deployment settings (`synthval_tasks.load_settings`), so the same DAG runs the generated demo data on
 CPU locally and the seed's datasets on GPUs in a cluster.
 
-The DAGs render templates as native Python objects: an argv item that renders to a list (an optional
-flag group such as ``{{ optional('--max-images', params.real_count) }}``) is spliced into the command
-line, so unset params add no flag at all.
+Every string param that reaches a command line is constrained here (an enum, a pattern) so a typo or
+a hostile value is refused at trigger, and whatever passes still becomes exactly one argument (the
+DAGs render templates as strings, never as native objects; see `synthval_tasks`).
+
+Parsing cost: Airflow validates every param of a DAG against its JSON schema twice per task while it
+serializes the DAG (`Param.resolve`, which first checks the schema itself against the meta-schema).
+The schemas declare JSON Schema draft 7, whose meta-schema check costs a fraction of the default
+2020-12 one (they use nothing newer).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
+
 from airflow.sdk import DAG, Param
+from airflow.sdk.definitions._internal.types import NOTSET
 
 from synthval_tasks import MACROS, load_settings
 
@@ -25,17 +33,32 @@ PRESETS = ("gpu", "cpu-demo")
 PUBLISHED_MODELS = ("real-world-760", "synthetic-400k", "synthetic-and-real-76", "synthetic-and-real-380",
                     "synthetic-and-real-760")
 REAL_SPLITS = ("train_small", "train_medium", "train")
-URI_PATTERN = r"^((gs|gcs|https?|file)://.+|[/~].*)$"
-OVERRIDE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=.*$"
+_TEXT = r"[^\x00-\x1f\x7f]"  # any character but a control character (a NUL cannot reach a process)
+# Where things are read from: an absolute local path or a URI.
+URI_PATTERN = rf"^((gs|gcs|https?|file)://{_TEXT}+|[/~]{_TEXT}*)$"
+# Where outputs go: a local folder or a bucket.
+OUTPUT_PATTERN = rf"^((gs|gcs|file)://{_TEXT}+|[/~]{_TEXT}*)$"
+# A dataset: a URI, usim://PROJECT/RUN, generate://KIND?..., or a named source.
+DATASET_PATTERN = rf"^((gs|gcs|https?|file|usim|generate)://{_TEXT}+|[/~]{_TEXT}*|[A-Za-z0-9][A-Za-z0-9._-]*)$"
+# A split name (GroceriesReal's split files are groceries_real_<split>.txt).
+SPLIT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+OVERRIDE_PATTERN = rf"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*={_TEXT}*$"
+SCHEMA_DRAFT = {"$schema": "http://json-schema.org/draft-07/schema#"}
 
 
 def _nullable(kind: str | list[str]) -> list[str]:
     return ["null", *([kind] if isinstance(kind, str) else kind)]
 
 
+def param(default: Any = NOTSET, **schema: Any) -> Param:
+    """A `Param` whose JSON schema declares draft 7 (see the module docstring)."""
+    return Param(default, **SCHEMA_DRAFT, **schema)
+
+
 def dataset_param(role: str, default: str) -> Param:
-    return Param(
-        default, type="string", minLength=1, section="Datasets", title=f"{role.capitalize()} dataset",
+    return param(
+        default, type="string", pattern=DATASET_PATTERN, maxLength=4096, section="Datasets",
+        title=f"{role.capitalize()} dataset",
         description=f"The {role} dataset: a URI (gs://, https://, a local folder or archive), a named source "
         "(synthdet-sample, groceries-real), usim://PROJECT/RUN_EXECUTION, or generated demo data "
         "(generate://synthetic?num_images=400&image_size=192, generate://real-proxy?...).",
@@ -45,69 +68,77 @@ def dataset_param(role: str, default: str) -> Param:
 def output_params() -> dict[str, Param]:
     settings = load_settings()
     return {
-        "output_root": Param(
-            settings.data_root, type="string", minLength=1, section="Outputs", title="Output root",
-            description="Root URI of all outputs; this run writes below <output_root>/<dag_id>/<run_id>/.",
+        "output_root": param(
+            settings.data_root, type="string", pattern=OUTPUT_PATTERN, section="Outputs", title="Output root",
+            description="Root URI of all outputs (an absolute local path or gs://); this run writes below "
+            "<output_root>/<dag_id>/<run_id>/.",
         ),
-        "checkpoint_dir": Param(
-            None, type=_nullable("string"), section="Outputs", title="Checkpoint dir",
+        "checkpoint_dir": param(
+            None, type=_nullable("string"), pattern=OUTPUT_PATTERN, section="Outputs", title="Checkpoint dir",
             description="Where checkpoints go, as <checkpoint_dir>/<dag_id>/<run_id>/<step>/ (empty: "
             "<output_root>/<dag_id>/<run_id>/checkpoints/<step>/). Stable per run, so a retry resumes.",
         ),
-        "tb_log_dir": Param(
-            None, type=_nullable("string"), section="Outputs", title="TensorBoard log dir",
+        "tb_log_dir": param(
+            None, type=_nullable("string"), pattern=OUTPUT_PATTERN, section="Outputs", title="TensorBoard log dir",
             description="Where TensorBoard logs go, as <tb_log_dir>/<dag_id>/<run_id>/<step>/ (empty: "
             "<output_root>/<dag_id>/<run_id>/tensorboard/<step>/).",
         ),
     }
 
 
+def overrides_param(section: str, description: str) -> Param:
+    """A list of key=value config overrides, each passed as one `--set=key=value` argument.
+
+    Nullable only so that the trigger form does not mark it required; empty and null add nothing.
+    """
+    return param([], type=["array", "null"], items={"type": "string", "pattern": OVERRIDE_PATTERN},
+                 section=section, description=description)
+
+
 def training_params(*, finetune: bool = False) -> dict[str, Param]:
     settings = load_settings()
     params = {
-        "preset": Param(
+        "preset": param(
             settings.default_preset, type="string", enum=list(PRESETS), section="Training",
             description="Named starting config: gpu (full size) or cpu-demo (small images, tiny model).",
         ),
-        "model": Param(
+        "model": param(
             None, type=_nullable("string"), enum=[None, *MODEL_NAMES], section="Training",
+            # The trigger form shows an enum's values as they are, `null` included, unless told otherwise.
+            values_display={"null": "(the preset's)"},
             description="Detector architecture (empty: the preset's).",
         ),
-        "epochs": Param(None, type=_nullable("integer"), minimum=1, section="Training",
+        "epochs": param(None, type=_nullable("integer"), minimum=1, section="Training",
                         description="Training epochs (empty: the preset's)."),
-        "learning_rate": Param(None, type=_nullable("number"), exclusiveMinimum=0, section="Training",
+        "learning_rate": param(None, type=_nullable("number"), exclusiveMinimum=0, section="Training",
                                title="Learning rate", description="Peak learning rate (empty: the preset's)."),
-        "batch_size": Param(None, type=_nullable("integer"), minimum=1, section="Training",
+        "batch_size": param(None, type=_nullable("integer"), minimum=1, section="Training",
                             title="Batch size", description="Images per batch and process (empty: the preset's)."),
-        "overrides": Param(
-            [], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN}, section="Training",
-            description="Config overrides as key=value, each passed as `--set key=value`, e.g. max_steps=100, "
-            "model.min_size=512, schedule.name=cosine.",
-        ),
+        "overrides": overrides_param(
+            "Training", "Config overrides as key=value, each passed as `--set key=value`, e.g. max_steps=100, "
+            "model.min_size=512, schedule.name=cosine."),
     }
     if finetune:
         params.update({
-            "finetune_epochs": Param(None, type=_nullable("integer"), minimum=1, section="Fine-tuning",
+            "finetune_epochs": param(None, type=_nullable("integer"), minimum=1, section="Fine-tuning",
                                      description="Fine-tuning epochs (empty: the preset's fine-tuning value)."),
-            "finetune_learning_rate": Param(None, type=_nullable("number"), exclusiveMinimum=0,
+            "finetune_learning_rate": param(None, type=_nullable("number"), exclusiveMinimum=0,
                                             section="Fine-tuning",
                                             description="Fine-tuning learning rate (empty: the preset's fine-tuning "
                                                         "value, well below the training rate)."),
-            "finetune_overrides": Param(
-                [], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN}, section="Fine-tuning",
-                description="Overrides for fine-tuning only, applied after `overrides`.",
-            ),
+            "finetune_overrides": overrides_param(
+                "Fine-tuning", "Overrides for fine-tuning only, applied after `overrides`."),
         })
     return params
 
 
 def real_split_params(section: str = "Datasets") -> dict[str, Param]:
     return {
-        "real_split": Param(
+        "real_split": param(
             "train", type="string", enum=list(REAL_SPLITS), section=section, title="Real training split",
             description="GroceriesReal split to train on: train_small (~76 images), train_medium (~380), train (760).",
         ),
-        "real_count": Param(
+        "real_count": param(
             None, type=_nullable("integer"), minimum=1, section=section, title="Real image count",
             description="Use only this many images of the split (empty: all of it).",
         ),
@@ -115,24 +146,26 @@ def real_split_params(section: str = "Datasets") -> dict[str, Param]:
 
 
 def test_split_param() -> dict[str, Param]:
-    return {"test_split": Param("test", type="string", minLength=1, section="Datasets", title="Test split",
-                                description="Split of the real dataset the model is evaluated on.")}
+    return {"test_split": param(
+        "test", type="string", pattern=SPLIT_PATTERN, examples=["test", "val", "all"], section="Datasets",
+        title="Test split", description="Split of the real dataset the model is evaluated on: test (GroceriesReal's, "
+        "or 10% of any other dataset), val, all, or a split file's name.")}
 
 
 def compute_params() -> dict[str, Param]:
     settings = load_settings()
     return {
-        "gpus": Param(
+        "gpus": param(
             settings.default_gpus, type="integer", minimum=0, maximum=16, section="Compute", title="GPUs",
             description="GPUs per training step (more than one: torchrun, one process per GPU); evaluation "
             "uses at most one. 0 runs on CPU.",
         ),
-        "image_tag": Param(
+        "image_tag": param(
             settings.image_tag, type="string", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
             **{"not": {"const": "latest"}}, section="Compute", title="Image tag",
             description=f"Tag of {settings.image} for pods (pinned, never latest). Unused by the local backend.",
         ),
-        "storage_gib": Param(
+        "storage_gib": param(
             100 if settings.is_pod_backend else 10, type="integer", minimum=1, maximum=10000, section="Compute",
             title="Scratch storage (GiB)", description="Size of each pod's scratch volume (downloads, staging).",
         ),
@@ -140,7 +173,10 @@ def compute_params() -> dict[str, Param]:
 
 
 def recipe_dag(dag_id: str, doc_md: str | None, params: dict[str, Param], tags: list[str]) -> DAG:
-    """Return a manually triggered synthval DAG with the shared macros and defaults."""
+    """Return a manually triggered synthval DAG with the shared macros and defaults.
+
+    Templates render to strings (never native objects), so a param's value stays one argument.
+    """
     return DAG(
         dag_id=dag_id,
         doc_md=doc_md,
@@ -150,8 +186,6 @@ def recipe_dag(dag_id: str, doc_md: str | None, params: dict[str, Param], tags: 
         max_active_runs=4,
         params=params,
         tags=["synthval", *tags],
-        render_template_as_native_obj=True,
         user_defined_macros=dict(MACROS),
         default_args={"owner": "synthval", "retry_delay": timedelta(minutes=1)},
     )
-

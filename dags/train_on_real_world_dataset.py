@@ -24,7 +24,7 @@ from synthval_params import (
     training_params,
 )
 from synthval_steps import REAL_DATA, REAL_SPLIT_FLAGS, evaluate_step, fetch_step, publish_step, train_step
-from synthval_tasks import load_settings
+from synthval_tasks import Flag, load_settings
 
 settings = load_settings()
 
@@ -46,8 +46,8 @@ with recipe_dag(
     evaluate = evaluate_step("{{ upstream('train', 'checkpoint_uri') }}")
     publish = publish_step(
         "{{ upstream('train', 'checkpoint_uri') }}",
-        datasets=("--dataset", "real={{ params.real_dataset }}"),
-        budget=("--real-budget", "{{ upstream('train', 'num_train_images') }}"),
+        datasets=(Flag("--dataset", "real={{ params.real_dataset }}"),),
+        budget=(Flag("--real-budget", "{{ upstream('train', 'num_train_images') }}"),),
     )
 
     fetch_real >> train >> evaluate >> publish

@@ -21,7 +21,7 @@ airflow dags trigger train_on_synthetic_and_real_dataset \\
 ```
 """
 
-from airflow.sdk import Param, task
+from airflow.sdk import task
 
 from synthval_params import (
     PUBLISHED_MODELS,
@@ -29,15 +29,22 @@ from synthval_params import (
     compute_params,
     dataset_param,
     output_params,
+    param,
     real_split_params,
     recipe_dag,
     test_split_param,
     training_params,
 )
 from synthval_steps import REAL_DATA, REAL_SPLIT_FLAGS, evaluate_step, fetch_step, publish_step, train_step
-from synthval_tasks import check_conf, load_settings
+from synthval_tasks import Computed, Flag, check_conf, load_settings
 
 settings = load_settings()
+
+
+def synthetic_role(context) -> list[str]:
+    """The synthetic dataset as publish records it, unless training started from a given checkpoint."""
+    params = context["params"]
+    return [] if params["start_from_checkpoint"] else [f"--dataset=synthetic={params['synthetic_dataset']}"]
 
 with recipe_dag(
     "train_on_synthetic_and_real_dataset",
@@ -47,7 +54,7 @@ with recipe_dag(
         "real_dataset": dataset_param("real", settings.default_real),
         **real_split_params(),
         **test_split_param(),
-        "start_from_checkpoint": Param(
+        "start_from_checkpoint": param(
             None, type=["null", "string"], anyOf=[{"type": "null"}, {"enum": list(PUBLISHED_MODELS)},
                                                   {"type": "string", "pattern": URI_PATTERN}],
             examples=list(PUBLISHED_MODELS), section="Fine-tuning", title="Start from checkpoint",
@@ -85,13 +92,12 @@ with recipe_dag(
     evaluate_synthetic = evaluate_step(start_checkpoint, task_id="evaluate_synthetic",
                                        out="{{ run_root() }}/eval/synthetic", trigger_rule=after_either)
     finetune = train_step("finetune", REAL_DATA, split_flags=REAL_SPLIT_FLAGS, init_checkpoint=start_checkpoint,
-                          config="{{ config_flags(params, prefix='finetune_') }}", trigger_rule=after_either)
+                          trigger_rule=after_either)
     evaluate = evaluate_step("{{ upstream('finetune', 'checkpoint_uri') }}", out="{{ run_root() }}/eval/finetuned")
     publish = publish_step(
         "{{ upstream('finetune', 'checkpoint_uri') }}",
-        datasets=("{{ [] if params.start_from_checkpoint else ['--dataset', 'synthetic=' ~ params.synthetic_dataset] }}",
-                  "--dataset", "real={{ params.real_dataset }}"),
-        budget=("--real-budget", "{{ upstream('finetune', 'num_train_images') }}"),
+        datasets=(Computed(synthetic_role), Flag("--dataset", "real={{ params.real_dataset }}")),
+        budget=(Flag("--real-budget", "{{ upstream('finetune', 'num_train_images') }}"),),
     )
 
     start >> [fetch_synthetic, given]

@@ -21,18 +21,17 @@ airflow dags trigger train_on_synthetic_dataset_unity_simulation \\
 ```
 """
 
-from airflow.sdk import Param
-
 from synthval_params import (
     compute_params,
     dataset_param,
     output_params,
+    param,
     recipe_dag,
     test_split_param,
     training_params,
 )
 from synthval_steps import evaluate_step, fetch_step, publish_step, train_step
-from synthval_tasks import load_settings
+from synthval_tasks import Flag, load_settings
 
 settings = load_settings()
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -41,9 +40,9 @@ with recipe_dag(
     "train_on_synthetic_dataset_unity_simulation",
     __doc__,
     params={
-        "project_id": Param(type="string", pattern=ID_PATTERN, section="Unity Simulation", title="Project id",
+        "project_id": param(type="string", pattern=ID_PATTERN, section="Unity Simulation", title="Project id",
                             description="Unity project id the simulation ran under."),
-        "run_execution_id": Param(type="string", pattern=ID_PATTERN, section="Unity Simulation",
+        "run_execution_id": param(type="string", pattern=ID_PATTERN, section="Unity Simulation",
                                   title="Run execution id", description="The run execution to fetch."),
         "real_dataset": dataset_param("real", settings.default_real),
         **test_split_param(),
@@ -60,9 +59,9 @@ with recipe_dag(
     evaluate = evaluate_step("{{ upstream('train', 'checkpoint_uri') }}")
     publish = publish_step(
         "{{ upstream('train', 'checkpoint_uri') }}",
-        datasets=("--dataset", "synthetic=usim://{{ params.project_id }}/{{ params.run_execution_id }}",
-                  "--dataset", "real={{ params.real_dataset }}"),
-        budget=("--real-budget", "0"),
+        datasets=(Flag("--dataset", "synthetic=usim://{{ params.project_id }}/{{ params.run_execution_id }}"),
+                  Flag("--dataset", "real={{ params.real_dataset }}")),
+        budget=(Flag("--real-budget", 0),),
     )
 
     fetch_synthetic >> train

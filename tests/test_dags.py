@@ -137,6 +137,18 @@ def synthval_tasks_of(dag: Any) -> list[Any]:
     return [t for t in dag.tasks if hasattr(t, "command")]
 
 
+def option(argv: list[str], flag: str) -> str:
+    """The value of ``flag`` in a rendered argv (``--flag=value``); the last one if it repeats."""
+    values = options(argv, flag)
+    assert values, (flag, argv)
+    return values[-1]
+
+
+def options(argv: list[str], flag: str) -> list[str]:
+    """Every value of ``flag`` in a rendered argv, in order."""
+    return [a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -221,25 +233,25 @@ def test_command_lines_carry_upstream_uris_and_params(local_dags):
     finetune = render(dag, dag.task_dict["finetune"], conf).command()
     root = "/tmp/synthval-test-root/train_on_synthetic_and_real_dataset/manual__2026-11-24T14-20-42.222917"
     assert finetune == [
-        "synthval", "finetune", "--train-data", "gs://bucket/runs/data/real", "--train-split", "train_small",
-        "--max-images", "40", "--init-checkpoint", UPSTREAM_XCOMS["train"]["checkpoint_uri"],
-        "--checkpoint-dir", f"{root}/checkpoints/finetune", "--tb-log-dir", f"{root}/tensorboard/finetune",
+        "synthval", "finetune", "--train-data=gs://bucket/runs/data/real", "--train-split=train_small",
+        "--max-images=40", "--init-checkpoint=" + UPSTREAM_XCOMS["train"]["checkpoint_uri"],
+        f"--checkpoint-dir={root}/checkpoints/finetune", f"--tb-log-dir={root}/tensorboard/finetune",
         # The training epochs and learning rate are not inherited: `synthval finetune` applies the
         # preset's fine-tuning rate unless finetune_learning_rate / finetune_epochs are given.
-        "--resume", "auto", "--preset", "cpu-demo", "--set", "max_steps=2", "--set", "epochs=1",
+        "--resume=auto", "--preset=cpu-demo", "--set=max_steps=2", "--set=epochs=1",
     ]
     train = render(dag, dag.task_dict["train"], conf).command()
-    assert train[train.index("--preset"):] == ["--preset", "cpu-demo", "--set", "epochs=3",
-                                               "--set", "optimizer.lr=0.00001", "--set", "max_steps=2"]
+    assert train[train.index("--preset=cpu-demo"):] == [
+        "--preset=cpu-demo", "--set=epochs=3", "--set=optimizer.lr=0.00001", "--set=max_steps=2"]
     tuned = render(dag, dag.task_dict["finetune"], {**conf, "finetune_learning_rate": 2e-4}).command()
-    assert tuned[tuned.index("--set"):tuned.index("--set") + 2] == ["--set", "optimizer.lr=0.0002"]
+    assert options(tuned, "--set")[0] == "optimizer.lr=0.0002"
     evaluate = render(dag, dag.task_dict["evaluate"], conf).command()
-    assert evaluate[evaluate.index("--checkpoint") + 1] == UPSTREAM_XCOMS["finetune"]["checkpoint_uri"]
+    assert option(evaluate, "--checkpoint") == UPSTREAM_XCOMS["finetune"]["checkpoint_uri"]
     publish = render(dag, dag.task_dict["publish"], conf).command()
-    assert publish[publish.index("--metrics") + 1] == UPSTREAM_XCOMS["evaluate"]["metrics_uri"]
+    assert option(publish, "--metrics") == UPSTREAM_XCOMS["evaluate"]["metrics_uri"]
     # The real budget is what fine-tuning actually trained on, not the param it was asked for.
-    assert publish[publish.index("--real-budget") + 1] == "76"
-    assert publish[publish.index("--run-id") + 1] == RUN_ID
+    assert option(publish, "--real-budget") == "76"
+    assert option(publish, "--run-id") == RUN_ID
 
 
 def test_start_from_checkpoint_skips_synthetic_training_and_uses_it(local_dags):
@@ -249,9 +261,11 @@ def test_start_from_checkpoint_skips_synthetic_training_and_uses_it(local_dags):
     for task_id in ("finetune", "evaluate_synthetic"):
         argv = render(dag, dag.task_dict[task_id], conf, xcoms).command()
         flag = "--init-checkpoint" if task_id == "finetune" else "--checkpoint"
-        assert argv[argv.index(flag) + 1] == "gs://b/synthetic.pt"
+        assert option(argv, flag) == "gs://b/synthetic.pt"
     publish = render(dag, dag.task_dict["publish"], conf, xcoms).command()
-    assert not any(a.startswith("synthetic=") for a in publish)
+    assert [d.split("=", 1)[0] for d in options(publish, "--dataset")] == ["real"]
+    full = render(dag, dag.task_dict["publish"], {}).command()
+    assert [d.split("=", 1)[0] for d in options(full, "--dataset")] == ["synthetic", "real"]
     # The branch picks the visible skip path.
     choose = dag.task_dict["choose_start"]
     assert choose.python_callable(params={"start_from_checkpoint": "gs://b/synthetic.pt"}) == "use_given_checkpoint"
@@ -270,7 +284,7 @@ def test_two_runs_never_share_an_output_folder(local_dags):
     ti = FakeTI(dag.dag_id, "train", UPSTREAM_XCOMS)
     other.render_template_fields({"params": copy.deepcopy(dag.params).validate(), "dag": dag, "task": other,
                                   "run_id": "manual__2026-11-24T15:00:00+00:00", "ti": ti})
-    dirs = lambda a: {a[a.index(f) + 1] for f in ("--checkpoint-dir", "--tb-log-dir")}  # noqa: E731
+    dirs = lambda a: {option(a, f) for f in ("--checkpoint-dir", "--tb-log-dir")}  # noqa: E731
     assert not dirs(argv) & dirs(other.command())
 
 
