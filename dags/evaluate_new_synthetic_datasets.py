@@ -36,15 +36,15 @@ import hashlib
 import os
 from typing import Any
 
-from airflow.sdk import DAG, Asset, AssetAlias, AssetOrTimeSchedule, CronTriggerTimetable, task, task_group
+from airflow.sdk import Asset, AssetAlias, AssetOrTimeSchedule, CronTriggerTimetable, Param, task, task_group
 
 from synthval_params import (
     URI_PATTERN,
     compute_params,
     dataset_param,
     output_params,
-    param,
     real_split_params,
+    synthval_dag,
     test_split_param,
     training_params,
 )
@@ -128,7 +128,7 @@ def work_items(run_root: str, kind: str, names: list[Any]) -> list[dict[str, str
     return items
 
 
-with DAG(
+with synthval_dag(
     dag_id=DAG_ID,
     doc_md=__doc__,
     description=__doc__.strip().splitlines()[0],
@@ -136,29 +136,29 @@ with DAG(
     catchup=False,
     max_active_runs=1,  # two runs at once would both pick the same new datasets
     params={
-        "watch_root": param(
+        "watch_root": Param(
             WATCH_ROOT, type=["null", "string"], pattern=URI_PATTERN, section="Discovery", title="Watched root",
             description="Local folder or gs:// prefix whose sub-folders are synthetic datasets (empty: only "
             "the announced ones).",
         ),
-        "marker": param(
+        "marker": Param(
             "_SUCCESS", type="string", pattern=r"^[^\x00-\x1f\x7f/][^\x00-\x1f\x7f]*$", section="Discovery",
             title="Completion marker",
             description="File (path relative to a dataset, or a glob) that exists only once the dataset is "
             "complete: _SUCCESS (synthval generate), or the file your Perception run writes last.",
         ),
-        "datasets": param(
+        "datasets": Param(
             [], type=["array", "null"], items={"type": "string", "pattern": URI_PATTERN}, section="Discovery",
             title="Announced datasets", description="Dataset URIs to value now (checked for the marker too).",
         ),
-        "max_datasets": param(20, type="integer", minimum=1, section="Discovery", title="Datasets per run",
+        "max_datasets": Param(20, type="integer", minimum=1, section="Discovery", title="Datasets per run",
                               description="Value at most this many new datasets per run; the rest wait."),
         "real_dataset": dataset_param("real", settings.default_real),
         "real_split": real_split_params()["real_split"],
         **test_split_param(),
-        "budget_sweep": param(False, type="boolean", section="Real budgets", title="Budget sweep",
+        "budget_sweep": Param(False, type="boolean", section="Real budgets", title="Budget sweep",
                               description="Also fine-tune each dataset's model on every real budget."),
-        "real_budgets": param(
+        "real_budgets": Param(
             [76, 380, 760], type="array", items={"type": "integer", "minimum": 1}, minItems=1,
             section="Real budgets", title="Real budgets",
             description="Real image counts of the real-only learning curve (and of the sweep).",

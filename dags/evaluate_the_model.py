@@ -15,6 +15,8 @@ airflow dags trigger evaluate_the_model --conf '{"checkpoint": "gs://bucket/runs
 ```
 """
 
+from airflow.sdk import Param
+
 from synthval_params import (
     PUBLISHED_MODELS,
     URI_PATTERN,
@@ -22,7 +24,6 @@ from synthval_params import (
     dataset_param,
     output_params,
     overrides_param,
-    param,
     recipe_dag,
     test_split_param,
 )
@@ -36,14 +37,14 @@ with recipe_dag(
     "evaluate_the_model",
     __doc__,
     params={
-        "checkpoint": param(
+        "checkpoint": Param(
             type="string", anyOf=[{"enum": list(PUBLISHED_MODELS)}, {"pattern": URI_PATTERN}],
             examples=list(PUBLISHED_MODELS), section="Model", title="Checkpoint",
             description="Checkpoint URI (gs://, https://, local path) or a published model name.",
         ),
         "real_dataset": dataset_param("real", settings.default_real),
         **test_split_param(),
-        "batch_size": param(None, type=["null", "integer"], minimum=1, section="Evaluation",
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, section="Evaluation",
                             title="Batch size", description="Images per batch (empty: the default)."),
         "overrides": overrides_param(
             "Evaluation", "Evaluation config overrides as key=value (`--set`), e.g. draw_score_thresh=0.3."),

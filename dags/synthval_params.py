@@ -9,19 +9,16 @@ Every string param that reaches a command line is constrained here (an enum, a p
 a hostile value is refused at trigger, and whatever passes still becomes exactly one argument (the
 DAGs render templates as strings, never as native objects; see `synthval_tasks`).
 
-Parsing cost: Airflow validates every param of a DAG against its JSON schema twice per task while it
-serializes the DAG (`Param.resolve`, which first checks the schema itself against the meta-schema).
-The schemas declare JSON Schema draft 7, whose meta-schema check costs a fraction of the default
-2020-12 one (they use nothing newer).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, Param
-from airflow.sdk.definitions._internal.types import NOTSET
 
 from synthval_tasks import MACROS, load_settings
 
@@ -43,20 +40,14 @@ DATASET_PATTERN = rf"^((gs|gcs|https?|file|usim|generate)://{_TEXT}+|[/~]{_TEXT}
 # A split name (GroceriesReal's split files are groceries_real_<split>.txt).
 SPLIT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 OVERRIDE_PATTERN = rf"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*={_TEXT}*$"
-SCHEMA_DRAFT = {"$schema": "http://json-schema.org/draft-07/schema#"}
 
 
 def _nullable(kind: str | list[str]) -> list[str]:
     return ["null", *([kind] if isinstance(kind, str) else kind)]
 
 
-def param(default: Any = NOTSET, **schema: Any) -> Param:
-    """A `Param` whose JSON schema declares draft 7 (see the module docstring)."""
-    return Param(default, **SCHEMA_DRAFT, **schema)
-
-
 def dataset_param(role: str, default: str) -> Param:
-    return param(
+    return Param(
         default, type="string", pattern=DATASET_PATTERN, maxLength=4096, section="Datasets",
         title=f"{role.capitalize()} dataset",
         description=f"The {role} dataset: a URI (gs://, https://, a local folder or archive), a named source "
@@ -68,17 +59,17 @@ def dataset_param(role: str, default: str) -> Param:
 def output_params() -> dict[str, Param]:
     settings = load_settings()
     return {
-        "output_root": param(
+        "output_root": Param(
             settings.data_root, type="string", pattern=OUTPUT_PATTERN, section="Outputs", title="Output root",
             description="Root URI of all outputs (an absolute local path or gs://); this run writes below "
             "<output_root>/<dag_id>/<run_id>/.",
         ),
-        "checkpoint_dir": param(
+        "checkpoint_dir": Param(
             None, type=_nullable("string"), pattern=OUTPUT_PATTERN, section="Outputs", title="Checkpoint dir",
             description="Where checkpoints go, as <checkpoint_dir>/<dag_id>/<run_id>/<step>/ (empty: "
             "<output_root>/<dag_id>/<run_id>/checkpoints/<step>/). Stable per run, so a retry resumes.",
         ),
-        "tb_log_dir": param(
+        "tb_log_dir": Param(
             None, type=_nullable("string"), pattern=OUTPUT_PATTERN, section="Outputs", title="TensorBoard log dir",
             description="Where TensorBoard logs go, as <tb_log_dir>/<dag_id>/<run_id>/<step>/ (empty: "
             "<output_root>/<dag_id>/<run_id>/tensorboard/<step>/).",
@@ -91,28 +82,28 @@ def overrides_param(section: str, description: str) -> Param:
 
     Nullable only so that the trigger form does not mark it required; empty and null add nothing.
     """
-    return param([], type=["array", "null"], items={"type": "string", "pattern": OVERRIDE_PATTERN},
+    return Param([], type=["array", "null"], items={"type": "string", "pattern": OVERRIDE_PATTERN},
                  section=section, description=description)
 
 
 def training_params(*, finetune: bool = False) -> dict[str, Param]:
     settings = load_settings()
     params = {
-        "preset": param(
+        "preset": Param(
             settings.default_preset, type="string", enum=list(PRESETS), section="Training",
             description="Named starting config: gpu (full size) or cpu-demo (small images, tiny model).",
         ),
-        "model": param(
+        "model": Param(
             None, type=_nullable("string"), enum=[None, *MODEL_NAMES], section="Training",
             # The trigger form shows an enum's values as they are, `null` included, unless told otherwise.
             values_display={"null": "(the preset's)"},
             description="Detector architecture (empty: the preset's).",
         ),
-        "epochs": param(None, type=_nullable("integer"), minimum=1, section="Training",
+        "epochs": Param(None, type=_nullable("integer"), minimum=1, section="Training",
                         description="Training epochs (empty: the preset's)."),
-        "learning_rate": param(None, type=_nullable("number"), exclusiveMinimum=0, section="Training",
+        "learning_rate": Param(None, type=_nullable("number"), exclusiveMinimum=0, section="Training",
                                title="Learning rate", description="Peak learning rate (empty: the preset's)."),
-        "batch_size": param(None, type=_nullable("integer"), minimum=1, section="Training",
+        "batch_size": Param(None, type=_nullable("integer"), minimum=1, section="Training",
                             title="Batch size", description="Images per batch and process (empty: the preset's)."),
         "overrides": overrides_param(
             "Training", "Config overrides as key=value, each passed as `--set key=value`, e.g. max_steps=100, "
@@ -120,9 +111,9 @@ def training_params(*, finetune: bool = False) -> dict[str, Param]:
     }
     if finetune:
         params.update({
-            "finetune_epochs": param(None, type=_nullable("integer"), minimum=1, section="Fine-tuning",
+            "finetune_epochs": Param(None, type=_nullable("integer"), minimum=1, section="Fine-tuning",
                                      description="Fine-tuning epochs (empty: the preset's fine-tuning value)."),
-            "finetune_learning_rate": param(None, type=_nullable("number"), exclusiveMinimum=0,
+            "finetune_learning_rate": Param(None, type=_nullable("number"), exclusiveMinimum=0,
                                             section="Fine-tuning",
                                             description="Fine-tuning learning rate (empty: the preset's fine-tuning "
                                                         "value, well below the training rate)."),
@@ -134,11 +125,11 @@ def training_params(*, finetune: bool = False) -> dict[str, Param]:
 
 def real_split_params(section: str = "Datasets") -> dict[str, Param]:
     return {
-        "real_split": param(
+        "real_split": Param(
             "train", type="string", enum=list(REAL_SPLITS), section=section, title="Real training split",
             description="GroceriesReal split to train on: train_small (~76 images), train_medium (~380), train (760).",
         ),
-        "real_count": param(
+        "real_count": Param(
             None, type=_nullable("integer"), minimum=1, section=section, title="Real image count",
             description="Use only this many images of the split (empty: all of it).",
         ),
@@ -146,7 +137,7 @@ def real_split_params(section: str = "Datasets") -> dict[str, Param]:
 
 
 def test_split_param() -> dict[str, Param]:
-    return {"test_split": param(
+    return {"test_split": Param(
         "test", type="string", pattern=SPLIT_PATTERN, examples=["test", "val", "all"], section="Datasets",
         title="Test split", description="Split of the real dataset the model is evaluated on: test (GroceriesReal's, "
         "or 10% of any other dataset), val, all, or a split file's name.")}
@@ -155,36 +146,52 @@ def test_split_param() -> dict[str, Param]:
 def compute_params() -> dict[str, Param]:
     settings = load_settings()
     return {
-        "gpus": param(
+        "gpus": Param(
             settings.default_gpus, type="integer", minimum=0, maximum=16, section="Compute", title="GPUs",
             description="GPUs per training step (more than one: torchrun, one process per GPU); evaluation "
             "uses at most one. 0 runs on CPU.",
         ),
-        "image_tag": param(
+        "image_tag": Param(
             settings.image_tag, type="string", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
             **{"not": {"const": "latest"}}, section="Compute", title="Image tag",
             description=f"Tag of {settings.image} for pods (pinned, never latest). Unused by the local backend.",
         ),
-        "storage_gib": param(
+        "storage_gib": Param(
             100 if settings.is_pod_backend else 10, type="integer", minimum=1, maximum=10000, section="Compute",
             title="Scratch storage (GiB)", description="Size of each pod's scratch volume (downloads, staging).",
         ),
     }
 
 
-def recipe_dag(dag_id: str, doc_md: str | None, params: dict[str, Param], tags: list[str]) -> DAG:
-    """Return a manually triggered synthval DAG with the shared macros and defaults.
+@contextlib.contextmanager
+def synthval_dag(params: dict[str, Param], **dag_kwargs: Any) -> Iterator[DAG]:
+    """``with synthval_dag(params, dag_id=..., ...) as dag:`` a DAG whose params are attached once its tasks exist.
+
+    Airflow gives each task a deep copy of the DAG's params when the task is created and validates every
+    copy twice when it serializes the DAG: for a DAG of 16 tasks and 24 params that is 0.3 CPU-s of each
+    parse, the whole budget. A task needs no copy: at run time Airflow starts from the DAG's params and
+    lays the task's own (none here) and the run's conf over them (`airflow.sdk.definitions.param.
+    process_params`), and triggers validate conf against the DAG's params. So they are attached after
+    the tasks, and each task carries none.
+    """
+    with DAG(**dag_kwargs) as dag:
+        yield dag
+    dag.params = params
+
+
+def recipe_dag(dag_id: str, doc_md: str | None, params: dict[str, Param], tags: list[str]):
+    """``with recipe_dag(...) as dag:`` a manually triggered synthval DAG with the shared macros and defaults.
 
     Templates render to strings (never native objects), so a param's value stays one argument.
     """
-    return DAG(
+    return synthval_dag(
+        params,
         dag_id=dag_id,
         doc_md=doc_md,
         description=(doc_md or "").strip().splitlines()[0] if doc_md else None,
         schedule=None,
         catchup=False,
         max_active_runs=4,
-        params=params,
         tags=["synthval", *tags],
         user_defined_macros=dict(MACROS),
         default_args={"owner": "synthval", "retry_delay": timedelta(minutes=1)},

@@ -21,7 +21,7 @@ airflow dags trigger train_on_synthetic_and_real_dataset \\
 ```
 """
 
-from airflow.sdk import task
+from airflow.sdk import Param, task
 
 from synthval_params import (
     PUBLISHED_MODELS,
@@ -29,7 +29,6 @@ from synthval_params import (
     compute_params,
     dataset_param,
     output_params,
-    param,
     real_split_params,
     recipe_dag,
     test_split_param,
@@ -54,7 +53,7 @@ with recipe_dag(
         "real_dataset": dataset_param("real", settings.default_real),
         **real_split_params(),
         **test_split_param(),
-        "start_from_checkpoint": param(
+        "start_from_checkpoint": Param(
             None, type=["null", "string"], anyOf=[{"type": "null"}, {"enum": list(PUBLISHED_MODELS)},
                                                   {"type": "string", "pattern": URI_PATTERN}],
             examples=list(PUBLISHED_MODELS), section="Fine-tuning", title="Start from checkpoint",

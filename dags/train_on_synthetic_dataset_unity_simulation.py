@@ -21,11 +21,12 @@ airflow dags trigger train_on_synthetic_dataset_unity_simulation \\
 ```
 """
 
+from airflow.sdk import Param
+
 from synthval_params import (
     compute_params,
     dataset_param,
     output_params,
-    param,
     recipe_dag,
     test_split_param,
     training_params,
@@ -40,9 +41,9 @@ with recipe_dag(
     "train_on_synthetic_dataset_unity_simulation",
     __doc__,
     params={
-        "project_id": param(type="string", pattern=ID_PATTERN, section="Unity Simulation", title="Project id",
+        "project_id": Param(type="string", pattern=ID_PATTERN, section="Unity Simulation", title="Project id",
                             description="Unity project id the simulation ran under."),
-        "run_execution_id": param(type="string", pattern=ID_PATTERN, section="Unity Simulation",
+        "run_execution_id": Param(type="string", pattern=ID_PATTERN, section="Unity Simulation",
                                   title="Run execution id", description="The run execution to fetch."),
         "real_dataset": dataset_param("real", settings.default_real),
         **test_split_param(),
