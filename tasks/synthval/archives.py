@@ -336,7 +336,11 @@ def _extract_tar(path: str, writer: _Writer) -> None:
             while (info := tf.next()) is not None:
                 last = info.name
                 tf.members.clear()  # read once as a stream: do not keep every header of a huge archive
-                _extract_tar_member(tf, info, writer)
+                try:
+                    _extract_tar_member(tf, info, writer)
+                except (tarfile.TarError, EOFError, zlib.error) as exc:
+                    raise FetchError(f"{writer.label}: member {info.name!r} (number {writer.members}) is cut "
+                                     f"short or corrupt ({exc}); refusing the archive") from exc
     finally:
         stream.close()
     if not stream.ended_properly:

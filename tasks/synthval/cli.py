@@ -9,6 +9,7 @@ This is the only module that reads environment variables.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -403,6 +404,8 @@ def _run_results_command(args: argparse.Namespace) -> dict[str, Any]:
                         dataset_format=args.test_format, limit=args.limit)
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
 # Where each step writes. They are checked before the step starts (`storage.check_output`), so a file in
 # the way, or a read-only or full disk, fails in a second rather than after hours, and nothing is written.
 OUTPUT_FOLDERS = {
@@ -472,11 +475,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_command(args)
         write_xcom(result, args.xcom_file)
     except SynthvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever the message quotes (a YAML parser's report spans several).
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print(f"error: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
         return 143 if str(exc).startswith("signal") else 130
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            log.exception("unexpected failure")
+            return 1
+        # A full, read-only or over-quota disk met by a write outside the storage layer (a copy, a
+        # library's own file): the place the step writes to, not a bug. Its partial outputs are gone
+        # (staging folders are removed on the way out).
+        print(f"error: {exc.filename2 or exc.filename or 'an output'}: cannot be written ({exc.strerror})",
+              file=sys.stderr)
+        return 2
     except Exception:
         log.exception("unexpected failure")
         return 1
