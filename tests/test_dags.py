@@ -511,9 +511,9 @@ def test_dags_test_synthetic_then_real_on_the_local_backend(airflow_db, tmp_path
     run_root = tmp_path / "data" / dag_id
     assert Path(train_ckpt).is_relative_to(run_root) and Path(finetune_ckpt).is_relative_to(run_root)
     # train -> finetune -> evaluate through XCom: the command lines the tasks logged.
-    assert re.search(rf"Running: synthval finetune .*--init-checkpoint {re.escape(train_ckpt)}", log)
-    assert re.search(rf"Running: synthval evaluate --checkpoint {re.escape(finetune_ckpt)}", log)
-    assert re.search(rf"Running: synthval evaluate --checkpoint {re.escape(train_ckpt)}", log)
+    assert re.search(rf"Running: synthval finetune .*--init-checkpoint={re.escape(train_ckpt)}", log)
+    assert re.search(rf"Running: synthval evaluate --checkpoint={re.escape(finetune_ckpt)}", log)
+    assert re.search(rf"Running: synthval evaluate --checkpoint={re.escape(train_ckpt)}", log)
     from synthval.metrics import SUMMARY_KEYS  # every key metrics.json documents
 
     assert {"mAP", "mAP50", "mAP75", "mAR100", "mean-average-precision"} <= set(SUMMARY_KEYS)
