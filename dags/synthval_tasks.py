@@ -219,7 +219,9 @@ def load_settings() -> Settings:
                 "through it, so set a gs:// URI (or SYNTHVAL_DATA_PVC, a ReadWriteMany claim mounted at /data)"
             )
     root = str(values["data_root"])
-    values["data_root"] = os.path.expanduser(root) if "://" not in root else root.rstrip("/")
+    # A local root is made absolute: outputs must not depend on the worker's working folder (and the
+    # output_root param accepts only absolute paths and URIs).
+    values["data_root"] = os.path.abspath(os.path.expanduser(root)) if "://" not in root else root.rstrip("/")
     values.setdefault("default_synthetic", CLUSTER_DEFAULT_SYNTHETIC if pod else LOCAL_DEFAULT_SYNTHETIC)
     values.setdefault("default_real", CLUSTER_DEFAULT_REAL if pod else LOCAL_DEFAULT_REAL)
     if backend == "gke":

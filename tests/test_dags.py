@@ -209,6 +209,21 @@ print(f"TIMES import_airflow={{t1 - t0:.2f}} parse_all_dags={{t2 - t1:.2f}}")
     print(backend, re.search(r"TIMES .*", proc.stdout).group(0))
 
 
+def test_the_trigger_form_marks_only_real_requirements_and_shows_no_null(local_dags):
+    """Airflow's form marks a field required unless its schema type includes "null", and labels enum
+    values as they are (None as "null") unless `values_display` names them (the Chromium check of the
+    form itself is in tests/test_make_airflow.py)."""
+    for dag in local_dags.values():
+        for name in dag.params:
+            param = dag.params.get_param(name)
+            types = param.schema.get("type")
+            types = [types] if isinstance(types, str) else types or []
+            if param.value is None or param.value == []:  # optional: empty means "not set"
+                assert "null" in types, (dag.dag_id, name, types)
+            if None in (param.schema.get("enum") or []):
+                assert param.schema.get("values_display", {}).get("null"), (dag.dag_id, name)
+
+
 def test_tasks_carry_no_copy_of_the_params_yet_run_with_them(local_dags):
     """Each task gets the DAG's params at run time (what the task runner calls), not a copy at parse time."""
     from airflow.sdk.definitions.param import process_params
