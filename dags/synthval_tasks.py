@@ -567,15 +567,16 @@ def launch_command(argv: list[str], gpus: int, *, local: bool) -> list[str]:
 # AIRFLOW_VAR_*, the metadata database URL, and whatever the deployment put there for Airflow itself.
 STEP_ENV = (
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
-    # CPU threads and accelerators
-    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORCH_HOME", "XDG_CACHE_HOME",
+    "LD_LIBRARY_PATH",
+    # CPU threads and accelerators (and CUDA_*, NCCL_* below)
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_HOME", "XDG_CACHE_HOME",
     # the network: proxies and CA bundles
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
     # Google Cloud Storage: Application Default Credentials (a file path), the project, the emulator
     "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CONFIG", "STORAGE_EMULATOR_HOST",
 )
-STEP_ENV_PREFIXES = ("LC_",)
+STEP_ENV_PREFIXES = ("LC_", "CUDA_", "NCCL_")
 # Settings the `synthval` CLI reads, each passed only to the steps that read it.
 STEP_SETTINGS_ENV = {
     "fetch": ("SYNTHVAL_USIM_API",),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import json
 from typing import Any
 
 import pytest
@@ -225,4 +224,4 @@ def test_a_list_literal_in_a_dataset_stays_one_argument(backend_dags, monkeypatc
     argv = command_lines(dag, params, backend)["fetch_real"]
     args = get_parser().parse_args(argv[1:])
     assert args.source == value and args.log_level == "INFO", argv
-    assert json.dumps(argv).count(value.replace("'", "'")) == 1
+    assert [a for a in argv if value in a] == [value]
