@@ -228,7 +228,10 @@ def test_tasks_carry_no_copy_of_the_params_yet_run_with_them(local_dags):
     """Each task gets the DAG's params at run time (what the task runner calls), not a copy at parse time."""
     from airflow.sdk.definitions.param import process_params
 
-    for dag in local_dags.values():
+    import copy
+
+    for parsed in local_dags.values():
+        dag = copy.deepcopy(parsed)  # process_params sets the conf's values on the DAG's own Param objects
         for task in dag.tasks:
             assert not task.params, (dag.dag_id, task.task_id)
             params = process_params(dag, task, {"gpus": 3, **REQUIRED_CONF.get(dag.dag_id, {})},
