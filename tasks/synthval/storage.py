@@ -156,9 +156,10 @@ def read_json(uri: str) -> Any:
     return decode_json(read_bytes(uri), uri)
 
 
-# Integers beyond 64 bits are no count, id or pixel coordinate any file here holds; refusing them at
-# parse time also keeps Python from printing (or failing to print) a 4,000-digit number in an error.
-MAX_JSON_INT_DIGITS = 19
+# Unity's COCO export writes 128-bit image ids (39 digits), so integers may be long; one of a hundred
+# digits is no id or coordinate, and refusing it at parse time keeps Python from printing (or failing to
+# print: 4,300 digits is its limit) such a number in an error.
+MAX_JSON_INT_DIGITS = 100
 
 
 class _Refused(ValueError):
@@ -190,7 +191,7 @@ def decode_json(data: bytes, where: str, error: type[SynthvalError] = FetchError
     """Parse JSON bytes (UTF-8, or UTF-16/32 with its BOM) strictly; `error` names `where` on anything else.
 
     Refused with the line and column: malformed JSON, text that is not UTF-8, NaN and Infinity (not
-    JSON, though Python reads them), floats that overflow to infinity (1e400), integers of more than 19
+    JSON, though Python reads them), floats that overflow to infinity (1e400), integers of more than 100
     digits (10**400), and nesting deeper than Python's parser can follow (10,000 levels).
     """
     try:
