@@ -1,9 +1,10 @@
 # The two commands people and CI share: `make demo` and `make test`. Both set up .venv first.
+# `make airflow` (optional): the same DAGs in a real local Airflow 3 with its UI; Ctrl-C stops it.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-quick bench lock
+.PHONY: setup demo airflow test test-quick bench lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,9 @@ setup: $(VENV)/.installed
 demo: setup
 	./scripts/demo
 
+airflow: setup
+	$(PY) scripts/airflow
+
 test: setup
 	./scripts/install-test-deps
 	$(PY) -m pytest
@@ -27,6 +31,7 @@ bench: setup
 	$(PY) benchmarks/bench_index.py
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_parse.py
 
 # Re-resolve the training image's dependencies from pyproject.toml (images/lock.py); CI checks
 # that the lock files still match pyproject.toml (tests/test_deploy.py).

@@ -1,7 +1,7 @@
 """Value every new synthetic dataset without anyone pressing a button, and rank it against all before it.
 
 Runs on a schedule (cron from the setting `SYNTHVAL_DISCOVERY_CRON`, default hourly) **and** whenever a
-producer announces a dataset with an event on the Asset `synthval://synthetic-datasets/announced`
+producer announces a dataset with an event on the Asset `x-synthval://synthetic-datasets/announced`
 whose `extra` holds `{"dataset_uri": "gs://..."}` (several: `"dataset_uris": [...]`). Each run:
 
 1. `fetch_real`: the real dataset, to a folder that is the same for every run, so every run scores on
@@ -43,11 +43,20 @@ import hashlib
 import os
 from typing import Any
 
-from airflow.sdk import DAG, Asset, AssetAlias, AssetOrTimeSchedule, CronTriggerTimetable, Param, task, task_group
+from airflow.sdk import Asset, AssetAlias, AssetOrTimeSchedule, CronTriggerTimetable, Param, task, task_group
 
-from synthval_params import compute_params, dataset_param, output_params, test_split_param, training_params
+from synthval_params import (
+    URI_PATTERN,
+    compute_params,
+    dataset_param,
+    output_params,
+    real_split_params,
+    synthval_dag,
+    test_split_param,
+    training_params,
+)
 from synthval_steps import REAL_DATA, evaluate_step, publish_step, train_step
-from synthval_tasks import MACROS, load_settings, run_slug, synthval_task
+from synthval_tasks import MACROS, Computed, Flag, ParamFlag, load_settings, run_slug, synthval_task
 
 DAG_ID = "evaluate_new_synthetic_datasets"
 settings = load_settings()
@@ -55,25 +64,27 @@ CRON = os.environ.get("SYNTHVAL_DISCOVERY_CRON", "").strip() or "0 * * * *"
 # Bounds the GPU steps of every run of this DAG together; created with POOL_SLOTS slots where Airflow is set up.
 POOL, POOL_SLOTS = "synthval_training", 2
 WATCH_ROOT = os.environ.get("SYNTHVAL_WATCH_ROOT", "").strip() or f"{settings.data_root}/incoming"
-# A producer announces a finished dataset with an event here (extra: {"dataset_uri": ...}).
-ANNOUNCED = Asset(uri="synthval://synthetic-datasets/announced", name="synthval_synthetic_dataset_announced")
+# A producer announces a finished dataset with an event here (extra: {"dataset_uri": ...}). The "x-" scheme is
+# Airflow's for URIs no provider handles: any other unknown scheme makes Airflow load every provider's URI
+# handlers to look for one (2 CPU-seconds per parse, the Google provider's GCS hook among them).
+ANNOUNCED = Asset(uri="x-synthval://synthetic-datasets/announced", name="synthval_synthetic_dataset_announced")
 # Each valued dataset's result asset is emitted through this alias; other DAGs schedule on it.
 RESULTS_ALIAS = AssetAlias("synthval_results")
 HEADLINE = ("mAP", "mAP50", "mAR100", "real_equiv", "real_equiv_low", "real_equiv_high")
 
 
-REAL_ROLE = "real={{ params.real_dataset }}"
+REAL_ROLE = Flag("--dataset", "real={{ params.real_dataset }}")
 
 
 def budget_split(budget: Any) -> tuple[Any, ...]:
     """The training split flags of a real budget: `budget` images of the real training split."""
-    return ("--train-split", "{{ params.real_split }}", "--max-images", budget)
+    return (Flag("--train-split", "{{ params.real_split }}"), Flag("--max-images", budget))
 
 
 def result_asset(dataset_uri: str) -> Asset:
     """The result asset of one dataset, stable per dataset URI."""
     digest = slug(dataset_uri)
-    return Asset(uri=f"synthval://results/{digest}", name=f"synthval_result_{digest}")
+    return Asset(uri=f"x-synthval://results/{digest}", name=f"synthval_result_{digest}")
 
 
 def slug(text: str) -> str:
@@ -87,23 +98,22 @@ def _pass_context(fn):
     return jinja2.pass_context(fn)
 
 
-@_pass_context
 def announced_flags(context: Any) -> list[str]:
-    """`--dataset URI` for each dataset the `datasets` param and the triggering Asset events name."""
+    """`--dataset=URI` for each dataset the `datasets` param and the triggering Asset events name."""
     uris = list(context["params"].get("datasets") or [])
     for events in (context.get("triggering_asset_events") or {}).values():
         for event in events:
             extra = event.extra or {}
             uris += [extra["dataset_uri"]] if extra.get("dataset_uri") else []
             uris += list(extra.get("dataset_uris") or [])
-    return [flag for uri in dict.fromkeys(uris) for flag in ("--dataset", str(uri))]
+    return [f"--dataset={uri}" for uri in dict.fromkeys(uris)]
 
 
-def budget_flags(params: Any) -> list[str]:
+def budget_flags(context: Any) -> list[str]:
     """discover's budgets: 0 (and the sweep's) per dataset, the real-only curve's always."""
+    params = context["params"]
     sweep = list(params["real_budgets"]) if params["budget_sweep"] else []
-    return ["--budget", "0", *[f for b in sweep for f in ("--budget", str(b))],
-            *[f for b in params["real_budgets"] for f in ("--real-budget", str(b))]]
+    return ["--budget=0", *[f"--budget={b}" for b in sweep], *[f"--real-budget={b}" for b in params["real_budgets"]]]
 
 
 @_pass_context
@@ -126,7 +136,7 @@ def work_items(run_root: str, kind: str, names: list[Any]) -> list[dict[str, str
     return items
 
 
-with DAG(
+with synthval_dag(
     dag_id=DAG_ID,
     doc_md=__doc__,
     description=__doc__.strip().splitlines()[0],
@@ -135,24 +145,24 @@ with DAG(
     max_active_runs=1,  # two runs at once would both pick the same new datasets
     params={
         "watch_root": Param(
-            WATCH_ROOT, type=["null", "string"], section="Discovery", title="Watched root",
+            WATCH_ROOT, type=["null", "string"], pattern=URI_PATTERN, section="Discovery", title="Watched root",
             description="Local folder or gs:// prefix whose sub-folders are synthetic datasets (empty: only "
             "the announced ones).",
         ),
         "marker": Param(
-            "_SUCCESS", type="string", minLength=1, section="Discovery", title="Completion marker",
+            "_SUCCESS", type="string", pattern=r"^[^\x00-\x1f\x7f/][^\x00-\x1f\x7f]*$", section="Discovery",
+            title="Completion marker",
             description="File (path relative to a dataset, or a glob) that exists only once the dataset is "
             "complete: _SUCCESS (synthval generate), or the file your Perception run writes last.",
         ),
         "datasets": Param(
-            [], type="array", items={"type": "string", "minLength": 1}, section="Discovery",
+            [], type=["array", "null"], items={"type": "string", "pattern": URI_PATTERN}, section="Discovery",
             title="Announced datasets", description="Dataset URIs to value now (checked for the marker too).",
         ),
         "max_datasets": Param(20, type="integer", minimum=1, section="Discovery", title="Datasets per run",
                               description="Value at most this many new datasets per run; the rest wait."),
         "real_dataset": dataset_param("real", settings.default_real),
-        "real_split": Param("train", type="string", minLength=1, section="Datasets", title="Real training split",
-                            description="Split the real budgets are drawn from."),
+        "real_split": real_split_params()["real_split"],
         **test_split_param(),
         "budget_sweep": Param(False, type="boolean", section="Real budgets", title="Budget sweep",
                               description="Also fine-tune each dataset's model on every real budget."),
@@ -167,32 +177,31 @@ with DAG(
         **compute_params(),
     },
     tags=["synthval", "discovery", "leaderboard"],
-    render_template_as_native_obj=True,
-    user_defined_macros={**MACROS, "announced_flags": announced_flags, "budget_flags": budget_flags,
-                         "mapped_upstream": mapped_upstream, "slug": slug},
+    user_defined_macros={**MACROS, "mapped_upstream": mapped_upstream, "slug": slug},
     default_args={"owner": "synthval"},
 ) as dag:
-    results_flags = ["--results", "{{ params.output_root }}/results"]
+    results_flags = [Flag("--results", "{{ params.output_root }}/results")]
     bounded = {"pool": POOL}
 
     fetch_real = synthval_task("fetch", [
-        "synthval", "fetch", "{{ params.real_dataset }}",
+        "synthval", "fetch",
         # One folder for every run: every run scores the same test images (the protocol stays the same).
-        "--out", "{{ params.output_root }}/" + DAG_ID + "/real/{{ slug(params.real_dataset) }}",
+        Flag("--out", "{{ params.output_root }}/" + DAG_ID + "/real/{{ slug(params.real_dataset) }}"),
+        "--", "{{ params.real_dataset }}",
     ], task_id="fetch_real")
 
     discover = synthval_task("discover", [
         "synthval", "discover",
-        "{{ optional('--root', params.watch_root) }}",
-        "{{ announced_flags() }}",
-        "--marker", "{{ params.marker }}",
-        "--recipe", "{{ dag.dag_id }}",
-        "--test-data", REAL_DATA,
-        "--split", "{{ params.test_split }}",
-        "--real-dataset", "{{ params.real_dataset }}",
-        "{{ budget_flags(params) }}",
-        "--real-split", "{{ params.real_split }}",
-        "--limit", "{{ params.max_datasets }}",
+        ParamFlag("--root", "watch_root"),
+        Computed(announced_flags),
+        Flag("--marker", "{{ params.marker }}"),
+        Flag("--recipe", "{{ dag.dag_id }}"),
+        Flag("--test-data", REAL_DATA),
+        Flag("--split", "{{ params.test_split }}"),
+        Flag("--real-dataset", "{{ params.real_dataset }}"),
+        Computed(budget_flags),
+        Flag("--real-split", "{{ params.real_split }}"),
+        Flag("--limit", "{{ params.max_datasets }}"),
         *results_flags,
     ])
 
@@ -217,8 +226,8 @@ with DAG(
         checkpoint = "{{ mapped_upstream('value_dataset.train', 'checkpoint_uri') }}"
         train = train_step("train", dataset, checkpoint_dir=checkpoint_dir, tb_log_dir=train_tb, **bounded)
         evaluate = evaluate_step(checkpoint, out=eval_out, tb_log_dir=eval_tb, **bounded)
-        publish = publish_step(checkpoint, datasets=("--dataset", dataset_flag, "--dataset", REAL_ROLE),
-                               budget=("--real-budget", "0"),
+        publish = publish_step(checkpoint, datasets=(Flag("--dataset", dataset_flag), REAL_ROLE),
+                               budget=(Flag("--real-budget", 0),),
                                metrics="{{ mapped_upstream('value_dataset.evaluate', 'metrics_uri') }}")
         train >> evaluate >> publish
 
@@ -245,11 +254,10 @@ with DAG(
         """Fine-tune one dataset's model on a real budget, evaluate, publish at that budget."""
         checkpoint = "{{ mapped_upstream('sweep.finetune', 'checkpoint_uri') }}"
         finetune = train_step("finetune", REAL_DATA, split_flags=budget_split(budget), init_checkpoint=init,
-                              config="{{ config_flags(params, prefix='finetune_') }}", checkpoint_dir=checkpoint_dir,
-                              tb_log_dir=train_tb, **bounded)
+                              checkpoint_dir=checkpoint_dir, tb_log_dir=train_tb, **bounded)
         evaluate = evaluate_step(checkpoint, out=eval_out, tb_log_dir=eval_tb, **bounded)
-        publish = publish_step(checkpoint, datasets=("--dataset", dataset_flag, "--dataset", REAL_ROLE),
-                               budget=("--real-budget", budget),
+        publish = publish_step(checkpoint, datasets=(Flag("--dataset", dataset_flag), REAL_ROLE),
+                               budget=(Flag("--real-budget", budget),),
                                metrics="{{ mapped_upstream('sweep.evaluate', 'metrics_uri') }}")
         finetune >> evaluate >> publish
 
@@ -260,13 +268,13 @@ with DAG(
         train = train_step("train", REAL_DATA, split_flags=budget_split(budget), checkpoint_dir=checkpoint_dir,
                            tb_log_dir=train_tb, **bounded)
         evaluate = evaluate_step(checkpoint, out=eval_out, tb_log_dir=eval_tb, **bounded)
-        publish = publish_step(checkpoint, datasets=("--dataset", REAL_ROLE), budget=("--real-budget", budget),
+        publish = publish_step(checkpoint, datasets=(REAL_ROLE,), budget=(Flag("--real-budget", budget),),
                                metrics="{{ mapped_upstream('real_curve.evaluate', 'metrics_uri') }}")
         train >> evaluate >> publish
 
     leaderboard = synthval_task("leaderboard", [
-        "synthval", "leaderboard", *results_flags, "--recipe", "{{ dag.dag_id }}", "--format", "json",
-        "--out", "{{ run_root() }}/leaderboard.json",
+        "synthval", "leaderboard", *results_flags, Flag("--recipe", "{{ dag.dag_id }}"), "--format=json",
+        Flag("--out", "{{ run_root() }}/leaderboard.json"),
     ], trigger_rule="all_done")
 
     @task(outlets=[RESULTS_ALIAS], trigger_rule="all_done")

@@ -18,19 +18,20 @@ airflow dags trigger evaluate_the_model --conf '{"checkpoint": "gs://bucket/runs
 from airflow.sdk import Param
 
 from synthval_params import (
-    OVERRIDE_PATTERN,
     PUBLISHED_MODELS,
     URI_PATTERN,
     compute_params,
     dataset_param,
     output_params,
+    overrides_param,
     recipe_dag,
     test_split_param,
 )
 from synthval_steps import evaluate_step, fetch_step, publish_step
-from synthval_tasks import load_settings
+from synthval_tasks import Computed, Flag, evaluation_config, load_settings
 
 settings = load_settings()
+
 
 with recipe_dag(
     "evaluate_the_model",
@@ -45,19 +46,16 @@ with recipe_dag(
         **test_split_param(),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, section="Evaluation",
                             title="Batch size", description="Images per batch (empty: the default)."),
-        "overrides": Param(
-            [], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN}, section="Evaluation",
-            description="Evaluation config overrides as key=value (`--set`), e.g. draw_score_thresh=0.3.",
-        ),
+        "overrides": overrides_param(
+            "Evaluation", "Evaluation config overrides as key=value (`--set`), e.g. draw_score_thresh=0.3."),
         **output_params(),
         **compute_params(),
     },
     tags=["evaluate"],
 ) as dag:
     fetch_real = fetch_step("fetch_real", "{{ params.real_dataset }}", "real")
-    evaluate = evaluate_step("{{ params.checkpoint }}",
-                             extra=("{{ set_flags(params.overrides, batch_size=params.batch_size) }}",))
-    publish = publish_step("{{ params.checkpoint }}", datasets=("--dataset", "model={{ params.checkpoint }}",
-                                                                "--dataset", "real={{ params.real_dataset }}"))
+    evaluate = evaluate_step("{{ params.checkpoint }}", extra=(Computed(evaluation_config),))
+    publish = publish_step("{{ params.checkpoint }}", datasets=(Flag("--dataset", "model={{ params.checkpoint }}"),
+                                                                Flag("--dataset", "real={{ params.real_dataset }}")))
 
     fetch_real >> evaluate >> publish

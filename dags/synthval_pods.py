@@ -1,17 +1,23 @@
-"""The pod backends of `synthval_tasks.synthval_task`: one pod shape, two operators.
+"""The pod backends of `synthval_tasks.synthval_task`: one pod shape, two provider operators.
 
 `SynthvalPodOperator` (a KubernetesPodOperator) runs the step in the cluster Airflow reaches through
 its Kubernetes connection; `SynthvalGKEPodOperator` (a GKEStartPodOperator) builds the same pod and
 authenticates to a GKE cluster through a Google Cloud connection, for an Airflow outside it.
 
 The pod: the training image at a pinned tag, the step's `synthval` command (torchrun for more than
-one GPU), CPU/memory requests per step, and for GPU steps the GPU node pool, the nvidia.com/gpu
-toleration and limit and a memory-backed /dev/shm; scratch space (TMPDIR) on a generic ephemeral
-volume sized by the `storage_gib` param; secrets only by secretKeyRef; the result JSON through the
-XCom sidecar; the pod deleted whatever the outcome (on_kill deletes it when the task is marked failed
-or times out).
+one GPU), CPU/memory requests per step (memory limited, CPU not: see `synthval_tasks.StepProfile`),
+and for GPU steps the GPU node pool, the nvidia.com/gpu toleration and limit and a memory-backed
+/dev/shm; scratch space (TMPDIR) on a generic ephemeral volume sized by the `storage_gib` param;
+secrets only by secretKeyRef; the result JSON through the XCom sidecar; the pod deleted whatever the
+outcome (on_kill deletes it when the task is marked failed or times out).
 
-Imported only when a pod backend is selected: the Kubernetes client costs seconds to import.
+Deferrable: once the pod is created, the task hands the wait to a trigger in Airflow's triggerer and
+frees its worker slot (a training runs for up to two days); the triggerer copies the container's log
+into the task log every `LOG_INTERVAL_S`, and a worker picks the task up again only when the pod ends,
+to read its result and clean up.
+
+Imported only when a pod task runs (or a test renders one): the provider and the Kubernetes client
+cost seconds to import, which DAG parsing must not pay (`synthval_tasks.SynthvalPodTask`).
 """
 
 from __future__ import annotations
@@ -21,41 +27,20 @@ from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.secret import Secret
-from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartPodOperator
 from kubernetes.client import models as k8s
 
-from synthval_tasks import (
-    RESULTS_DB_ENV,
-    RESULTS_STORE_STEPS,
-    USIM_TOKEN_ENV,
-    Settings,
-    check_conf,
-    flatten_argv,
-    launch_command,
-    load_settings,
-    step_profile,
-)
+from synthval_tasks import RESULTS_DB_ENV, RESULTS_STORE_STEPS, USIM_TOKEN_ENV, Settings, step_profile
+
+BAD_INPUT_EXIT_CODE = 2  # synthval's exit code for bad input or usage (tasks/synthval/cli.py)
+TRAINING_IMAGE_UID = 10001
+LOG_INTERVAL_S = 120  # how often a deferred task's log gets the pod's new lines
+POLL_INTERVAL_S = 30  # how often the trigger looks at the pod
 
 
 class SynthvalPodMixin:
-    """Builds synthval's pod once templates are rendered (GPU count and volume size are params)."""
+    """A synthval step's pod: fails for good when the step rejected its input."""
 
-    extra_template_fields = ("argv", "gpus", "tb_log_dir", "storage_gib")
-
-    def _set_step(self, step: str, argv: list[Any], gpus: Any, tb_log_dir: str | None, storage_gib: Any) -> None:
-        self.step = step
-        self.argv = argv
-        self.gpus = gpus
-        self.tb_log_dir = tb_log_dir
-        self.storage_gib = storage_gib
-
-    def command(self) -> list[str]:
-        """The rendered command line, as `synthval ...` (the same for every backend)."""
-        return flatten_argv(self.argv)
-
-    def execute(self, context: Any) -> Any:
-        check_conf(context)
-        return super().execute(context)
+    step: str
 
     def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> None:
         # The provider retries every failed pod; a step that rejected its input (exit code 2: bad conf,
@@ -63,68 +48,29 @@ class SynthvalPodMixin:
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
         try:
-            super().cleanup(pod, remote_pod, *args, **kwargs)
+            super().cleanup(pod, remote_pod, *args, **kwargs)  # type: ignore[misc]
         except AirflowException as exc:
-            if exit_code(remote_pod, self.base_container_name) == BAD_INPUT_EXIT_CODE:
+            if exit_code(remote_pod, self.base_container_name) == BAD_INPUT_EXIT_CODE:  # type: ignore[attr-defined]
                 raise AirflowFailException(f"synthval {self.step} rejected its input (exit code 2); "
                                            f"not retried. {exc}") from exc
             raise
 
-    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
-        self._restore_strings()
-        settings = load_settings()
-        profile = step_profile(self.step)
-        gpus = int(self.gpus or 0) if profile.uses_gpu else 0
-        cmd = launch_command(self.command(), gpus, local=False)
-        self.cmds, self.arguments = cmd[:1], cmd[1:]
-        scale = max(gpus, 1)
-        cpu, memory = _scale(profile.cpu, scale), _scale(profile.memory, scale)
-        limits = {"cpu": cpu, "memory": memory}
-        if gpus:
-            limits["nvidia.com/gpu"] = str(gpus)
-        self.container_resources = k8s.V1ResourceRequirements(requests={"cpu": cpu, "memory": memory},
-                                                              limits=limits)
-        self.node_selector, self.tolerations = placement(settings, gpus)
-        self.volumes, self.volume_mounts = volumes(settings, gpus, int(self.storage_gib))
-        return super().build_pod_request_obj(context, dry_run=dry_run)
 
-    def _restore_strings(self) -> None:
-        # The DAGs render templates as native objects, which turns a value like "1" into the int 1;
-        # the Kubernetes API wants strings in these fields.
-        for env in self.env_vars or []:
-            if isinstance(env, k8s.V1EnvVar) and env.value is not None:
-                env.value = str(env.value)
-        for name in ("labels", "annotations", "node_selector"):
-            mapping = getattr(self, name, None)
-            if isinstance(mapping, dict):
-                setattr(self, name, {k: str(v) for k, v in mapping.items()})
-        for name in ("image", "name", "namespace"):
-            if getattr(self, name, None) is not None:
-                setattr(self, name, str(getattr(self, name)))
-
-
-# Each operator defines its own __init__: BaseOperator's metaclass wraps only those (default_args).
 class SynthvalPodOperator(SynthvalPodMixin, KubernetesPodOperator):
-    template_fields = (*KubernetesPodOperator.template_fields, *SynthvalPodMixin.extra_template_fields)
-    template_fields_renderers = {**KubernetesPodOperator.template_fields_renderers, "argv": "py"}
-
-    def __init__(self, *, step: str, argv: list[Any], gpus: Any = 0, tb_log_dir: str | None = None,
-                 storage_gib: Any = 50, **kwargs: Any) -> None:
+    def __init__(self, *, step: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._set_step(step, argv, gpus, tb_log_dir, storage_gib)
+        self.step = step
 
 
-class SynthvalGKEPodOperator(SynthvalPodMixin, GKEStartPodOperator):
-    template_fields = (*GKEStartPodOperator.template_fields, *SynthvalPodMixin.extra_template_fields)
-    template_fields_renderers = {**GKEStartPodOperator.template_fields_renderers, "argv": "py"}
+def _gke_operator_class() -> type:
+    from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartPodOperator
 
-    def __init__(self, *, step: str, argv: list[Any], gpus: Any = 0, tb_log_dir: str | None = None,
-                 storage_gib: Any = 50, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._set_step(step, argv, gpus, tb_log_dir, storage_gib)
+    class SynthvalGKEPodOperator(SynthvalPodMixin, GKEStartPodOperator):
+        def __init__(self, *, step: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.step = step
 
-
-BAD_INPUT_EXIT_CODE = 2  # synthval's exit code for bad input or usage (tasks/synthval/cli.py)
+    return SynthvalGKEPodOperator
 
 
 def exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:
@@ -140,6 +86,17 @@ def _scale(quantity: str, factor: int) -> str:
     if not match or factor == 1:
         return quantity
     return f"{int(match.group(1)) * factor}{match.group(2) or ''}"
+
+
+def resources(step: str, gpus: int) -> k8s.V1ResourceRequirements:
+    """Requests per step (per GPU for GPU steps); memory and GPUs limited, CPU not."""
+    profile = step_profile(step)
+    scale = max(gpus, 1)
+    cpu, memory = _scale(profile.cpu, scale), _scale(profile.memory, scale)
+    limits = {"memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    return k8s.V1ResourceRequirements(requests={"cpu": cpu, "memory": memory}, limits=limits)
 
 
 def placement(settings: Settings, gpus: int) -> tuple[dict[str, str], list[k8s.V1Toleration]]:
@@ -180,34 +137,51 @@ def volumes(settings: Settings, gpus: int, storage_gib: int) -> tuple[list[k8s.V
     return vols, mounts
 
 
-TRAINING_IMAGE_UID = 10001
+def pod_operator(task: Any, settings: Settings) -> KubernetesPodOperator:
+    """The provider operator that runs the rendered `synthval_tasks.SynthvalPodTask` ``task``."""
+    from synthval_tasks import launch_command
 
-
-def pod_task(settings: Settings, *, step: str, usim_token: bool, **common: Any) -> KubernetesPodOperator:
-    """Return the pod operator of ``step`` for the kubernetes or gke backend."""
+    argv = task.command()  # fails on a task whose templates are not rendered
+    step = task.step
     profile = step_profile(step)
-    secrets = [Secret("env", USIM_TOKEN_ENV, settings.usim_secret, settings.usim_secret_key)] if usim_token else []
+    gpus = int(task.gpus or 0) if profile.uses_gpu else 0
+    cmd = launch_command(argv, gpus, local=False)
+    node_selector, tolerations = placement(settings, gpus)
+    pod_volumes, mounts = volumes(settings, gpus, int(task.storage_gib))
+    secrets = [Secret("env", USIM_TOKEN_ENV, settings.usim_secret, settings.usim_secret_key)] if task.usim_token else []
     if step in RESULTS_STORE_STEPS:
         secrets.append(Secret("env", RESULTS_DB_ENV, settings.results_db_secret, settings.results_db_secret_key))
     kwargs: dict[str, Any] = dict(
-        image=f"{settings.image}:{{{{ params.image_tag }}}}",
+        task_id=task.task_id,
+        step=step,
+        image=f"{settings.image}:{task.image_tag}",
         image_pull_policy="IfNotPresent",
+        cmds=cmd[:1],
+        arguments=cmd[1:],
         name=f"synthval-{step}",
         namespace=settings.namespace,
         service_account_name=settings.service_account,
         labels={"app.kubernetes.io/name": "synthval", "synthval/step": step},
         env_vars={"TMPDIR": "/scratch", "PYTHONUNBUFFERED": "1"},
         secrets=secrets,
-        storage_gib="{{ params.storage_gib }}",
+        container_resources=resources(step, gpus),
+        node_selector=node_selector,
+        tolerations=tolerations,
+        volumes=pod_volumes,
+        volume_mounts=mounts,
         do_xcom_push=True,
         get_logs=True,
         log_events_on_failure=True,
         on_finish_action="delete_pod",
         on_kill_action="delete_pod",
+        deferrable=True,
+        poll_interval=POLL_INTERVAL_S,
+        logging_interval=LOG_INTERVAL_S,
         # A GPU node pool scaled to zero takes minutes to add a node and pull the image.
         startup_timeout_seconds=settings.startup_timeout_s,
         schedule_timeout_seconds=settings.startup_timeout_s,
         active_deadline_seconds=int(profile.timeout.total_seconds()),
+        execution_timeout=task.execution_timeout,
         termination_grace_period=60,
         # The training image's non-root user (images/training/Dockerfile: uid 10001, gid 0); fsGroup makes
         # the scratch and data volumes writable for it.
@@ -218,10 +192,6 @@ def pod_task(settings: Settings, *, step: str, usim_token: bool, **common: Any) 
             allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])),
     )
     if settings.backend == "gke":
-        cls: type = SynthvalGKEPodOperator
-        kwargs.update(project_id=settings.gke_project, location=settings.gke_location,
-                      cluster_name=settings.gke_cluster, gcp_conn_id=settings.gcp_conn_id)
-    else:
-        cls = SynthvalPodOperator
-        kwargs.update(kubernetes_conn_id=settings.kubernetes_conn_id)
-    return cls(step=step, **kwargs, **common)
+        return _gke_operator_class()(project_id=settings.gke_project, location=settings.gke_location,
+                                     cluster_name=settings.gke_cluster, gcp_conn_id=settings.gcp_conn_id, **kwargs)
+    return SynthvalPodOperator(kubernetes_conn_id=settings.kubernetes_conn_id, **kwargs)

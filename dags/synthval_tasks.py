@@ -1,22 +1,32 @@
-"""The one task factory behind every synthval DAG: settings, backends, and the TensorBoard link.
+"""The one task factory behind every synthval DAG: settings, command lines, backends, TensorBoard link.
 
 A DAG step is one `synthval <step> ...` command line. `synthval_task(step, argv, ...)` turns it into
 an Airflow task on the backend the deployment picks, and DAG files never branch on the backend:
 
 - ``local``: the command runs as a child process of the worker (`SynthvalLocalOperator`), with
   ``SYNTHVAL_XCOM_FILE`` pointing at a temporary file whose JSON becomes the task's XCom, the same
-  contract as the pod's ``/airflow/xcom/return.json`` sidecar;
+  contract as the pod's ``/airflow/xcom/return.json`` sidecar, and with only the environment
+  variables a step needs (`step_environment`);
 - ``kubernetes``: a `KubernetesPodOperator` running the shared training image in the cluster that
   Airflow runs in (or any cluster its Kubernetes connection reaches);
 - ``gke``: a `GKEStartPodOperator` with the same pod, for an Airflow outside the GKE cluster.
+
+**Conf is data, never command line.** An argv is a list of items (`Argv`): a string is a template that
+renders to exactly one argument whatever the params hold (the DAGs render templates as strings, never
+as native objects, so a param holding ``"['test', '--log-level', 'DEBUG']"`` stays that one string);
+`Flag` renders its value into one ``--flag=value`` argument (so a value starting with ``-`` cannot
+pass for a flag); `ParamFlag` turns an optional or list param into zero, one or one-per-item
+``--flag=value``; `Computed` lists arguments built in Python from the params. Nothing is ever split,
+spliced or parsed out of a rendered string.
 
 Settings are read once per process when a DAG file is parsed: every ``SYNTHVAL_<NAME>`` environment
 variable, and only when ``SYNTHVAL_BACKEND`` is not set in the environment, the JSON Airflow Variable
 ``synthval_settings`` (``{"backend": "gke", "image": ..., ...}``, keys in lower case). A deployment
 configured by environment therefore never touches the metadata database while parsing.
 
-This module must stay cheap to import: no torch, no synthval, no Kubernetes client unless a pod
-backend is selected.
+This module must stay cheap to import and to parse DAGs with (Airflow's guideline: well under a
+second per file): no torch, no synthval, and no Kubernetes client or provider on any backend. A pod
+step is a light operator until it runs; `synthval_pods` builds the provider's operator then.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -60,7 +71,13 @@ CLUSTER_DEFAULT_REAL = "groceries-real"
 
 @dataclass(frozen=True)
 class StepProfile:
-    """What one step asks of a pod: CPU and memory requests (limits equal them), time, retries."""
+    """What one step asks of a pod: CPU and memory requests, time, retries.
+
+    Memory is also the limit (memory cannot be taken back, so a pod must not count on more than it
+    asked for). CPU has no limit: the request reserves the cores and a step may use idle ones on top.
+    Data-loader workers are bursty; a CPU limit (a CFS quota) throttles them even on an idle node, and
+    the GPU then waits for batches.
+    """
 
     cpu: str
     memory: str
@@ -209,7 +226,9 @@ def load_settings() -> Settings:
                 "through it, so set a gs:// URI (or SYNTHVAL_DATA_PVC, a ReadWriteMany claim mounted at /data)"
             )
     root = str(values["data_root"])
-    values["data_root"] = os.path.expanduser(root) if "://" not in root else root.rstrip("/")
+    # A local root is made absolute: outputs must not depend on the worker's working folder (and the
+    # output_root param accepts only absolute paths and URIs).
+    values["data_root"] = os.path.abspath(os.path.expanduser(root)) if "://" not in root else root.rstrip("/")
     values.setdefault("default_synthetic", CLUSTER_DEFAULT_SYNTHETIC if pod else LOCAL_DEFAULT_SYNTHETIC)
     values.setdefault("default_real", CLUSTER_DEFAULT_REAL if pod else LOCAL_DEFAULT_REAL)
     if backend == "gke":
@@ -227,11 +246,12 @@ def load_settings() -> Settings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Templating helpers (registered as DAG macros by `recipe_dag`)
+# Command lines: conf is data
 
 
-def _format_arg(value: Any) -> str:
-    # PyYAML reads "1e-05" as a string, so small floats are written in fixed notation.
+def format_arg(value: Any) -> str:
+    """One argument's text. Booleans as true/false; small floats in fixed notation (PyYAML reads "1e-05"
+    as a string). Anything that is not one value (None, a list, a mapping) is a bug in the DAG."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -239,20 +259,146 @@ def _format_arg(value: Any) -> str:
         if "e" in text or "E" in text:
             text = f"{value:.15f}".rstrip("0").rstrip(".")
         return text
-    return str(value)
+    if isinstance(value, (str, int)):
+        return str(value)
+    raise TypeError(f"a command-line argument must be one value, got {value!r}")
 
 
-def flatten_argv(rendered: list[Any]) -> list[str]:
-    """Return the rendered argv as strings: a list item (an optional flag group) is spliced in."""
+@dataclass(frozen=True)
+class Flag:
+    """``--flag=value`` as one argument; ``value`` is a template or a mapped task group's argument.
+
+    The ``=`` form keeps a value that starts with ``-`` a value: ``--split=--log-level`` sets the split.
+    """
+
+    flag: str
+    value: Any
+
+    def __repr__(self) -> str:
+        return f"{self.flag}={self.value}"
+
+
+@dataclass(frozen=True)
+class ParamFlag:
+    """``--flag=value`` per value of the param ``param``: none when it is unset (None, "", []), one per
+    item when it is a list."""
+
+    flag: str
+    param: str
+
+    def __repr__(self) -> str:
+        return f"{self.flag}=<each of params.{self.param}>"
+
+
+@dataclass(frozen=True)
+class Computed:
+    """Arguments built in Python from the run's context: ``fn(context)`` returns a list, one argument per
+    item (strings as they are, numbers and booleans by `format_arg`)."""
+
+    fn: Callable[[Any], list[Any]]
+
+    def __repr__(self) -> str:
+        return f"<{self.fn.__name__}()>"
+
+
+class Argv:
+    """A `synthval` command line as a task's ``argv`` template field: a list of items (see the module
+    docstring). Airflow renders a callable template field by calling it with the run's context; this
+    returns the command line as a list of strings, which is what the task then holds and the UI shows.
+    """
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = list(items)
+
+    def __call__(self, *, context: Any, jinja_env: Any = None) -> list[str]:
+        return render_argv(self.items, context, jinja_env)
+
+    def serialize(self) -> list[str]:
+        """The un-rendered command line, as the serialized DAG (and the UI before a run) shows it."""
+        return [item if isinstance(item, str) else repr(item) for item in self.items]
+
+    def __repr__(self) -> str:
+        return f"Argv({self.serialize()!r})"
+
+
+def render_argv(items: list[Any], context: Any, jinja_env: Any = None) -> list[str]:
+    """Render argv ``items`` for a run: each string and each `Flag` to exactly one argument."""
+    from airflow.sdk.definitions._internal.templater import render_template_to_string
+
+    env = jinja_env or context["dag"].get_template_env()
+
+    def value_of(item: Any) -> Any:
+        if isinstance(item, str):
+            return render_template_to_string(env.from_string(item), context)
+        resolve = getattr(item, "resolve", None)  # an argument of a mapped task group
+        return resolve(context) if resolve is not None else item
+
     argv: list[str] = []
-    for item in rendered:
-        if isinstance(item, (list, tuple)):
-            argv.extend(flatten_argv(list(item)))
-        elif item is None:
-            continue
+    for item in items:
+        if isinstance(item, Flag):
+            argv.append(f"{item.flag}={format_arg(value_of(item.value))}")
+        elif isinstance(item, ParamFlag):
+            argv += param_flags(item.flag, context["params"].get(item.param))
+        elif isinstance(item, Computed):
+            argv += [format_arg(value) for value in item.fn(context)]
         else:
-            argv.append(_format_arg(item))
+            argv.append(format_arg(value_of(item)))
     return argv
+
+
+def param_flags(flag: str, value: Any) -> list[str]:
+    """``[flag=value]``, one per item of a list, nothing for an unset value (None, "", [])."""
+    if value is None or value == "" or value == []:
+        return []
+    return [f"{flag}={format_arg(v)}" for v in (value if isinstance(value, list) else [value])]
+
+
+def set_flags(overrides: Any = (), **keys: Any) -> list[str]:
+    """``--set=key=value`` for each set keyword (dots as ``__``), then for each "key=value" override."""
+    flags = [f"--set={key.replace('__', '.')}={format_arg(value)}"
+             for key, value in keys.items() if value is not None and value != ""]
+    return flags + [f"--set={format_arg(override)}" for override in overrides or ()]
+
+
+def config_flags(params: Any, prefix: str = "") -> list[str]:
+    """The training config flags from the DAG params: preset, model, epochs, lr, batch size, overrides.
+
+    With ``prefix="finetune_"`` the fine-tune params (``finetune_epochs`` ...) are used; an empty
+    fine-tune epochs or learning rate leaves the preset's fine-tuning value (`synthval finetune`
+    lowers the rate), never the training one. ``finetune_overrides`` come after ``overrides``.
+    """
+
+    def pick(name: str) -> Any:
+        if not prefix:
+            return params.get(name)
+        value = params.get(prefix + name)
+        own_only = name in ("epochs", "learning_rate")
+        return value if value not in (None, "") or own_only else params.get(name)
+
+    overrides = list(params.get("overrides") or []) + (list(params.get(prefix + "overrides") or []) if prefix else [])
+    return [f"--preset={format_arg(params['preset'])}", *set_flags(
+        overrides, model__name=pick("model"), epochs=pick("epochs"), optimizer__lr=pick("learning_rate"),
+        data__batch_size=pick("batch_size"))]
+
+
+def training_config(context: Any) -> list[str]:
+    """`config_flags` of a run's params (a `Computed` item of train steps)."""
+    return config_flags(context["params"])
+
+
+def finetune_config(context: Any) -> list[str]:
+    """`config_flags` of a run's fine-tuning params (a `Computed` item of fine-tune steps)."""
+    return config_flags(context["params"], prefix="finetune_")
+
+
+def evaluation_config(context: Any) -> list[str]:
+    """``--set`` flags of a run's evaluation params (batch_size, overrides)."""
+    params = context["params"]
+    return set_flags(params.get("overrides"), batch_size=params.get("batch_size"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Templating helpers (registered as DAG macros by `recipe_dag`); each returns one string
 
 
 def run_slug(run_id: str) -> str:
@@ -305,53 +451,11 @@ def upstream(context: Any, task_id: str, key: str) -> Any:
     return result[key]
 
 
-def optional(flag: str, value: Any) -> list[Any]:
-    """``[flag, value]``, or nothing when the value is unset (None, empty string, empty list)."""
-    if value is None or value == "" or value == []:
-        return []
-    return [flag, value]
-
-
-def set_flags(overrides: Any = (), **keys: Any) -> list[str]:
-    """``--set key=value`` for each set keyword (dots as ``__``), then for each "key=value" override."""
-    flags: list[str] = []
-    for key, value in keys.items():
-        if value is not None and value != "":
-            flags += ["--set", f"{key.replace('__', '.')}={_format_arg(value)}"]
-    for override in overrides or ():
-        flags += ["--set", str(override)]
-    return flags
-
-
-def config_flags(params: Any, prefix: str = "") -> list[str]:
-    """The training config flags from the DAG params: preset, model, epochs, lr, batch size, overrides.
-
-    With ``prefix="finetune_"`` the fine-tune params (``finetune_epochs`` ...) are used; an empty
-    fine-tune epochs or learning rate leaves the preset's fine-tuning value (`synthval finetune`
-    lowers the rate), never the training one. ``finetune_overrides`` come after ``overrides``.
-    """
-
-    def pick(name: str) -> Any:
-        if not prefix:
-            return params.get(name)
-        value = params.get(prefix + name)
-        own_only = name in ("epochs", "learning_rate")
-        return value if value not in (None, "") or own_only else params.get(name)
-
-    overrides = list(params.get("overrides") or []) + (list(params.get(prefix + "overrides") or []) if prefix else [])
-    return ["--preset", params["preset"], *set_flags(
-        overrides, model__name=pick("model"), epochs=pick("epochs"), optimizer__lr=pick("learning_rate"),
-        data__batch_size=pick("batch_size"))]
-
-
 MACROS = {
     "run_root": run_root,
     "checkpoint_dir": checkpoint_dir,
     "tb_log_dir": tb_log_dir,
     "upstream": upstream,
-    "optional": optional,
-    "config_flags": config_flags,
-    "set_flags": set_flags,
 }
 
 
@@ -399,11 +503,35 @@ class TensorBoardLink(BaseOperatorLink):
         return tensorboard_url(getattr(operator, "tb_log_dir", "") or "", getattr(ti_key, "dag_id", None))
 
 
-def check_conf(context: Any) -> None:
-    """Fail, naming it, on a conf key that is no param of the DAG (Airflow itself ignores it).
+class GKEPodLink(BaseOperatorLink):
+    """The "Kubernetes Pod" button of a gke-backend task: the pod in the Cloud console.
 
-    A typo such as ``{"epoch": 3}`` would otherwise train with the default silently.
+    `GKEStartPodOperator` stores the pod's coordinates under the provider link's XCom key when it
+    creates the pod; the provider's own link formats them. Declared here so that parsing a DAG never
+    imports the Google provider.
     """
+
+    name = "Kubernetes Pod"
+
+    @property
+    def xcom_key(self) -> str:
+        return "kubernetes_pod_conf"  # KubernetesEnginePodLink.key
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        from airflow.providers.google.cloud.links.kubernetes_engine import KubernetesEnginePodLink
+
+        return KubernetesEnginePodLink().get_link(operator, ti_key=ti_key)
+
+
+def check_conf(context: Any) -> None:
+    """Fail, naming it, on a conf key that is no param of the DAG.
+
+    Airflow's trigger (UI, CLI, REST API) validates the DAG's params but accepts keys it does not know;
+    a typo such as ``{"epoch": 3}`` would otherwise train with the default silently. Every synthval
+    step calls this before it starts anything, so such a run fails in its first tasks.
+    """
+    import difflib
+
     from airflow.sdk.exceptions import AirflowFailException
 
     dag_run, dag = context.get("dag_run"), context.get("dag")
@@ -412,12 +540,15 @@ def check_conf(context: Any) -> None:
         return
     unknown = sorted(set(conf) - set(dag.params))
     if unknown:
+        close = difflib.get_close_matches(unknown[0], list(dag.params), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise AirflowFailException(
-            f"conf key {unknown[0]!r} is not a param of {dag.dag_id}; its params are: {', '.join(sorted(dag.params))}")
+            f"conf key {unknown[0]!r} is not a param of {dag.dag_id}{hint}; nothing was run. Its params are: "
+            f"{', '.join(sorted(dag.params))}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Command lines
+# Processes
 
 
 def synthval_executable() -> str:
@@ -446,6 +577,39 @@ def launch_command(argv: list[str], gpus: int, *, local: bool) -> list[str]:
     return argv
 
 
+# What a local step's process gets of the worker's environment: what any process needs to run, find its
+# Python and reach storage, and nothing else. The worker's environment holds every AIRFLOW_CONN_* and
+# AIRFLOW_VAR_*, the metadata database URL, and whatever the deployment put there for Airflow itself.
+STEP_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH",
+    # CPU threads and accelerators (and CUDA_*, NCCL_* below)
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_HOME", "XDG_CACHE_HOME",
+    # the network: proxies and CA bundles
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    # Google Cloud Storage: Application Default Credentials (a file path), the project, the emulator
+    "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CONFIG", "STORAGE_EMULATOR_HOST",
+)
+STEP_ENV_PREFIXES = ("LC_", "CUDA_", "NCCL_")
+# Settings the `synthval` CLI reads, each passed only to the steps that read it.
+STEP_SETTINGS_ENV = {
+    "fetch": ("SYNTHVAL_USIM_API",),
+    "publish": ("SYNTHVAL_RESULTS_DB_URL",),
+    "leaderboard": ("SYNTHVAL_RESULTS_DB_URL",),
+    "discover": ("SYNTHVAL_RESULTS_DB_URL",),
+}
+
+
+def step_environment(step: str, environ: Any = None) -> dict[str, str]:
+    """The environment of a local ``synthval <step>`` process, taken from ``environ`` (the worker's)."""
+    environ = os.environ if environ is None else environ
+    names = set(STEP_ENV) | set(STEP_SETTINGS_ENV.get(step, ()))
+    env = {k: v for k, v in environ.items() if k in names or k.startswith(STEP_ENV_PREFIXES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 # ---------------------------------------------------------------------------------------------
 # Local backend
 
@@ -453,16 +617,17 @@ def launch_command(argv: list[str], gpus: int, *, local: bool) -> list[str]:
 class SynthvalLocalOperator(BaseOperator):
     """Run one ``synthval <step>`` command as a child process of the worker.
 
-    The process gets ``SYNTHVAL_XCOM_FILE`` (a temporary file); its output streams into the task log;
-    the JSON it wrote becomes this task's XCom return value. On timeout, kill or failure the whole
-    process group is terminated. Exit code 2 (bad input or config) fails without retrying.
+    The process gets `step_environment` plus ``SYNTHVAL_XCOM_FILE`` (a temporary file) and, for the
+    Unity Simulation fetch, the token as a file; its output streams into the task log; the JSON it
+    wrote becomes this task's XCom return value. On timeout, kill or failure the whole process group is
+    terminated. Exit code 2 (bad input or config) fails without retrying.
     """
 
     template_fields = ("argv", "gpus", "tb_log_dir")
     template_fields_renderers = {"argv": "py"}
     ui_color = "#e8f1fb"
 
-    def __init__(self, *, step: str, argv: list[Any], gpus: Any = 0, tb_log_dir: str | None = None,
+    def __init__(self, *, step: str, argv: Argv, gpus: Any = 0, tb_log_dir: str | None = None,
                  usim_token: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step = step
@@ -474,7 +639,7 @@ class SynthvalLocalOperator(BaseOperator):
 
     def command(self) -> list[str]:
         """The rendered command line, as `synthval ...` (the same for every backend)."""
-        return flatten_argv(self.argv)
+        return rendered_command(self)
 
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -484,9 +649,8 @@ class SynthvalLocalOperator(BaseOperator):
         cmd = launch_command(argv, int(self.gpus or 0), local=True)
         with tempfile.TemporaryDirectory(prefix="synthval-task-") as tmp:
             xcom_file = os.path.join(tmp, "return.json")
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env = step_environment(self.step)
             env[XCOM_FILE_ENV] = xcom_file
-            env.pop(USIM_TOKEN_ENV, None)
             if self.usim_token:
                 env[USIM_TOKEN_FILE_ENV] = self._write_usim_token(tmp)
             self.log.info("Running: %s", shlex.join(argv))
@@ -555,13 +719,78 @@ class SynthvalLocalOperator(BaseOperator):
         self._terminate()
 
 
+def rendered_command(task: Any) -> list[str]:
+    """A rendered task's command line; before rendering there is none to run."""
+    if isinstance(task.argv, Argv):
+        raise RuntimeError(f"task {task.task_id!r}: its command line exists only once its templates are rendered")
+    return list(task.argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pod backends
+
+
+class SynthvalPodTask(BaseOperator):
+    """Run one ``synthval <step>`` command as a pod of the training image (kubernetes or gke backend).
+
+    Light while DAGs are parsed: the provider's operator (`KubernetesPodOperator` or
+    `GKEStartPodOperator`, deferrable) is built by `synthval_pods.pod_operator` from the rendered
+    command when the task runs, and this task hands execution, the trigger's re-entry and kills to it.
+    """
+
+    template_fields = ("argv", "gpus", "tb_log_dir", "storage_gib", "image_tag")
+    template_fields_renderers = {"argv": "py"}
+    ui_color = "#e3f4e1"
+
+    def __init__(self, *, step: str, argv: Argv, gpus: Any = 0, tb_log_dir: str | None = None,
+                 storage_gib: Any = "{{ params.storage_gib }}", image_tag: Any = "{{ params.image_tag }}",
+                 usim_token: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step = step
+        self.argv = argv
+        self.gpus = gpus
+        self.tb_log_dir = tb_log_dir
+        self.storage_gib = storage_gib
+        self.image_tag = image_tag
+        self.usim_token = usim_token
+        self._pod_operator: Any = None
+
+    def command(self) -> list[str]:
+        """The rendered command line, as `synthval ...` (the same for every backend)."""
+        return rendered_command(self)
+
+    def pod_operator(self) -> Any:
+        """The provider's pod operator for this rendered task (built once)."""
+        if self._pod_operator is None:
+            from synthval_pods import pod_operator
+
+            self._pod_operator = pod_operator(self, load_settings())
+        return self._pod_operator
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> Any:
+        """The pod this task creates, as the provider builds it (`dry_run` leaves out the random suffix)."""
+        return self.pod_operator().build_pod_request_obj(context, dry_run=dry_run)
+
+    def execute(self, context: Any) -> Any:
+        check_conf(context)
+        return self.pod_operator().execute(context)
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        """Where a deferred pod task resumes (`KubernetesPodOperator.trigger_reentry`)."""
+        return self.pod_operator().trigger_reentry(context, event)
+
+    def on_kill(self) -> None:
+        if self._pod_operator is not None:
+            self._pod_operator.on_kill()
+
+
 # ---------------------------------------------------------------------------------------------
 # The factory
 
 
 def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpus: Any = 0,
                   tb_log_dir: str | None = None, usim_token: bool = False, **kwargs: Any) -> BaseOperator:
-    """Return the task that runs ``argv`` (``["synthval", step, ...]``, templated) on the set backend.
+    """Return the task that runs ``argv`` (``["synthval", step, ...]``, argv items) on the set backend.
 
     ``gpus`` (a number or template) applies to train/fine-tune/evaluate; with more than one, torchrun
     starts one process per GPU. ``tb_log_dir`` feeds the TensorBoard link. ``usim_token`` gives the
@@ -576,9 +805,10 @@ def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpu
     common: dict[str, Any] = dict(
         task_id=task_id or step,
         step=step,
-        argv=argv,
+        argv=Argv(argv),
         gpus=gpus if profile.uses_gpu else 0,
         tb_log_dir=tb_log_dir,
+        usim_token=usim_token,
         # A pod's failure is often the node's (preemption, eviction), worth retrying with --resume auto;
         # a local one is usually deterministic, so it is retried once.
         retries=profile.retries if settings.is_pod_backend else min(profile.retries, 1),
@@ -587,12 +817,12 @@ def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpu
         execution_timeout=profile.timeout,
     )
     common.update(kwargs)
+    links: tuple[BaseOperatorLink, ...] = (TensorBoardLink(),) if tb_log_dir else ()
     if settings.backend == "local":
-        op: BaseOperator = SynthvalLocalOperator(usim_token=usim_token, **common)
+        op: BaseOperator = SynthvalLocalOperator(**common)
     else:
-        from synthval_pods import pod_task
-
-        op = pod_task(settings, usim_token=usim_token, **common)
-    if tb_log_dir:
-        op.operator_extra_links = (*type(op).operator_extra_links, TensorBoardLink())
+        op = SynthvalPodTask(**common)
+        links += (GKEPodLink(),) if settings.backend == "gke" else ()
+    if links:
+        op.operator_extra_links = links
     return op

@@ -34,7 +34,7 @@ from synthval_steps import (
     publish_step,
     train_step,
 )
-from synthval_tasks import load_settings
+from synthval_tasks import Flag, load_settings
 
 settings = load_settings()
 
@@ -57,8 +57,8 @@ with recipe_dag(
     evaluate = evaluate_step("{{ upstream('train', 'checkpoint_uri') }}")
     publish = publish_step(
         "{{ upstream('train', 'checkpoint_uri') }}",
-        datasets=("--dataset", "real={{ params.real_dataset }}"),
-        budget=("--real-budget", "{{ upstream('train', 'num_train_images') }}"),
+        datasets=(Flag("--dataset", "real={{ params.real_dataset }}"),),
+        budget=(Flag("--real-budget", "{{ upstream('train', 'num_train_images') }}"),),
     )
 
     fetch_real >> train >> evaluate >> publish

@@ -36,7 +36,7 @@ from synthval_steps import (
     publish_step,
     train_step,
 )
-from synthval_tasks import load_settings
+from synthval_tasks import Flag, load_settings
 
 settings = load_settings()
 
@@ -60,8 +60,9 @@ with recipe_dag(
     evaluate = evaluate_step("{{ upstream('train', 'checkpoint_uri') }}")
     publish = publish_step(
         "{{ upstream('train', 'checkpoint_uri') }}",
-        datasets=("--dataset", "synthetic={{ params.synthetic_dataset }}", "--dataset", "real={{ params.real_dataset }}"),
-        budget=("--real-budget", "0"),
+        datasets=(Flag("--dataset", "synthetic={{ params.synthetic_dataset }}"),
+                  Flag("--dataset", "real={{ params.real_dataset }}")),
+        budget=(Flag("--real-budget", 0),),
     )
 
     fetch_synthetic >> train

@@ -51,9 +51,19 @@ from synthval_steps import (
     publish_step,
     train_step,
 )
-from synthval_tasks import check_conf, load_settings
+from synthval_tasks import Computed, Flag, check_conf, load_settings
 
 settings = load_settings()
+
+
+def trained_on(context) -> list[str]:
+    """What the fine-tuned model was trained on before the real images, as publish records it (its role on
+    the leaderboard): the given checkpoint, or the synthetic dataset."""
+    params = context["params"]
+    if params["start_from_checkpoint"]:
+        return [f"--dataset=model={params['start_from_checkpoint']}"]
+    return [f"--dataset=synthetic={params['synthetic_dataset']}"]
+
 
 with recipe_dag(
     "train_on_synthetic_and_real_dataset",
@@ -103,16 +113,12 @@ with recipe_dag(
     evaluate_synthetic = evaluate_step(start_checkpoint, task_id="evaluate_synthetic",
                                        out="{{ run_root() }}/eval/synthetic", trigger_rule=after_either)
     finetune = train_step("finetune", REAL_DATA, split_flags=REAL_SPLIT_FLAGS, val_flags=REAL_VAL_FLAGS,
-                          init_checkpoint=start_checkpoint,
-                          config="{{ config_flags(params, prefix='finetune_') }}", trigger_rule=after_either)
+                          init_checkpoint=start_checkpoint, trigger_rule=after_either)
     evaluate = evaluate_step("{{ upstream('finetune', 'checkpoint_uri') }}", out="{{ run_root() }}/eval/finetuned")
     publish = publish_step(
         "{{ upstream('finetune', 'checkpoint_uri') }}",
-        # What the model was trained on (its role on the leaderboard): the given checkpoint, or the synthetic data.
-        datasets=("{{ ['--dataset', 'model=' ~ params.start_from_checkpoint] if params.start_from_checkpoint "
-                  "else ['--dataset', 'synthetic=' ~ params.synthetic_dataset] }}",
-                  "--dataset", "real={{ params.real_dataset }}"),
-        budget=("--real-budget", "{{ upstream('finetune', 'num_train_images') }}"),
+        datasets=(Computed(trained_on), Flag("--dataset", "real={{ params.real_dataset }}")),
+        budget=(Flag("--real-budget", "{{ upstream('finetune', 'num_train_images') }}"),),
     )
 
     start >> [fetch_synthetic, given]

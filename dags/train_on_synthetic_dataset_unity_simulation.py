@@ -42,7 +42,7 @@ from synthval_steps import (
     publish_step,
     train_step,
 )
-from synthval_tasks import load_settings
+from synthval_tasks import Flag, load_settings
 
 settings = load_settings()
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -71,9 +71,9 @@ with recipe_dag(
     evaluate = evaluate_step("{{ upstream('train', 'checkpoint_uri') }}")
     publish = publish_step(
         "{{ upstream('train', 'checkpoint_uri') }}",
-        datasets=("--dataset", "synthetic=usim://{{ params.project_id }}/{{ params.run_execution_id }}",
-                  "--dataset", "real={{ params.real_dataset }}"),
-        budget=("--real-budget", "0"),
+        datasets=(Flag("--dataset", "synthetic=usim://{{ params.project_id }}/{{ params.run_execution_id }}"),
+                  Flag("--dataset", "real={{ params.real_dataset }}")),
+        budget=(Flag("--real-budget", 0),),
     )
 
     fetch_synthetic >> train

@@ -125,9 +125,17 @@ class _Pipe:
 
 
 def open_page(target: Path | str, screenshot: Path | None = None, width: int = 1280, executable: str | None = None,
-              settle_s: float = 0.3) -> PageResult:
+              settle_s: float = 0.3, cookies: list[dict[str, Any]] | None = None,
+              steps: list[tuple[str, str]] | None = None, step_timeout_s: float = 60, height: int = 900) -> PageResult:
     """Load a file (Path) or URL (str) in headless Chromium; return the errors it raised; write a full-page
-    PNG screenshot to `screenshot`."""
+    PNG screenshot to `screenshot`.
+
+    `cookies` are set before loading (DevTools `Network.setCookie` dicts: name, value, url or domain).
+    `steps` drive a page that renders after it loads (a single-page app): each is (JavaScript to run,
+    JavaScript expression to wait for until it is true), run in order after the load event. A step whose
+    JavaScript returns ``{"click": [x, y]}`` gets a real mouse click there (widgets that ignore
+    ``element.click()``). `height` is the viewport's (a dialog does not grow the page).
+    """
     executable = executable or find_chromium()
     if executable is None:
         raise FileNotFoundError("no chromium executable on PATH")
@@ -140,19 +148,37 @@ def open_page(target: Path | str, screenshot: Path | None = None, width: int = 1
             for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
                 pipe.call(domain, session=session)
             pipe.call("Emulation.setDeviceMetricsOverride",
-                      {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=session)
+                      {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
             url = target.resolve().as_uri() if isinstance(target, Path) else target
+            if cookies:
+                pipe.call("Network.enable", session=session)
+                for cookie in cookies:
+                    pipe.call("Network.setCookie", cookie, session=session)
             navigation = pipe.call("Page.navigate", {"url": url}, session=session)
             if navigation.get("errorText"):
                 result.errors.append(f"navigation: {navigation['errorText']}")
             pipe.wait_event("Page.loadEventFired", timeout=60)
-            time.sleep(settle_s)  # late console messages
 
             def evaluate(expression: str) -> Any:
                 reply = pipe.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session)
                 if "exceptionDetails" in reply:
                     raise RuntimeError(f"evaluate {expression!r}: {reply['exceptionDetails']}")
                 return reply["result"].get("value")
+
+            for action, until in steps or []:
+                done = evaluate(action) if action else None
+                if isinstance(done, dict) and "click" in done:
+                    x, y = done["click"]
+                    for kind in ("mousePressed", "mouseReleased"):
+                        pipe.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",
+                                                               "clickCount": 1}, session=session)
+                deadline = time.monotonic() + step_timeout_s
+                while not evaluate(f"Boolean({until})"):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{url}: still not {until!r} after {step_timeout_s} s; the page says: "
+                                           f"{str(evaluate('document.body.innerText'))[:2000]}")
+                    time.sleep(0.25)
+            time.sleep(settle_s)  # late console messages
 
             result.image_count = evaluate("document.images.length")
             result.broken_images = evaluate(
@@ -161,9 +187,10 @@ def open_page(target: Path | str, screenshot: Path | None = None, width: int = 1
             result.text = evaluate("document.body.innerText")
             result.height = int(evaluate("Math.ceil(document.documentElement.scrollHeight)"))
             if screenshot is not None:
-                height = min(result.height, 16000)
+                shot_height = min(max(result.height, height), 16000)
                 pipe.call("Emulation.setDeviceMetricsOverride",
-                          {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
+                          {"width": width, "height": shot_height, "deviceScaleFactor": 1, "mobile": False},
+                          session=session)
                 shot = pipe.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
                                  session=session, timeout=60)
                 screenshot.parent.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,18 @@ def synthval_tasks_of(dag: Any) -> list[Any]:
     return [t for t in dag.tasks if hasattr(t, "command")]
 
 
+def option(argv: list[str], flag: str) -> str:
+    """The value of ``flag`` in a rendered argv (``--flag=value``); the last one if it repeats."""
+    values = options(argv, flag)
+    assert values, (flag, argv)
+    return values[-1]
+
+
+def options(argv: list[str], flag: str) -> list[str]:
+    """Every value of ``flag`` in a rendered argv, in order."""
+    return [a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -165,8 +177,8 @@ def test_task_order_of_each_recipe(local_dags):
         assert actual == expected, dag_id
 
 
-@pytest.mark.parametrize("backend", ["local", "kubernetes"])
-def test_parsing_imports_neither_torch_nor_synthval(backend, tmp_path):
+@pytest.mark.parametrize("backend", ["local", "kubernetes", "gke"])
+def test_parsing_imports_neither_torch_nor_synthval_nor_the_pod_providers(backend, tmp_path):
     script = f"""
 DAG_IDS = {sorted(DAG_IDS)!r}
 import sys, time
@@ -174,21 +186,59 @@ sys.path.insert(0, {str(DAGS)!r})
 t0 = time.perf_counter()
 from airflow.dag_processing.dagbag import DagBag
 t1 = time.perf_counter()
-bag = DagBag(dag_folder={str(DAGS)!r})
+before = set(sys.modules)  # Airflow itself imports a few provider modules (airflow.exceptions)
+bag = DagBag(dag_folder={str(DAGS)!r}, load_op_links=False)  # as the dag-processor parses
 t2 = time.perf_counter()
 assert not bag.import_errors, bag.import_errors
 assert set(DAG_IDS) <= set(bag.dags), sorted(bag.dags)
-leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "synthval"))
+# Training code, and on every backend the Kubernetes client and the pod providers: a pod is built
+# only when its task runs (Airflow's parsing guideline: well under a second per file).
+heavy = ("torch", "torchvision", "synthval", "kubernetes", "airflow.providers.cncf.kubernetes",
+         "airflow.providers.google")
+leaked = sorted(m for m in set(sys.modules) - before
+                if m == "synthval_pods" or any(m == h or m.startswith(h + ".") for h in heavy))
 print("LEAKED", leaked)
 print(f"TIMES import_airflow={{t1 - t0:.2f}} parse_all_dags={{t2 - t1:.2f}}")
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHVAL_")}
     env.update(AIRFLOW_ENV, SYNTHVAL_BACKEND=backend, SYNTHVAL_DATA_ROOT="gs://bucket/synthval",
-               SYNTHVAL_RESULTS_DB_SECRET="synthval-results-db")
+               SYNTHVAL_RESULTS_DB_SECRET="synthval-results-db",
+               SYNTHVAL_GKE_PROJECT="p", SYNTHVAL_GKE_LOCATION="l", SYNTHVAL_GKE_CLUSTER="c")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LEAKED []" in proc.stdout, proc.stdout
     print(backend, re.search(r"TIMES .*", proc.stdout).group(0))
+
+
+def test_the_trigger_form_marks_only_real_requirements_and_shows_no_null(local_dags):
+    """Airflow's form marks a field required unless its schema type includes "null", and labels enum
+    values as they are (None as "null") unless `values_display` names them (the Chromium check of the
+    form itself is in tests/test_make_airflow.py)."""
+    for dag in local_dags.values():
+        for name in dag.params:
+            param = dag.params.get_param(name)
+            types = param.schema.get("type")
+            types = [types] if isinstance(types, str) else types or []
+            if param.value is None or param.value == []:  # optional: empty means "not set"
+                assert "null" in types, (dag.dag_id, name, types)
+            if None in (param.schema.get("enum") or []):
+                assert param.schema.get("values_display", {}).get("null"), (dag.dag_id, name)
+
+
+def test_tasks_carry_no_copy_of_the_params_yet_run_with_them(local_dags):
+    """Each task gets the DAG's params at run time (what the task runner calls), not a copy at parse time."""
+    from airflow.sdk.definitions.param import process_params
+
+    import copy
+
+    for parsed in local_dags.values():
+        dag = copy.deepcopy(parsed)  # process_params sets the conf's values on the DAG's own Param objects
+        for task in dag.tasks:
+            assert not task.params, (dag.dag_id, task.task_id)
+            params = process_params(dag, task, {"gpus": 3, **REQUIRED_CONF.get(dag.dag_id, {})},
+                                    suppress_exception=False)
+            assert set(params) == set(dag.params) and params["gpus"] == 3
+            assert params["test_split"] == "test"
 
 
 def test_contract_every_command_line_is_accepted_by_the_cli(local_dags, monkeypatch):
@@ -222,26 +272,26 @@ def test_command_lines_carry_upstream_uris_and_params(local_dags):
     finetune = render(dag, dag.task_dict["finetune"], conf).command()
     root = "/tmp/synthval-test-root/train_on_synthetic_and_real_dataset/manual__2026-11-24T14-20-42.222917"
     assert finetune == [
-        "synthval", "finetune", "--train-data", "gs://bucket/runs/data/real", "--train-split", "train_small",
-        "--max-images", "40", "--val-data", "gs://bucket/runs/data/real", "--val-split", "val",
-        "--init-checkpoint", UPSTREAM_XCOMS["train"]["checkpoint_uri"],
-        "--checkpoint-dir", f"{root}/checkpoints/finetune", "--tb-log-dir", f"{root}/tensorboard/finetune",
+        "synthval", "finetune", "--train-data=gs://bucket/runs/data/real", "--train-split=train_small",
+        "--max-images=40", "--val-data=gs://bucket/runs/data/real", "--val-split=val",
+        "--init-checkpoint=" + UPSTREAM_XCOMS["train"]["checkpoint_uri"],
+        f"--checkpoint-dir={root}/checkpoints/finetune", f"--tb-log-dir={root}/tensorboard/finetune",
         # The training epochs and learning rate are not inherited: `synthval finetune` applies the
         # preset's fine-tuning rate unless finetune_learning_rate / finetune_epochs are given.
-        "--resume", "auto", "--preset", "cpu-demo", "--set", "max_steps=2", "--set", "epochs=1",
+        "--resume=auto", "--preset=cpu-demo", "--set=max_steps=2", "--set=epochs=1",
     ]
     train = render(dag, dag.task_dict["train"], conf).command()
-    assert train[train.index("--preset"):] == ["--preset", "cpu-demo", "--set", "epochs=3",
-                                               "--set", "optimizer.lr=0.00001", "--set", "max_steps=2"]
+    assert train[train.index("--preset=cpu-demo"):] == [
+        "--preset=cpu-demo", "--set=epochs=3", "--set=optimizer.lr=0.00001", "--set=max_steps=2"]
     tuned = render(dag, dag.task_dict["finetune"], {**conf, "finetune_learning_rate": 2e-4}).command()
-    assert tuned[tuned.index("--set"):tuned.index("--set") + 2] == ["--set", "optimizer.lr=0.0002"]
+    assert options(tuned, "--set")[0] == "optimizer.lr=0.0002"
     evaluate = render(dag, dag.task_dict["evaluate"], conf).command()
-    assert evaluate[evaluate.index("--checkpoint") + 1] == UPSTREAM_XCOMS["finetune"]["checkpoint_uri"]
+    assert option(evaluate, "--checkpoint") == UPSTREAM_XCOMS["finetune"]["checkpoint_uri"]
     publish = render(dag, dag.task_dict["publish"], conf).command()
-    assert publish[publish.index("--metrics") + 1] == UPSTREAM_XCOMS["evaluate"]["metrics_uri"]
+    assert option(publish, "--metrics") == UPSTREAM_XCOMS["evaluate"]["metrics_uri"]
     # The real budget is what fine-tuning actually trained on, not the param it was asked for.
-    assert publish[publish.index("--real-budget") + 1] == "76"
-    assert publish[publish.index("--run-id") + 1] == RUN_ID
+    assert option(publish, "--real-budget") == "76"
+    assert option(publish, "--run-id") == RUN_ID
 
 
 def test_start_from_checkpoint_skips_synthetic_training_and_uses_it(local_dags):
@@ -251,9 +301,12 @@ def test_start_from_checkpoint_skips_synthetic_training_and_uses_it(local_dags):
     for task_id in ("finetune", "evaluate_synthetic"):
         argv = render(dag, dag.task_dict[task_id], conf, xcoms).command()
         flag = "--init-checkpoint" if task_id == "finetune" else "--checkpoint"
-        assert argv[argv.index(flag) + 1] == "gs://b/synthetic.pt"
+        assert option(argv, flag) == "gs://b/synthetic.pt"
     publish = render(dag, dag.task_dict["publish"], conf, xcoms).command()
-    assert not any(a.startswith("synthetic=") for a in publish)
+    # A fine-tune of a given model is "model+real" on the leaderboard, never in the real-only curve.
+    assert options(publish, "--dataset") == ["model=gs://b/synthetic.pt", f"real={dag.params['real_dataset']}"]
+    full = render(dag, dag.task_dict["publish"], {}).command()
+    assert [d.split("=", 1)[0] for d in options(full, "--dataset")] == ["synthetic", "real"]
     # The branch picks the visible skip path.
     choose = dag.task_dict["choose_start"]
     assert choose.python_callable(params={"start_from_checkpoint": "gs://b/synthetic.pt"}) == "use_given_checkpoint"
@@ -272,7 +325,7 @@ def test_two_runs_never_share_an_output_folder(local_dags):
     ti = FakeTI(dag.dag_id, "train", UPSTREAM_XCOMS)
     other.render_template_fields({"params": copy.deepcopy(dag.params).validate(), "dag": dag, "task": other,
                                   "run_id": "manual__2026-11-24T15:00:00+00:00", "ti": ti})
-    dirs = lambda a: {a[a.index(f) + 1] for f in ("--checkpoint-dir", "--tb-log-dir")}  # noqa: E731
+    dirs = lambda a: {option(a, f) for f in ("--checkpoint-dir", "--tb-log-dir")}  # noqa: E731
     assert not dirs(argv) & dirs(other.command())
 
 
@@ -480,9 +533,9 @@ def test_dags_test_synthetic_then_real_on_the_local_backend(airflow_db, tmp_path
     run_root = tmp_path / "data" / dag_id
     assert Path(train_ckpt).is_relative_to(run_root) and Path(finetune_ckpt).is_relative_to(run_root)
     # train -> finetune -> evaluate through XCom: the command lines the tasks logged.
-    assert re.search(rf"Running: synthval finetune .*--init-checkpoint {re.escape(train_ckpt)}", log)
-    assert re.search(rf"Running: synthval evaluate --checkpoint {re.escape(finetune_ckpt)}", log)
-    assert re.search(rf"Running: synthval evaluate --checkpoint {re.escape(train_ckpt)}", log)
+    assert re.search(rf"Running: synthval finetune .*--init-checkpoint={re.escape(train_ckpt)}", log)
+    assert re.search(rf"Running: synthval evaluate --checkpoint={re.escape(finetune_ckpt)}", log)
+    assert re.search(rf"Running: synthval evaluate --checkpoint={re.escape(train_ckpt)}", log)
     from synthval.metrics import SUMMARY_KEYS  # every key metrics.json documents
 
     assert {"mAP", "mAP50", "mAP75", "mAR100", "mean-average-precision"} <= set(SUMMARY_KEYS)

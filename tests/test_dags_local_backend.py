@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -12,7 +13,7 @@ import pytest
 import test_dags  # noqa: F401 - sets up the throwaway AIRFLOW_HOME and the DAG folder on sys.path
 
 import synthval_tasks
-from synthval_tasks import SynthvalLocalOperator, flatten_argv, launch_command
+from synthval_tasks import SynthvalLocalOperator, format_arg, launch_command
 
 FAKE_TOKEN = "usim-FAKE-token-8d0a55"
 
@@ -168,13 +169,52 @@ def test_launch_command_uses_torchrun_for_several_gpus():
     assert launch_command(argv, 4, local=True)[:3] == [sys.executable, "-m", "torch.distributed.run"]
 
 
-def test_argv_flattening_and_number_formatting():
-    assert flatten_argv(["synthval", "train", ["--set", "a=1"], [], None, 3, 1e-05, True]) == [
-        "synthval", "train", "--set", "a=1", "3", "0.00001", "true"]
+def test_number_formatting_and_config_flags():
+    assert [format_arg(v) for v in (3, 1e-05, 2.5e-4, True, False, "a b")] == [
+        "3", "0.00001", "0.00025", "true", "false", "a b"]
+    for not_one in (None, [1], {"a": 1}):
+        with pytest.raises(TypeError):
+            format_arg(not_one)
     assert synthval_tasks.config_flags({"preset": "gpu", "model": None, "epochs": 3, "learning_rate": 2e-5,
                                         "batch_size": None, "overrides": ["max_steps=5"]}) == [
-        "--preset", "gpu", "--set", "epochs=3", "--set", "optimizer.lr=0.00002", "--set", "max_steps=5"]
+        "--preset=gpu", "--set=epochs=3", "--set=optimizer.lr=0.00002", "--set=max_steps=5"]
 
+
+SECRET = "made-up-secret-4f1d"
+
+
+def test_a_step_gets_only_the_environment_it_needs(monkeypatch, tmp_path):
+    """The worker's connections, variables and secrets stay with the worker; a step gets what it needs."""
+    monkeypatch.setenv("AIRFLOW_CONN_RESULTS_DB", f"postgresql://u:{SECRET}@db/results")
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"postgresql://u:{SECRET}@db/airflow")
+    monkeypatch.setenv("MY_API_TOKEN", SECRET)
+    monkeypatch.setenv("SYNTHVAL_RESULTS_DB_URL", f"postgresql+psycopg://u:{SECRET}@db/results")
+    monkeypatch.setenv("PYTHONPATH", "/opt/extra")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    report = """
+import json, os
+json.dump(dict(os.environ), open(os.environ['SYNTHVAL_XCOM_FILE'], 'w'))
+"""
+    python_step(monkeypatch, report)
+    env = operator(step="train", argv=["synthval", "train"]).execute({})
+    assert not [k for k, v in env.items() if SECRET in v or k.startswith("AIRFLOW")], env
+    for name, value in (("PYTHONPATH", "/opt/extra"), ("LANG", "C.UTF-8"), ("LC_ALL", "C.UTF-8"),
+                        ("TZ", "Europe/Paris"), ("HOME", str(tmp_path)), ("PATH", os.environ["PATH"])):
+        assert env.get(name) == value, name
+    assert env["SYNTHVAL_XCOM_FILE"].endswith("return.json") and env["PYTHONUNBUFFERED"] == "1"
+    # The results store's URL only reaches the steps that write or read the store.
+    env = operator(step="publish", argv=["synthval", "publish"]).execute({})
+    assert env["SYNTHVAL_RESULTS_DB_URL"] == os.environ["SYNTHVAL_RESULTS_DB_URL"]
+    assert not [k for k in env if k.startswith("AIRFLOW") or k == "MY_API_TOKEN"]
+
+
+def test_the_real_cli_runs_in_the_allowed_environment(monkeypatch):
+    """What the allow-list keeps is enough for the real `synthval` (its Python, its packages, a locale)."""
+    monkeypatch.setenv("MY_API_TOKEN", SECRET)
+    assert operator().execute({})["version"]
 
 
 def test_unknown_conf_key_fails_before_the_step_runs(monkeypatch):
@@ -184,6 +224,7 @@ def test_unknown_conf_key_fails_before_the_step_runs(monkeypatch):
     dag = DAG("probe", schedule=None, params={"epochs": Param(None, type=["null", "integer"])})
     run = type("Run", (), {"conf": {"epoch": 3}})()
     python_step(monkeypatch, "raise SystemExit('must not run')")
-    with pytest.raises(AirflowFailException, match="conf key 'epoch' is not a param of probe; its params are: epochs"):
+    with pytest.raises(AirflowFailException, match=r"conf key 'epoch' is not a param of probe \(did you mean "
+                                                   r"'epochs'\?\); nothing was run. Its params are: epochs"):
         operator().execute({"dag": dag, "dag_run": run})
     synthval_tasks.check_conf({"dag": dag, "dag_run": type("Run", (), {"conf": {"epochs": 3}})()})

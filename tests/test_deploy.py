@@ -346,6 +346,9 @@ def values_problems(values: dict) -> list[str]:
     subjects = {(s["kind"], s["name"], s.get("namespace")) for s in binding["subjects"]}
     if ("ServiceAccount", worker_sa, "airflow") not in subjects:
         problems.append(f"RoleBinding does not bind the workers' service account {worker_sa}")
+    triggerer_sa = values.get("triggerer", {}).get("serviceAccount", {}).get("name")
+    if ("ServiceAccount", triggerer_sa, "airflow") not in subjects:  # pod tasks are deferrable
+        problems.append(f"RoleBinding does not bind the triggerer's service account {triggerer_sa}")
     if values.get("images", {}).get("airflow", {}).get("tag") != env.get("SYNTHVAL_IMAGE_TAG"):
         problems.append("the Airflow image and the task pods are not tagged from the same setting")
     if not str(env.get("SYNTHVAL_DATA_ROOT", "")).startswith("gs://"):
@@ -365,9 +368,10 @@ def test_helm_values_checker_rejects_mismatches():
     values["executor"] = "CeleryExecutor"
     values["env"] = [e for e in values["env"] if e["name"] != "SYNTHVAL_NAMESPACE"]
     values["workers"]["serviceAccount"]["name"] = "someone-else"
+    values["triggerer"]["serviceAccount"]["name"] = "nobody"
     values["images"]["airflow"]["tag"] = "0.0.9"
     problems = "\n".join(values_problems(values))
-    for needle in ("executor", "namespace", "someone-else", "same setting"):
+    for needle in ("executor", "namespace", "someone-else", "same setting", "triggerer's service account nobody"):
         assert needle in problems
 
 

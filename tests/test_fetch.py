@@ -50,6 +50,13 @@ def zip_bytes(members: dict[str, bytes], symlinks: dict[str, str] | None = None)
     return buf.getvalue()
 
 
+def tar_end(data: bytes) -> int:
+    """Where the end-of-archive blocks of an uncompressed tar start (after its last member)."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        last = tar.getmembers()[-1]
+    return last.offset_data + (last.size + 511) // 512 * 512
+
+
 def tar_bytes(members: dict[str, bytes], mode: str = "w:gz", extra: list[tarfile.TarInfo] | None = None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode) as tf:
@@ -91,6 +98,10 @@ def get_requests(server, path):
     ("data.tar.gz", lambda: tar_bytes(DATASET, "w:gz")),
     ("data.tgz", lambda: tar_bytes(DATASET, "w:gz")),
     ("data.tar", lambda: tar_bytes(DATASET, "w")),
+    ("data.tar.bz2", lambda: tar_bytes(DATASET, "w:bz2")),
+    ("data.tar.xz", lambda: tar_bytes(DATASET, "w:xz")),
+    # Go's archive/tar and bsdtar end with the two zero blocks only, not padded to a 10 KiB record.
+    ("short-end.tar", lambda: tar_bytes(DATASET, "w")[:tar_end(tar_bytes(DATASET, "w")) + 1024]),
 ])
 def test_http_archive_is_extracted(http_server, tmp_path, name, build):
     url = http_server.serve(f"/{name}", build())

@@ -30,7 +30,7 @@ def test_schedule_assets_mapping_and_bounded_concurrency():
     # Cron (hourly by default) or an announcing Asset event, whichever comes first.
     assert isinstance(dag.timetable, AssetOrTimeSchedule)
     assert dag.timetable.timetable.expression == "0 * * * *"
-    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["synthval://synthetic-datasets/announced"]
+    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["x-synthval://synthetic-datasets/announced"]
     upstream = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert upstream["discover"] == {"fetch_real"}
     assert upstream["value_dataset.train"] == {"plan_datasets"}
@@ -103,7 +103,7 @@ def test_a_run_values_both_new_datasets_and_the_leaderboard_lists_them(airflow_d
         assert entry["tensorboard"] and Path(entry["tensorboard"]).is_dir()
 
     events = [e for e in _asset_events(Path(airflow_db["AIRFLOW_HOME"]) / "airflow.db")
-              if e["uri"].startswith("synthval://results/") and e["extra"].get("dataset_uri") in synthetic]
+              if e["uri"].startswith("x-synthval://results/") and e["extra"].get("dataset_uri") in synthetic]
     assert {e["extra"]["dataset_uri"] for e in events} == set(synthetic)
     for event in events:
         assert event["extra"]["mAP"] == synthetic[event["extra"]["dataset_uri"]]["map"]
@@ -118,7 +118,7 @@ def test_a_run_values_both_new_datasets_and_the_leaderboard_lists_them(airflow_d
     assert len(after) == len(rows) + 1
     synth3 = {r["real_budget"]: r for r in after if r["dataset"] == str(inbox / "synth-3")}
     assert sorted(synth3) == [0, 8] and synth3[0]["run_id"] != synthetic[str(inbox / "synth-3")]["run_id"]
-    assert re.search(r"Running: synthval finetune .*--max-images 8 --init-checkpoint \S+checkpoint-\S+\.pt", log)
+    assert re.search(r"Running: synthval finetune .*--max-images=8 --init-checkpoint=\S+checkpoint-\S+\.pt", log)
 
 
 @pytest.mark.slow
@@ -201,5 +201,5 @@ def test_announcing_asset_events_and_the_datasets_param_become_discover_flags():
     ])
     context = {"params": {"datasets": ["/data/given"]}, "triggering_asset_events": events}
     assert module.announced_flags(context) == [
-        "--dataset", "/data/given", "--dataset", "gs://bucket/inbox/run-42", "--dataset", "gs://bucket/inbox/run-43"]
+        "--dataset=/data/given", "--dataset=gs://bucket/inbox/run-42", "--dataset=gs://bucket/inbox/run-43"]
     assert module.announced_flags({"params": {"datasets": []}}) == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_dags import REQUIRED_CONF, UPSTREAM_XCOMS, load_dags, render
+from test_dags import REQUIRED_CONF, UPSTREAM_XCOMS, load_dags, option, render
 
 from synthval.cli import get_parser
 from synthval.config import TrainConfig, load_config
@@ -84,18 +84,18 @@ def test_the_validation_split_is_a_param(pod_dags):
     conf = {"synthetic_val_split": "val", "synthetic_train_split": "train", "real_val_split": "test"}
     train = render(dag, dag.task_dict["train"], conf).command()
     finetune = render(dag, dag.task_dict["finetune"], conf).command()
-    assert train[train.index("--train-split"):train.index("--train-split") + 2] == ["--train-split", "train"]
-    assert train[train.index("--val-split") + 1] == "val" and finetune[finetune.index("--val-split") + 1] == "test"
+    assert option(train, "--train-split") == "train"
+    assert option(train, "--val-split") == "val" and option(finetune, "--val-split") == "test"
 
 
 def test_published_models_go_by_name_to_evaluate_and_finetune(pod_dags):
     dag = pod_dags["evaluate_the_model"]
     argv = render(dag, dag.task_dict["evaluate"], {"checkpoint": "synthetic-400k"}).command()
-    assert argv[argv.index("--checkpoint") + 1] == "synthetic-400k"
+    assert option(argv, "--checkpoint") == "synthetic-400k"
     publish = render(dag, dag.task_dict["publish"], {"checkpoint": "synthetic-400k"}).command()
-    assert publish[publish.index("--checkpoint") + 1] == "synthetic-400k"
+    assert option(publish, "--checkpoint") == "synthetic-400k"
     dag = pod_dags["train_on_synthetic_and_real_dataset"]
     xcoms = {k: v for k, v in UPSTREAM_XCOMS.items() if k not in ("train", "fetch_synthetic")}
     finetune = render(dag, dag.task_dict["finetune"], {"start_from_checkpoint": "synthetic-400k"}, xcoms).command()
-    assert finetune[finetune.index("--init-checkpoint") + 1] == "synthetic-400k"
+    assert option(finetune, "--init-checkpoint") == "synthetic-400k"
     assert get_parser().parse_args(finetune[1:]).init_checkpoint == "synthetic-400k"

@@ -48,8 +48,14 @@ def _resolved(value: Any) -> Any:
     is expanded at run time) replaced by placeholders."""
     from airflow.sdk.definitions._internal.expandinput import MappedArgument
 
+    from synthval_tasks import Argv, Flag
+
     if isinstance(value, MappedArgument):
         return "gs://mapped-placeholder/value"
+    if isinstance(value, Argv):
+        return Argv([_resolved(item) for item in value.items])
+    if isinstance(value, Flag):
+        return Flag(value.flag, _resolved(value.value))
     if isinstance(value, (list, tuple)):
         return type(value)(_resolved(v) for v in value)
     return value
@@ -69,8 +75,9 @@ def build_pod(dag: Any, task: Any, conf: dict[str, Any]) -> dict[str, Any]:
     from kubernetes.client import ApiClient
 
     task = render(dag, task, conf, AnyUpstream())
-    if type(task).__name__ == "SynthvalGKEPodOperator":
-        task.__dict__["hook"] = KubernetesHook(conn_id=None)  # asks GKE for the endpoint; the pod needs none
+    operator = task.pod_operator()
+    if type(operator).__name__ == "SynthvalGKEPodOperator":
+        operator.__dict__["hook"] = KubernetesHook(conn_id=None)  # asks GKE for the endpoint; the pod needs none
     return ApiClient().sanitize_for_serialization(task.build_pod_request_obj(task.test_context, dry_run=True))
 
 

@@ -1,16 +1,23 @@
 """Safe extraction of .zip and .tar(.gz|.bz2|.xz) archives that someone else made.
 
 Every member is checked before anything is written: no absolute paths, no `..`, no device files,
-FIFOs or sockets, links only to places inside the destination. Sizes are checked twice: the sizes
-the archive declares (all of them up front for zip, member by member for a tar stream) and the
-bytes actually written, so an archive that lies about its sizes is stopped as well. Any refusal
-raises FetchError naming the archive and the member; the caller extracts into a temporary folder
-and throws it away, so nothing half-extracted is ever left where a dataset is expected.
+FIFOs or sockets, links only to places inside the destination, no path twice (which copy would be
+meant?). Sizes are checked twice: the sizes the archive declares (all of them up front for zip,
+member by member for a tar stream) and the bytes actually written, so an archive that lies about its
+sizes, or is cut short inside a member, is stopped as well. An archive must also be whole: a tar ends
+with its end-of-archive block (a tar cut at a member boundary reads as a smaller valid archive
+otherwise), a zip with its central directory. The number of members and the bytes extracted have
+limits (`max_members`, `max_bytes`; `synthval fetch --max-extract-members / --max-extract-bytes`).
+Any refusal raises FetchError naming the archive and the member; the caller extracts into a
+temporary folder and throws it away, so nothing half-extracted is ever left where a dataset is expected.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import logging
+import lzma
 import os
 import re
 import stat
@@ -29,7 +36,9 @@ log = logging.getLogger(__name__)
 # Recognised by name only: a torch checkpoint is itself a zip file, and must stay one file.
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-DEFAULT_MAX_MEMBERS = 10_000_000
+# A SynthDet run of 400,000 frames is some 800,000 files (RGB and segmentation); more than a million
+# members in one archive is an archive bomb until someone says otherwise (--max-extract-members).
+DEFAULT_MAX_MEMBERS = 1_000_000
 CHUNK = 1 << 20
 PROGRESS_INTERVAL_S = 10.0
 _MAX_LINK_TARGET = 4096
@@ -89,6 +98,7 @@ class _Writer:
         self.members = 0
         self.declared = 0
         self.stats = ExtractStats()
+        self.paths: dict[str, int] = {}  # member path -> its number, for files and links
         self._last_log = time.monotonic()
 
     # --- limits -------------------------------------------------------------------------------
@@ -96,7 +106,15 @@ class _Writer:
         self.members += 1
         if self.members > self.max_members:
             raise FetchError(f"{self.label}: member {name!r} is number {self.members}, over the limit of "
-                             f"{self.max_members} members; refusing the archive (possible archive bomb)")
+                             f"{self.max_members} members; refusing the archive (possible archive bomb; raise "
+                             f"--max-extract-members if it is genuine)")
+
+    def claim(self, rel: str, name: str) -> None:
+        """A file or link path may appear once: with two, which copy is the dataset's is anyone's guess."""
+        first = self.paths.setdefault(rel, self.members)
+        if first != self.members:
+            raise FetchError(f"{self.label}: member {name!r} (number {self.members}) has the same path as member "
+                             f"number {first}; refusing the archive (duplicate members)")
 
     def declare(self, name: str, size: int) -> None:
         self.declared += size
@@ -136,12 +154,12 @@ class _Writer:
                 os.mkdir(current)
         return current
 
-    def _clear(self, path: str, name: str) -> None:
-        """Make room for a member: an earlier file or link of the same name is replaced (tar semantics)."""
-        if os.path.islink(path) or os.path.isfile(path):
-            os.unlink(path)
-        elif os.path.lexists(path):
-            raise FetchError(f"{self.label}: member {name!r} collides with a folder of the same name")
+    def _vacant(self, path: str, name: str) -> None:
+        """Nothing may stand where a member goes: another path spelled so (a case-insensitive filesystem)
+        would be a duplicate `claim` cannot see."""
+        if os.path.lexists(path):
+            raise FetchError(f"{self.label}: member {name!r} lands on a path an earlier member already took; "
+                             f"refusing the archive (duplicate members)")
 
     # --- members ------------------------------------------------------------------------------
     def mkdir(self, rel: str, name: str) -> None:
@@ -154,7 +172,7 @@ class _Writer:
     def write(self, rel: str, name: str, source: BinaryIO, declared: int, mode: int) -> None:
         parent = self._parent(rel, name)
         path = os.path.join(parent, rel.rsplit("/", 1)[-1])
-        self._clear(path, name)
+        self._vacant(path, name)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         written = 0
         with os.fdopen(fd, "wb") as out:
@@ -169,6 +187,9 @@ class _Writer:
                 self._add_bytes(name, len(chunk))
                 out.write(chunk)
                 self._progress()
+        if written < declared:
+            raise FetchError(f"{self.label}: member {name!r} holds {written} of the {declared} bytes it declares "
+                             f"(the archive is cut short); refusing the archive")
         if mode & 0o111:
             os.chmod(path, 0o755)  # keep scripts runnable; never setuid, never group/world-writable
         self.stats.files += 1
@@ -187,7 +208,7 @@ class _Writer:
             raise FetchError(f"{self.label}: member {name!r} is a link to {target!r}, outside the destination; "
                              f"refusing the archive")
         path = os.path.join(parent, rel.rsplit("/", 1)[-1])
-        self._clear(path, name)
+        self._vacant(path, name)
         os.symlink(target, path)
         self.stats.files += 1
 
@@ -248,7 +269,9 @@ def _extract_zip(path: str, writer: _Writer) -> None:
             if member.kind == "special":
                 raise FetchError(f"{writer.label}: member {member.name!r} is a device file, FIFO or socket; "
                                  f"refusing the archive")
-            safe_member_path(member.name, writer.label)
+            rel = safe_member_path(member.name, writer.label)
+            if rel is not None and member.kind != "dir":
+                writer.claim(rel, member.name)
             writer.declare(member.name, member.size)
         for member, info in members:
             rel = safe_member_path(member.name, writer.label)
@@ -266,33 +289,90 @@ def _extract_zip(path: str, writer: _Writer) -> None:
                     writer.write(rel, member.name, src, member.size, member.mode)
 
 
+class _TarStream:
+    """The uncompressed tar stream, remembering the last block read: tarfile stops at the end-of-archive
+    block and at a plain end of file alike, and only this tells them apart."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic[:2] == b"\x1f\x8b":
+            self.raw = gzip.open(path, "rb")
+        elif magic[:3] == b"BZh":
+            self.raw = bz2.open(path, "rb")
+        elif magic == b"\xfd7zXZ\x00":
+            self.raw = lzma.open(path, "rb")
+        else:
+            self.raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.last = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if size == tarfile.BLOCKSIZE:  # a header, or the end-of-archive block
+            self.last = data
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    @property
+    def ended_properly(self) -> bool:
+        return self.last == tarfile.NUL * tarfile.BLOCKSIZE
+
+
 def _extract_tar(path: str, writer: _Writer) -> None:
     # A tar stream has no index: names and declared sizes are checked member by member, before
     # each member is written, so a compressed tar is read once rather than twice.
-    with tarfile.open(path, "r:*") as tf:
-        while (info := tf.next()) is not None:
-            tf.members.clear()  # read once as a stream: do not keep every header of a huge archive
-            writer.count_member(info.name)
-            if not (info.isdir() or info.isreg() or info.issym() or info.islnk()):
-                raise FetchError(f"{writer.label}: member {info.name!r} is a device file, FIFO or socket; "
-                                 f"refusing the archive")
-            rel = safe_member_path(info.name, writer.label)
-            if info.isreg():
-                writer.declare(info.name, info.size)
-            if rel is None:
-                continue
-            if info.isdir():
-                writer.mkdir(rel, info.name)
-            elif info.issym():
-                writer.symlink(rel, info.name, info.linkname)
-            elif info.islnk():
-                writer.hardlink(rel, info.name, info.linkname)
-            else:
-                src = tf.extractfile(info)
-                if src is None:
-                    raise FetchError(f"{writer.label}: member {info.name!r} cannot be read")
-                with src:
-                    writer.write(rel, info.name, src, info.size, info.mode)
+    stream = _TarStream(path)
+    last = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r:") as tf:  # type: ignore[arg-type]
+            while (info := tf.next()) is not None:
+                last = info.name
+                tf.members.clear()  # read once as a stream: do not keep every header of a huge archive
+                try:
+                    _extract_tar_member(tf, info, writer)
+                except (tarfile.TarError, EOFError, zlib.error) as exc:
+                    raise FetchError(f"{writer.label}: member {info.name!r} (number {writer.members}) is cut "
+                                     f"short or corrupt ({exc}); refusing the archive") from exc
+    finally:
+        stream.close()
+    if not stream.ended_properly:
+        after = f"after member {last!r} (number {writer.members})" if last else "before its first member"
+        raise FetchError(f"{writer.label}: the tar stream ends {after} without tar's end-of-archive block: "
+                         f"the archive is cut short; refusing it")
+
+
+def _extract_tar_member(tf: tarfile.TarFile, info: tarfile.TarInfo, writer: _Writer) -> None:
+    writer.count_member(info.name)
+    if not (info.isdir() or info.isreg() or info.issym() or info.islnk()):
+        raise FetchError(f"{writer.label}: member {info.name!r} is a device file, FIFO or socket; "
+                         f"refusing the archive")
+    rel = safe_member_path(info.name, writer.label)
+    if info.isreg():
+        writer.declare(info.name, info.size)
+    if rel is None:
+        return
+    if not info.isdir():
+        writer.claim(rel, info.name)
+    if info.isdir():
+        writer.mkdir(rel, info.name)
+    elif info.issym():
+        writer.symlink(rel, info.name, info.linkname)
+    elif info.islnk():
+        writer.hardlink(rel, info.name, info.linkname)
+    else:
+        src = tf.extractfile(info)
+        if src is None:
+            raise FetchError(f"{writer.label}: member {info.name!r} cannot be read")
+        with src:
+            writer.write(rel, info.name, src, info.size, info.mode)
 
 
 def extract_archive(archive_path: str, dest_dir: str, *, max_bytes: int,

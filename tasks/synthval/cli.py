@@ -9,6 +9,7 @@ This is the only module that reads environment variables.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from synthval import __version__
+from synthval.archives import DEFAULT_MAX_MEMBERS
 from synthval.errors import SynthvalError
 
 # Idle OpenMP threads spin by default; on a busy CPU node (2 threads, other processes) that cut the
@@ -86,7 +88,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="URI", help="destination folder")
     p.add_argument("--checksum", default=None, metavar="ALGO:HEX", help="crc32:..., md5:... or sha256:...")
     p.add_argument("--no-extract", action="store_true", help="keep archives as they are")
-    p.add_argument("--max-extract-bytes", type=int, default=64 * 2**30, help="archive bomb limit (bytes)")
+    p.add_argument("--max-extract-bytes", type=int, default=64 * 2**30,
+                   help="archive bomb limit: bytes extracted from an archive (default 64 GiB)")
+    p.add_argument("--max-extract-members", type=int, default=DEFAULT_MAX_MEMBERS,
+                   help=f"archive bomb limit: members of an archive (default {DEFAULT_MAX_MEMBERS:,})")
     p.add_argument("--retries", type=int, default=5)
     p.add_argument(
         "--usim-token-file", default=None, metavar="PATH",
@@ -181,7 +186,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
 
         return run_fetch(
             source=args.source, out_uri=args.out, checksum=args.checksum, extract=not args.no_extract,
-            max_extract_bytes=args.max_extract_bytes, retries=args.retries,
+            max_extract_bytes=args.max_extract_bytes, max_extract_members=args.max_extract_members,
+            retries=args.retries,
             usim_token=_usim_token(args.usim_token_file) if args.source.startswith("usim://") else None,
             usim_api=os.environ.get(USIM_API_ENV),
         )
@@ -403,6 +409,35 @@ def _run_results_command(args: argparse.Namespace) -> dict[str, Any]:
                         real_split=args.real_split, dataset_format=args.test_format, limit=args.limit)
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+# Where each step writes. They are checked before the step starts (`storage.check_output`), so a file in
+# the way, or a read-only or full disk, fails in a second rather than after hours, and nothing is written.
+OUTPUT_FOLDERS = {
+    "fetch": ("out",), "generate": ("out",), "train": ("checkpoint_dir", "tb_log_dir"),
+    "finetune": ("checkpoint_dir", "tb_log_dir"), "evaluate": ("out", "tb_log_dir"), "publish": ("results",),
+    "stats": ("out",),
+}
+OUTPUT_FILES_OR_FOLDERS = ("report", "compare")  # --out: an .html file, or a folder for the page
+OUTPUT_FILES = ("leaderboard",)  # --out: the table
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, naming the flag, an output of this command that cannot be written (OutputError, exit 2)."""
+    from synthval import storage
+
+    for name in OUTPUT_FOLDERS.get(args.command, ()):
+        if getattr(args, name, None):
+            storage.check_output(getattr(args, name), folder=True, what="--" + name.replace("_", "-"))
+    out = getattr(args, "out", None)
+    if out and args.command in OUTPUT_FILES_OR_FOLDERS + OUTPUT_FILES:
+        folder = args.command in OUTPUT_FILES_OR_FOLDERS and not out.lower().endswith((".html", ".htm"))
+        storage.check_output(out, folder=folder, what="--out")
+    xcom = args.xcom_file or os.environ.get(XCOM_ENV)
+    if xcom:
+        storage.check_output(xcom, folder=False, what="--xcom-file")
+
+
 def write_xcom(result: dict[str, Any], path: str | None, echo: bool = True) -> None:
     """Write the step's result where the KubernetesPodOperator sidecar (or the local backend) reads it.
 
@@ -443,15 +478,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
+        check_outputs(args)
         result = run_command(args)
         # `leaderboard` without --out prints the board to stdout; a result line after it would break its CSV/JSON.
         write_xcom(result, args.xcom_file, echo=not (args.command == "leaderboard" and args.out is None))
     except SynthvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever the message quotes (a YAML parser's report spans several).
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print(f"error: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
         return 143 if str(exc).startswith("signal") else 130
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            log.exception("unexpected failure")
+            return 1
+        # A full, read-only or over-quota disk met by a write outside the storage layer (a copy, a
+        # library's own file): the place the step writes to, not a bug. Its partial outputs are gone
+        # (staging folders are removed on the way out).
+        print(f"error: {exc.filename2 or exc.filename or 'an output'}: cannot be written ({exc.strerror})",
+              file=sys.stderr)
+        return 2
     except Exception:
         log.exception("unexpected failure")
         return 1

@@ -25,6 +25,12 @@ class FetchError(SynthvalError):
     exit_code = 2
 
 
+class OutputError(SynthvalError):
+    """An output cannot be written: a file where a folder goes, a read-only or full disk, a bad device."""
+
+    exit_code = 2
+
+
 class CheckpointError(SynthvalError):
     """A checkpoint is missing, of an unknown structure, or carries code that will not be executed."""
 

@@ -13,9 +13,13 @@ minute wherever gRPC egress is blocked. Standard buckets need nothing more than 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +28,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from synthval.errors import FetchError
+from synthval.errors import FetchError, OutputError, SynthvalError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -139,44 +143,200 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+    """Read a whole UTF-8 text; other bytes raise FetchError naming the file and the byte."""
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FetchError(f"{uri}: not UTF-8 text at byte {exc.start} ({data[exc.start:exc.start + 4]!r})") from exc
 
 
 def read_json(uri: str) -> Any:
-    """Parse a JSON document; malformed JSON raises FetchError with the position."""
+    """Parse a JSON document; anything `decode_json` refuses raises FetchError naming the file."""
+    return decode_json(read_bytes(uri), uri)
+
+
+# Unity's COCO export writes 128-bit image ids (39 digits), so integers may be long; one of a hundred
+# digits is no id or coordinate, and refusing it at parse time keeps Python from printing (or failing to
+# print: 4,300 digits is its limit) such a number in an error.
+MAX_JSON_INT_DIGITS = 100
+
+
+class _Refused(ValueError):
+    """A value the JSON parser hooks refuse: its text, and why."""
+
+    def __init__(self, text: str, why: str) -> None:
+        super().__init__(why)
+        self.text, self.why = text, why
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(text, "is out of range for a 64-bit float")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise _Refused(text, f"is out of range (more than {MAX_JSON_INT_DIGITS} digits)")
+    return int(text)
+
+
+def _parse_constant(text: str) -> Any:
+    raise _Refused(text, "is not a JSON number (JSON has no NaN or Infinity; write a finite number)")
+
+
+def decode_json(data: bytes, where: str, error: type[SynthvalError] = FetchError) -> Any:
+    """Parse JSON bytes (UTF-8, or UTF-16/32 with its BOM) strictly; `error` names `where` on anything else.
+
+    Refused with the line and column: malformed JSON, text that is not UTF-8, NaN and Infinity (not
+    JSON, though Python reads them), floats that overflow to infinity (1e400), integers of more than 100
+    digits (10**400), and nesting deeper than Python's parser can follow (10,000 levels).
+    """
     try:
-        return json.loads(read_bytes(uri))
+        return json.loads(data, parse_float=_parse_float, parse_int=_parse_int, parse_constant=_parse_constant)
     except json.JSONDecodeError as exc:
-        raise FetchError(f"{uri}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        raise error(f"{where}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{where}: not UTF-8 text at byte {exc.start} ({data[exc.start:exc.start + 4]!r}); "
+                    "expected a JSON file") from None
+    except _Refused as exc:
+        shown = exc.text if len(exc.text) <= 24 else f"{exc.text[:20]}... ({len(exc.text)} characters)"
+        raise error(f"{where}: {_position(data, exc.text)}number {shown} {exc.why}") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested deeper than {sys.getrecursionlimit()} levels "
+                    f"({_deep_position(data)}); not a dataset, predictions or metrics file") from None
+
+
+def _position(data: bytes, text: str) -> str:
+    """"line L column C, field 'k': " of the first place `text` stands as a value in the JSON `data`
+    (best effort: the field is the last key written before it)."""
+    found = re.search(rb"(?<![\w.\"])" + re.escape(text.encode()) + rb"(?![\w.\"])", data)
+    if not found:
+        return ""
+    line = data.count(b"\n", 0, found.start()) + 1
+    column = found.start() - (data.rfind(b"\n", 0, found.start()) + 1) + 1
+    keys = re.findall(rb'"([^"\\]{1,64})"\s*:', data[max(0, found.start() - 400):found.start()])
+    field = f", field {keys[-1].decode(errors='replace')!r}" if keys else ""
+    return f"line {line} column {column}{field}: "
+
+
+def _deep_position(data: bytes, limit: int = 1000) -> str:
+    """Where the nesting of `data` first passes `limit` levels, outside strings."""
+    depth, in_string, escaped, line, column = 0, False, False, 1, 0
+    for byte in data:
+        column += 1
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return f"level {limit + 1} at line {line} column {column}"
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+        if byte == 0x0A:
+            line, column = line + 1, 0
+    return f"at most {depth} open levels at the end"
 
 
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     if is_local(uri):
-        os.makedirs(path, exist_ok=True)
+        with _output_errors(uri):
+            os.makedirs(path, exist_ok=True)
     else:
         fs.makedirs(path, exist_ok=True)
 
 
+# What a write can fail with because of where it goes, not what is written (a read error elsewhere in
+# the same block is not the output's fault, and stays what it is).
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
+                           errno.EISDIR, errno.ENOTDIR})
+
+
+@contextlib.contextmanager
+def _output_errors(uri: str, *, only_write_errnos: bool = False) -> Iterator[None]:
+    """Turn an OSError writing `uri` into OutputError (exit code 2) naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if only_write_errnos and exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputError(f"{uri}: cannot be written ({exc.strerror or exc})") from exc
+
+
+def check_output(uri: str, *, folder: bool, what: str = "") -> None:
+    """Before a step starts: can `uri` (a folder, or a file if not `folder`) be written? OutputError if not.
+
+    Local only (a bucket's permissions show on the first write). An existing output of the wrong kind
+    (a file where a folder goes, or the reverse) is refused; otherwise a probe file is created and
+    removed in the output folder, or in its nearest existing ancestor: a read-only or full disk, or a
+    file in the way, shows here rather than after hours of training. A device or FIFO output (an XCom
+    file /dev/stdout) is not probed: writing to it is not free.
+    """
+    if not is_local(uri):
+        return
+    label = f"{uri} ({what})" if what else uri
+    path = local_path(uri)
+    if os.path.exists(path):
+        if folder and not os.path.isdir(path):
+            raise OutputError(f"{label}: is a file, not a folder; remove it or choose another folder")
+        if not folder and os.path.isdir(path):
+            raise OutputError(f"{label}: is a folder, not a file")
+        if not folder and not os.path.isfile(path):
+            return
+    probe_in = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(probe_in):
+        probe_in = os.path.dirname(probe_in)
+    if not os.path.isdir(probe_in):
+        raise OutputError(f"{label}: {probe_in} is a file, so no folder can be created below it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".synthval-probe-", dir=probe_in)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{label}: cannot write in {probe_in} ({exc.strerror or exc})") from exc
+
+
 @contextlib.contextmanager
 def atomic_output(uri: str) -> Iterator[str]:
-    """Yield a local path to write; on clean exit it becomes `uri` whole, on error nothing appears."""
+    """Yield a local path to write; on clean exit it becomes `uri` whole, on error nothing appears.
+
+    A write that fails because of where it goes (no space, read-only, a file in the way) raises
+    OutputError naming `uri`.
+    """
     if is_local(uri):
         final = local_path(uri)
         if os.path.exists(final) and not os.path.isfile(final) and not os.path.isdir(final):
             # A device or FIFO (--xcom-file /dev/null, a pipe): write through; renaming over it would
             # replace the device node with a plain file.
-            yield final
+            with _output_errors(uri, only_write_errnos=True):
+                yield final
             return
         folder = os.path.dirname(final) or "."
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+        with _output_errors(uri):
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=folder)
+            os.close(fd)
         try:
-            yield tmp
-            # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, final)
+            with _output_errors(uri, only_write_errnos=True):
+                yield tmp
+            with _output_errors(uri):
+                # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).
+                os.chmod(tmp, 0o666 & ~_UMASK)
+                os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

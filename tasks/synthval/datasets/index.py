@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ class RawIndexBuilder:
         if labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0):
             labels = labels.astype(np.int64)
         if boxes.dtype.kind not in "iuf" or labels.dtype.kind not in "iu" or boxes.dtype == bool:
-            raise self._locate_bad_value(coord_names, label_field)
+            raise self._locate_bad_value(root, coord_names, label_field)
         boxes = boxes.astype(np.float64, copy=False).reshape(-1, 4)
         labels = labels.astype(np.int64, copy=False)
         return RawIndex(
@@ -140,7 +141,7 @@ class RawIndexBuilder:
             format=format,
             label_names=label_names,
             paths=self.paths,
-            sizes=np.array(self.sizes, dtype=np.int64).reshape(-1, 2),
+            sizes=self._sizes(root),
             box_offsets=np.array(self.offsets, dtype=np.int64),
             boxes_xywh=boxes,
             labels=labels,
@@ -149,7 +150,16 @@ class RawIndexBuilder:
             box_where=self.box_where,
         )
 
-    def _locate_bad_value(self, coord_names: tuple[str, ...], label_field: str) -> DatasetError:
+    def _sizes(self, root: str) -> np.ndarray:
+        """(width, height) per image as int64; a size beyond `MAX_IMAGE_SIDE` raises DatasetError naming it."""
+        sizes = np.array(self.sizes, dtype=object).reshape(-1, 2)
+        for i, (width, height) in enumerate(sizes.tolist()):
+            if not (0 <= width <= MAX_IMAGE_SIDE and 0 <= height <= MAX_IMAGE_SIDE):
+                raise DatasetError(f"{os.path.join(root, self.image_where[i])}: size {_shown(width)}x{_shown(height)} "
+                                   f"is out of range; an image side is 1 to {MAX_IMAGE_SIDE} pixels")
+        return sizes.astype(np.int64)
+
+    def _locate_bad_value(self, root: str, coord_names: tuple[str, ...], label_field: str) -> DatasetError:
         # Only runs once packing failed: find the first value that is not a number and say where it is.
         offsets = np.array(self.offsets, dtype=np.int64)
         for j, label in enumerate(self.labels):
@@ -164,13 +174,31 @@ class RawIndexBuilder:
                         break
             if bad is not None:
                 i = int(np.searchsorted(offsets, j, side="right")) - 1
-                where = self.box_where[i].format(self.refs[j])
-                return DatasetError(f"{where}: field {bad[0]!r} must be a number, got {bad[1]!r}")
-        return DatasetError("box values could not be read as numbers")
+                where = os.path.join(root, self.box_where[i].format(self.refs[j]))
+                return DatasetError(f"{where}: field {bad[0]!r} must be a number, got {_shown(bad[1])}")
+        return DatasetError(f"{root}: box values could not be read as numbers")
+
+
+# No camera writes an image side of 2**16 pixels or more; the pixel count has its own limit (loader.py).
+MAX_IMAGE_SIDE = 65535
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number a float64 holds (an int too large for one is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut short: an integer of thousands of digits stays one short line."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def natural_key(name: str) -> list:
@@ -179,7 +207,9 @@ def natural_key(name: str) -> list:
 
 
 def read_json_file(path: str) -> Any:
-    """Parse a local JSON file; malformed or unreadable JSON raises DatasetError naming file, line and column."""
+    """Parse a local JSON file strictly (`storage.decode_json`); anything wrong raises DatasetError naming it."""
+    from synthval.storage import decode_json
+
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -187,12 +217,7 @@ def read_json_file(path: str) -> Any:
         raise DatasetError(f"{path}: no such file") from exc
     except OSError as exc:
         raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text at byte {exc.start}; expected a JSON file") from exc
+    return decode_json(data, path, DatasetError)
 
 
 def field_error(where: str, exc: Exception, value: Any = None) -> DatasetError:

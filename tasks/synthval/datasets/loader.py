@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 FORMATS = ("perception", "solo", "coco", "groceries")
 # Boxes may overhang the image by this much (rounding in the renderer or the annotator); they are clipped.
 BOX_TOLERANCE_PX = 1.0
+# The pixel count at which Pillow refuses to decode an image (DecompressionBombError: twice its
+# MAX_IMAGE_PIXELS warning). Such an image is refused while indexing, before training starts, rather than
+# when the data loader first decodes it.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _LAYOUTS = ("GroceriesReal (annotations.json + annotation_definitions.json + groceries_real_*.txt)",
             "Perception 0.0.1 (captures_*.json in the folder or in Dataset/)",
@@ -227,8 +231,14 @@ def _check_files(raw: RawIndex, chunk: np.ndarray) -> tuple[np.ndarray, list[str
             if known[k]:
                 if os.stat(paths[i]).st_size == 0:
                     raise _Broken("is empty (0 bytes)")
+                claimed = "its annotations give"
             else:
                 sizes[k] = image_size(paths[i])
+                claimed = "its header claims"
+            width, height = int(sizes[k][0]), int(sizes[k][1])
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _Broken(f"is too large to decode: {claimed} {width}x{height} = {width * height} pixels, over "
+                              f"the limit of {MAX_IMAGE_PIXELS} (Pillow's decompression-bomb limit)")
         except _Broken as exc:
             problems[k] = f"{paths[i]} {exc} (named in {_where(raw, raw.image_where[i])})"
         except FileNotFoundError:
