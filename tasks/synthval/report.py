@@ -261,10 +261,12 @@ def _confusions(matches: Matches, false_positives: np.ndarray) -> dict[int, str]
     iou = box_iou(matches.det_xywh[det], matches.gt_xywh[gt])
     on = iou >= GALLERY_IOU
     det, gt, iou = det[on], gt[on], iou[on]
-    best = np.lexsort((-iou, det))  # per detection, highest IoU first (earliest box on ties)
-    first = np.r_[True, det[best][1:] != det[best][:-1]]
+    order = np.lexsort((-iou, det))  # per detection, highest IoU first (earliest box on ties)
+    det, gt = det[order], gt[order]
+    first = np.ones(len(det), dtype=bool)
+    first[1:] = det[1:] != det[:-1]
     names = matches.index.label_names
-    return {int(d): names[matches.cat_ids[matches.gt_cat[g]]] for d, g in zip(det[best][first], gt[best][first])}
+    return {int(d): names[matches.cat_ids[matches.gt_cat[g]]] for d, g in zip(det[first], gt[first])}
 
 
 def _pairs(items: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
