@@ -257,3 +257,17 @@ def test_coco_image_ids_decide_ties_as_in_pycocotools(tmp_path):
     stats = pycocotools_stats(root / "annotations" / "instances.json", path)
     assert metrics["mAP50"] == stats[1] == pytest.approx(0.5)
     assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == results
+
+
+def test_the_scoring_benchmark_runs_at_toy_size():
+    """benchmarks/bench_eval.py end to end on a toy size: every tool runs and all agree (no timing here)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval.py"
+    proc = subprocess.run([sys.executable, str(script), "--toy"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("30 ")]
+    assert [line.split()[2] for line in rows] == ["synthval", "synthval-no-intervals", "faster-coco-eval",
+                                                   "pycocotools"]
+    assert all(" yes (" in line for line in rows), proc.stdout

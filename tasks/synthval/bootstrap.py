@@ -8,13 +8,10 @@ copies data: every statistic here takes a (replicates, images) weight matrix and
 values per replicate. Weights of all ones give the plain, unresampled value.
 
 `bootstrap` is the generic engine (any statistic of per-image data; the coverage tests run a mean of
-Bernoulli samples through it). `CocoBootstrap` is the COCO statistic: pycocotools' own `evaluateImg`
-matches every detection once per IoU threshold, and each replicate only re-runs pycocotools'
-`accumulate` arithmetic with the weights (a detection of an image drawn twice counts twice), vectorised
-over replicates. With weights of all ones that is pycocotools' accumulate itself, so the replicate-0
-values equal pycocotools' mAP, mAP50, mAP75 and mAR100 exactly (tests/test_bootstrap.py). The one
-difference from literally duplicating images: detections with exactly equal scores in different
-images are ordered by image rather than interleaved, which changes nothing but ties.
+Bernoulli samples through it). `CocoBootstrap` is the COCO statistic: it takes the matches that
+`synthval.metrics` computed once for the evaluation itself, and each replicate only re-runs COCO's
+accumulation with the weights, vectorised over replicates. Its unresampled values are the
+evaluation's own numbers, to the bit.
 
 Paired comparisons resample the same images for both models: the same `seed` and the same number of
 images give the same weight matrix, so subtracting two models' replicate rows gives the bootstrap
@@ -39,6 +36,8 @@ DEFAULT_CONFIDENCE = 0.95
 DEFAULT_SEED = 0
 # Replicates scored at once: bounds memory at about this many floats per array.
 _CHUNK_CELLS = 4_000_000
+# Resamples drawn from one random stream (see `resample_weights`).
+_DRAW_BLOCK = 64
 
 Statistic = Callable[[np.ndarray], np.ndarray]
 
@@ -79,17 +78,22 @@ def _none(x: float) -> float | None:
 
 
 def resample_weights(num_items: int, replicates: int, seed: int) -> np.ndarray:
-    """(replicates, num_items) float64 draw counts: each row is one resample of the items with replacement.
+    """(replicates, num_items) float32 draw counts (whole numbers, exact): each row is one resample of
+    the items with replacement.
 
     Deterministic for (num_items, replicates, seed); row r is the same whatever `replicates` is, so
-    two statistics bootstrapped with the same seed are paired image by image.
+    two statistics bootstrapped with the same seed are paired image by image. Rows are drawn in
+    blocks of `_DRAW_BLOCK`, each from its own stream (seed, block), so memory stays at the result's.
     """
     if num_items < 1:
         raise ValueError("cannot resample an empty set")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, num_items, size=(replicates, num_items))
-    cells = (draws + num_items * np.arange(replicates)[:, None]).ravel()
-    return np.bincount(cells, minlength=replicates * num_items).reshape(replicates, num_items).astype(np.float64)
+    weights = np.empty((replicates, num_items), dtype=np.float32)
+    for block, lo in enumerate(range(0, replicates, _DRAW_BLOCK)):
+        rows = min(_DRAW_BLOCK, replicates - lo)
+        draws = np.random.default_rng([seed, block]).integers(0, num_items, size=(rows, num_items))
+        cells = (draws + num_items * np.arange(rows)[:, None]).ravel()
+        weights[lo:lo + rows] = np.bincount(cells, minlength=rows * num_items).reshape(rows, num_items)
+    return weights
 
 
 def percentile_interval(values: np.ndarray, confidence: float = DEFAULT_CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
@@ -236,21 +240,20 @@ class CocoBootstrap:
 
     Built from `CocoEvaluator.matches` (area "all", at most 100 detections per image and class, the
     ten IoU thresholds): the matches are never computed again, and `statistic(weights)` re-runs
-    only COCO's accumulation with the weights (a detection of an image drawn twice counts twice).
-    With weights of all ones that is the evaluation itself: the values equal metrics.json's mAP,
-    mAP50, mAP75, mAR100 and per-class AP (tests/test_bootstrap.py), and the estimate is taken
-    from the evaluation's own arrays, so it is the same to the bit. The one difference from literally duplicating images:
-    detections with exactly equal scores in different images are ordered by image rather than
-    interleaved, which changes nothing but ties. Image weights are indexed like `matches.image_ids`.
-    `names` lists the statistic's columns: the four summaries, then "AP/<label>" and "AP50/<label>"
-    for every label of the test set.
+    only COCO's accumulation with the weights: a replicate's values are pycocotools' on a test set
+    where each image (with its detections) really appears as often as drawn (tests/test_bootstrap.py).
+    The one difference: a repeated image's detections that tie on score are ranked detection after
+    detection rather than copy after copy, which changes nothing but such ties. `estimate()`, the
+    unresampled values, comes from the evaluation's own arrays: metrics.json's numbers to the bit.
+    Image weights are indexed like `matches.image_ids`. `names` lists the statistic's columns: the
+    four summaries, then "AP/<label>" and "AP50/<label>" for every label of the test set.
 
-    Why it is fast: interpolated precision peaks at true positives, so a replicate needs the running
-    weights only there: of the true positives, and of all scored detections before each (every
-    detection up to it, less those a crowd region absorbed); and only the sum of precision over the
-    recall thresholds enters AP (`metrics.summed_interpolated_precision`). One cumulative sum per
-    class over all its detections, one per class and threshold over its true positives, each over
-    all replicates at once (replicates along the contiguous axis), and no per-replicate Python loop.
+    Why it is fast: interpolated precision peaks at true positives, so a replicate needs running
+    weights only there: of the true positives, and of all scored detections up to each (every
+    detection, less those a crowd region absorbed); and AP needs only the sum of precision over the
+    recall thresholds, to which each true positive adds its running maximum once per threshold it
+    is the first to reach. Replicates lie along the contiguous axis of every array, classes run on
+    all cores, and there is no per-replicate Python loop.
     """
 
     def __init__(self, matches: Matches):
@@ -294,11 +297,11 @@ class CocoBootstrap:
         At weights of all ones these are the evaluation's numbers up to float rounding (~1e-16: sums
         are taken in another order); `estimate()` gives them exactly.
         """
-        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        weights = np.atleast_2d(np.asarray(weights))
         if weights.shape[1] != self.num_images:
             raise ValueError(f"weights have {weights.shape[1]} columns for {self.num_images} images")
         b, K = weights.shape[0], len(self.cat_ids)
-        num_gt = weights @ self.gt_count.T  # (b, K) exact: small integers
+        num_gt = weights @ self.gt_count.T  # (b, K) in float64, exact: small integers
         valid = num_gt > 0
         if not np.array_equal(weights, np.round(weights)) or weights.min(initial=0) < 0:
             raise ValueError("weights are draw counts: whole numbers >= 0")
@@ -333,13 +336,16 @@ class CocoBootstrap:
         T, R = len(self.iou_thresholds), len(self.recall_thresholds)
         b = weights.shape[1]
         n = np.where(num_gt > 0, num_gt, 1.0)
-        # reached[c * b + j]: how many recall thresholds c true positives reach in replicate j
-        # (pycocotools' `c / n >= threshold`), for every count c a replicate can have (0..n).
-        need = needed_true_positives(n).astype(np.int64)  # (b, R)
-        top = int(n.max()) + 1
-        reached = np.bincount((need * b + np.arange(b)[:, None]).ravel(), minlength=(top + 1) * b)
-        reached = running(np.add, reached[:(top + 1) * b].reshape(top + 1, b).astype(np.float32)).ravel()
-        column = np.arange(b, dtype=np.float64)
+        # reached[offset[j] + c]: how many recall thresholds c true positives reach in replicate j
+        # (pycocotools' `c / n >= threshold`), for every count c = 0..n; one table per distinct n, so
+        # small enough to stay in cache.
+        distinct, which = np.unique(n, return_inverse=True)
+        sizes = distinct.astype(np.int64) + 1
+        starts = np.cumsum(sizes) - sizes
+        hits = (starts[:, None] + needed_true_positives(distinct).astype(np.int64)).ravel()
+        reached = np.cumsum(np.bincount(hits, minlength=int(sizes.sum()) + 1)[:-1]).astype(np.float32)
+        reached -= np.repeat(np.r_[0, reached[starts[1:] - 1]], sizes)  # restart the count per table
+        offset = starts[which.ravel()].astype(np.float32)
         summed = np.zeros((T, b))  # sum of precision over the recall thresholds
         recall = np.zeros((T, b))
         # Weight of all detections up to each matched one (the tiny epsilon is COCO's: 0 / 0 is 0).
@@ -358,7 +364,7 @@ class CocoBootstrap:
             # positive up, read at the first true positive that reaches each recall threshold: so
             # each true positive adds its running maximum once per threshold it is the first to reach.
             envelope = running(np.maximum, tp_upto / scored[::-1])
-            first_reached = reached[(tp_upto * b + column).astype(np.intp)]
+            first_reached = reached[(tp_upto + offset).astype(np.intp)]
             first_reached[:-1] -= first_reached[1:]
             summed[t] = np.einsum("ij,ij->j", envelope, first_reached)
             recall[t] = tp_upto[0] / n

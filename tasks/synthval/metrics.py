@@ -327,22 +327,6 @@ def interpolated_precision(tp_upto: np.ndarray, scored_upto: np.ndarray, is_tp: 
     return np.maximum(q, 0.0)  # no true positive at all: pycocotools' precision there is 0
 
 
-def summed_interpolated_precision(tp_upto: np.ndarray, scored_upto: np.ndarray, num_gt: np.ndarray) -> np.ndarray:
-    """(L,) the sum over COCO's recall thresholds of `interpolated_precision`, for L ranked lists given
-    at their true positives only: `tp_upto`, `scored_upto` (L, m) as there, `num_gt` (L,) > 0.
-
-    Equal to `interpolated_precision(...).sum(axis=1)` up to float rounding, in O(L m): the thresholds
-    a true positive is the first to reach (recall tp / num_gt >= threshold, pycocotools' comparison)
-    all read the running maximum of precision there.
-    """
-    if tp_upto.shape[1] == 0:
-        return np.zeros(len(tp_upto))
-    pr = tp_upto / (scored_upto + np.spacing(1))
-    envelope = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
-    reached = np.searchsorted(RECALL_THRESHOLDS, tp_upto / num_gt[:, None], side="right")
-    return (envelope * np.diff(reached, axis=1, prepend=0)).sum(axis=1)
-
-
 def accumulate(m: Matches) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval.accumulate: precision (T, R, K, A, M) and recall (T, K, A, M), -1 where no ground truth.
 
