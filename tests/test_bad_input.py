@@ -91,6 +91,11 @@ def test_broken_dataset_exits_2_names_it_and_writes_nothing(clean_real, tmp_path
         (tmp_path / "none.json").write_text("[]")
     code = main([*argv, "--xcom-file", str(xcom)])
     err = capsys.readouterr().err
+    if step == "evaluate" and break_it in (_missing_image, _box_outside, _zero_area):
+        # A results file is scored from the annotations alone, boxes as given, as pycocotools scores
+        # them: no bad input there (a model that must see the image: tests/test_evaluate.py).
+        assert code == 0, err
+        return
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(data) in last, last
