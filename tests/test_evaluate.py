@@ -190,8 +190,6 @@ def test_results_file_needs_only_the_annotation_file(tmp_path):
 
 
 def tiny_checkpoint(path: Path, label_names: list[str]) -> str:
-    import torch  # noqa: F401  (the checkpoint is a torch file)
-
     from synthval import __version__
     from synthval.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
     from synthval.config import TrainConfig, load_config, to_dict

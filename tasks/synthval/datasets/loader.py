@@ -1,10 +1,12 @@
 """`load_dataset`: find the format, read it, pick the split and budget, check what is kept, build the index.
+`load_ground_truth`: the same index from the annotations alone, for scoring detections that exist.
 
-Reading is cheap and whole (JSON only); checking touches the image files, so it is done only for the
-images the split and budget keep: each must exist and be non-empty, its size comes from the annotations
-or else from the image header (never from decoding pixels), and each box must lie inside the image
-(within `BOX_TOLERANCE_PX`, then clipped) with positive width and height. Label ids are checked for the
-whole dataset: one unknown id means the definitions do not describe the data.
+Reading is cheap and whole (JSON only); checking touches the image files, so it is done only when a
+model will see the images (`load_dataset`), and only for the images the split and budget keep: each
+must exist and be non-empty, its size comes from the annotations or else from the image header (never
+from decoding pixels), and each box must lie inside the image (within `BOX_TOLERANCE_PX`, then
+clipped for the model; scoring uses it as given) with positive width and height. Label ids are
+checked for the whole dataset: one unknown id means the definitions do not describe the data.
 """
 
 from __future__ import annotations
