@@ -35,7 +35,7 @@ DEFAULT_REPLICATES = 1000
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_SEED = 0
 # Replicates scored at once: bounds memory at about this many floats per array.
-_CHUNK_CELLS = 4_000_000
+_CHUNK_CELLS = 16_000_000
 # Resamples drawn from one random stream (see `resample_weights`).
 _DRAW_BLOCK = 64
 
