@@ -105,7 +105,7 @@ def evaluation_protocol(test_data_uri: str, split: str = "test", dataset_format:
                          source="config")
     path = storage.local_path(test_data_uri)
     index = load_dataset(path, format=dataset_format, split=config.split)
-    facts = provenance(config, index, test_data_uri, None, None, "", coco_image_ids(index, path), None)
+    facts = provenance(config, index, test_data_uri, None, None, "", coco_image_ids(index), None)
     facts["protocol"] = METRIC_PROTOCOL
     return protocol_fingerprint(facts), {"test_set": facts["test_set"], "protocol": METRIC_PROTOCOL}
 
