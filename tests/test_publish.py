@@ -69,7 +69,7 @@ def test_record_holds_metrics_and_provenance(metrics_uri, tmp_path):
     assert record["evaluation"]["predictions_uri"] == str(tmp_path / "eval" / "predictions.json")
     assert record["eval_config"]["split"] == "all"
     assert record["synthval_version"] and record["created_at"].endswith("+00:00")
-    assert len(record["protocol_fingerprint"]) == 64 and record["protocol"] == "coco-bbox-1"
+    assert len(record["protocol_fingerprint"]) == 64 and record["protocol"] == "coco-bbox-2"
 
 
 def test_retry_overwrites_the_same_record(metrics_uri, tmp_path):
