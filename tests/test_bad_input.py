@@ -108,6 +108,11 @@ def test_broken_dataset_exits_2_names_it_and_writes_nothing(clean_real, tmp_path
         (tmp_path / "none.json").write_text("[]")
     code = main([*argv, "--xcom-file", str(xcom)])
     err = capsys.readouterr().err
+    if step == "evaluate" and break_it in (_missing_image, _box_outside, _zero_area):
+        # A results file is scored from the annotations alone, boxes as given, as pycocotools scores
+        # them: no bad input there (a model that must see the image: tests/test_evaluate.py).
+        assert code == 0, err
+        return
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(data) in last, last
@@ -443,10 +448,11 @@ CORPUS = [
         label_id=None)), ctx.evaluate(ctx.real))[1], ("annotations.json", "label_id", "None")),
     Case("box_field_missing", lambda ctx: (edit_json(ctx.real / "annotations.json", lambda d: d[0]["annotations"][
         0].pop("bbox") and None), ctx.evaluate(ctx.real))[1], ("annotations.json", "missing field 'bbox'")),
-    Case("image_empty", lambda ctx: (write_raw(first_image(ctx), b""), ctx.evaluate(ctx.real))[1],
+    # A results file is scored from the annotations alone; a model must see the image.
+    Case("image_empty", lambda ctx: (write_raw(first_image(ctx), b""), ctx.train(ctx.real))[1],
          ("images/", "is empty (0 bytes)")),
     Case("image_not_an_image", lambda ctx: (write_raw(first_image(ctx), b"<html>not a JPEG</html>"),
-                                           ctx.evaluate(ctx.real))[1], ("images/", "not a readable image")),
+                                           ctx.train(ctx.real))[1], ("images/", "not a readable image")),
     Case("png_header_100000_by_100000_refused_before_training",
          lambda ctx: (write_raw(first_image(ctx), png_header(100_000, 100_000)), ctx.train(ctx.real))[1],
          ("images/", "100000x100000", "decompression-bomb")),
@@ -503,7 +509,7 @@ CORPUS = [
          ("predictions.json", "'score'", "Infinity")),
     Case("predictions_box_a_400_digit_integer",
          predictions('[{"image_id": 0, "category_id": 1, "bbox": [1, 2, ' + "7" * 400 + ', 4], "score": 0.5}]'),
-         ("predictions.json", "'bbox'", "777777", "out of range")),
+         ("predictions.json", "'bbox'", "777777", "finite numbers")),
     Case("predictions_unknown_image",
          predictions('[{"image_id": 4242, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]'),
          ("predictions.json", "[0]", "image_id", "4242")),

@@ -1,18 +1,19 @@
-"""Bootstrap intervals: exact at replicate 0, right under resampling, calibrated, and fast enough."""
+"""Bootstrap intervals: the evaluation's own numbers unresampled, right under resampling, calibrated."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import time
+import copy
 
 import numpy as np
 import pytest
 
-from synthval.bootstrap import (CocoBootstrap, bootstrap, coco_api, paired_difference, percentile_interval,
-                                resample_weights, weighted_mean)
+from coco_reference import pycocotools_eval, random_coco, write_json
+from synthval.bootstrap import (CocoBootstrap, bootstrap, paired_difference, percentile_interval, resample_weights,
+                                weighted_mean)
+from synthval.datasets import load_ground_truth
 from synthval.datasets.index import DatasetIndex, ImageRecord
-from synthval.metrics import evaluate_detections
+from synthval.evaluate import coco_image_ids
+from synthval.metrics import CocoEvaluator, load_coco_results
 
 LABELS = {1: "cereal", 2: "soda", 3: "tuna", 4: "jam", 7: "never_in_test"}
 
@@ -48,56 +49,89 @@ def random_case(n_images: int, seed: int, ties: bool = False, max_boxes: int = 6
     return DatasetIndex("memory", "coco", dict(LABELS), records), predictions
 
 
-def pycocotools_stats(index, predictions):
-    from pycocotools.cocoeval import COCOeval
+def matches_of(index, predictions):
+    """The evaluation's matches of engine.predict-style predictions (test-set label ids)."""
+    evaluator = CocoEvaluator(index, {c: c for c in index.label_names})
+    evaluator.process(predictions)
+    evaluator.evaluate()
+    return evaluator
 
-    gt, dt = coco_api(index, predictions)
-    ev = COCOeval(gt, dt, iouType="bbox")
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"mAP": ev.stats[0], "mAP50": ev.stats[1], "mAP75": ev.stats[2], "mAR100": ev.stats[8]}, ev
+
+def coco_file_matches(doc, results, tmp_path):
+    """The evaluation's matches of a COCO file and results file, read as `evaluate --predictions` does."""
+    index = load_ground_truth(write_json(tmp_path / "instances.json", doc))
+    public = coco_image_ids(index)
+    evaluator = CocoEvaluator(index, {c: c for c in index.label_names}, coco_image_ids=public)
+    evaluator.add_results(load_coco_results(write_json(tmp_path / "results.json", results), index,
+                                            image_ids={p: i for i, p in public.items()}))
+    evaluator.evaluate()
+    return evaluator.matches
+
+
+def reference_values(ev, cat_ids, names):
+    """mAP, mAP50, mAP75, mAR100 and per-class AP / AP50 from a pycocotools COCOeval (area all, 100)."""
+    values = dict(zip(("mAP", "mAP50", "mAP75", "mAR100"), (ev.stats[0], ev.stats[1], ev.stats[2], ev.stats[8])))
+    for k, cat in enumerate(cat_ids):
+        for key, p in ((f"AP/{names[cat]}", ev.eval["precision"][:, :, k, 0, 2]),
+                       (f"AP50/{names[cat]}", ev.eval["precision"][0, :, k, 0, 2])):
+            values[key] = np.mean(p[p > -1]) if (p > -1).any() else np.nan
+    return values
 
 
 @pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True)])
-def test_replicate_zero_equals_pycocotools_exactly(seed, ties):
+def test_unresampled_values_are_pycocotools_own(seed, ties):
     index, predictions = random_case(120, seed, ties=ties)
-    reference, ev = pycocotools_stats(index, predictions)
-    coco = CocoBootstrap(index, predictions)
-    values = dict(zip(coco.names, coco.statistic(np.ones((1, len(index))))[0]))
-    for key in ("mAP", "mAP50", "mAP75", "mAR100"):
-        assert values[key] == reference[key], key  # equal to the bit, not approximately
-    # per-class AP as pycocotools' precision array gives it (area all, 100 detections)
-    for k, cat in enumerate(ev.params.catIds):
-        p = ev.eval["precision"][:, :, k, 0, 2]
-        expected = np.mean(p[p > -1]) if (p > -1).any() else np.nan
-        assert np.array_equal(values[f"AP/{LABELS[cat]}"], expected, equal_nan=True)
-    # and synthval's own evaluator (what metrics.json holds) agrees too
-    metrics = evaluate_detections(index, {c: c for c in LABELS}, predictions)
-    for key in ("mAP", "mAP50", "mAP75", "mAR100"):
-        assert values[key] == pytest.approx(metrics[key], abs=1e-12)
+    evaluator = matches_of(index, predictions)
+    reference = reference_values(pycocotools_eval(index_doc(index), evaluator.coco_results()), evaluator.cat_ids,
+                                 LABELS)
+    coco = CocoBootstrap(evaluator.matches)
+    exact = dict(zip(coco.names, coco.estimate()))
+    replicate = dict(zip(coco.names, coco.statistic(np.ones((1, len(index))))[0]))
+    for name in coco.names:
+        # The estimate is the evaluation's own arithmetic, equal to the bit; a replicate's arithmetic is
+        # float32 (its rounding is far below an interval's width).
+        assert np.array_equal(exact[name], reference[name], equal_nan=True), name
+        assert replicate[name] == pytest.approx(reference[name], abs=1e-6, nan_ok=True), name
+    estimate = coco.run(replicates=20).estimate
+    assert np.array_equal([estimate[n] for n in coco.names], [exact[n] for n in coco.names], equal_nan=True)
 
 
-def test_weights_score_the_resampled_test_set_as_pycocotools_would():
-    """Weights (0, 1, 2, 3 draws) give pycocotools' numbers on a test set where images are really repeated."""
-    index, predictions = random_case(60, seed=5)
-    rng = np.random.default_rng(3)
-    counts = rng.integers(0, 4, len(index))
+@pytest.mark.parametrize("seed", range(4))
+def test_weights_score_the_resampled_test_set_as_pycocotools_would(seed, tmp_path):
+    """Weights (0, 1, 2, 3 draws) give pycocotools' numbers on a COCO file (crowd regions, given areas)
+    where the images are really repeated, and the results with them. (Without tied scores: a repeated
+    image's detections are ranked copy after copy there, detection after detection here.)"""
+    doc, results = random_coco(seed, n_images=40, crowd=0.2, ties=False)
+    matches = coco_file_matches(doc, results, tmp_path)
+    counts = np.random.default_rng(seed).integers(0, 4, len(matches.image_ids))
     counts[0] = 2
-    records, dup_predictions = [], []
-    by_image = {p["image_id"]: p for p in predictions}
-    for record, c in zip(index.images, counts):
-        for copy in range(c):
-            new_id = record.image_id * 10 + copy
-            records.append(ImageRecord(new_id, record.path, record.width, record.height, record.boxes, record.labels))
-            if record.image_id in by_image:
-                dup_predictions.append(dict(by_image[record.image_id], image_id=new_id))
-    duplicated = DatasetIndex("memory", "coco", dict(LABELS), records)
-    reference, _ = pycocotools_stats(duplicated, dup_predictions)
-    values = CocoBootstrap(index, predictions).statistic(counts[None, :].astype(float))[0]
-    for j, key in enumerate(("mAP", "mAP50", "mAP75", "mAR100")):
-        assert values[j] == pytest.approx(reference[key], abs=1e-12), key
+    public = coco_image_ids(matches.index)
+    repeated = {"images": [], "annotations": [], "categories": doc["categories"]}
+    repeated_results = []
+    by_id = {image["id"]: image for image in doc["images"]}
+    for position, count in enumerate(counts.tolist()):
+        image_id = public[matches.image_ids[position]]
+        for copy_no in range(count):
+            new_id = image_id * 10 + copy_no  # keeps pycocotools' image order: copies of an image adjacent
+            repeated["images"].append(dict(by_id[image_id], id=new_id))
+            repeated["annotations"] += [dict(copy.deepcopy(a), image_id=new_id, id=len(repeated["annotations"]) + j + 1)
+                                        for j, a in enumerate(a for a in doc["annotations"] if a["image_id"] == image_id)]
+            repeated_results += [dict(r, image_id=new_id) for r in results if r["image_id"] == image_id]
+    coco = CocoBootstrap(matches)
+    reference = reference_values(pycocotools_eval(repeated, repeated_results), coco.cat_ids,
+                                 {c["id"]: c["name"] for c in doc["categories"]})
+    values = dict(zip(coco.names, coco.statistic(counts[None, :])[0]))
+    for name in coco.names:
+        assert values[name] == pytest.approx(reference[name], abs=1e-6, nan_ok=True), name
+
+
+def index_doc(index):
+    """The ground truth of an index (no crowds) as a COCO dict."""
+    boxes = [(r.image_id, box, label) for r in index.images for box, label in zip(r.xywh.tolist(), r.labels.tolist())]
+    return {"images": [{"id": r.image_id, "width": r.width, "height": r.height} for r in index.images],
+            "categories": [{"id": c, "name": n} for c, n in index.label_names.items()],
+            "annotations": [{"id": i + 1, "image_id": image_id, "category_id": label, "bbox": box,
+                             "area": box[2] * box[3], "iscrowd": 0} for i, (image_id, box, label) in enumerate(boxes)]}
 
 
 def test_resample_weights_are_draws_with_replacement_and_paired_by_seed():
@@ -142,11 +176,11 @@ def _bernoulli_detection_case(n_images: int, p: float, seed: int):
 
 
 def test_coco_interval_covers_the_true_recall_at_about_the_stated_rate():
-    """The same calibration through the whole COCO path (pycocotools matching, re-accumulation)."""
+    """The same calibration through the whole COCO path (the evaluation's matching, re-accumulation)."""
     p, n, seeds, hits = 0.6, 60, 100, 0
     for seed in range(seeds):
         index, predictions = _bernoulli_detection_case(n, p, seed)
-        result = CocoBootstrap(index, predictions).run(replicates=300, seed=seed)
+        result = CocoBootstrap(matches_of(index, predictions).matches).run(replicates=300, seed=seed)
         hits += result.low["mAR100"] <= p <= result.high["mAR100"]
     assert 0.88 <= hits / seeds <= 0.995, hits / seeds
 
@@ -155,7 +189,7 @@ def test_intervals_shrink_with_more_test_images():
     widths = {}
     for n in (50, 400):
         index, predictions = random_case(n, seed=11)
-        result = CocoBootstrap(index, predictions).run(replicates=300, seed=0)
+        result = CocoBootstrap(matches_of(index, predictions).matches).run(replicates=300, seed=0)
         widths[n] = {k: result.high[k] - result.low[k] for k in ("mAP", "mAP50", "mAR100")}
     for key in ("mAP", "mAP50", "mAR100"):
         # 8x the images: about sqrt(8) = 2.8x narrower
@@ -171,8 +205,8 @@ def test_paired_difference_tells_a_real_gain_from_noise():
                        "boxes": np.concatenate([pred["boxes"], record.boxes.astype(np.float64)]),
                        "scores": np.concatenate([pred["scores"], np.full(len(record.boxes), 1.5)]),
                        "labels": np.concatenate([pred["labels"], record.labels])})
-    a = CocoBootstrap(index, predictions).run(replicates=300, seed=7)
-    b = CocoBootstrap(index, better).run(replicates=300, seed=7)
+    a = CocoBootstrap(matches_of(index, predictions).matches).run(replicates=300, seed=7)
+    b = CocoBootstrap(matches_of(index, better).matches).run(replicates=300, seed=7)
     gain = paired_difference(b, a, "mAP50")
     assert gain.value > 0 and gain.significant and gain.low > 0
     same = paired_difference(a, a, "mAP")
@@ -181,20 +215,23 @@ def test_paired_difference_tells_a_real_gain_from_noise():
     nudged = [dict(predictions[0], boxes=np.concatenate([predictions[0]["boxes"], [[0, 0, 5, 5]]]),
                    scores=np.concatenate([predictions[0]["scores"], [0.01]]),
                    labels=np.concatenate([predictions[0]["labels"], [1]]))] + predictions[1:]
-    c = CocoBootstrap(index, nudged).run(replicates=300, seed=7)
+    c = CocoBootstrap(matches_of(index, nudged).matches).run(replicates=300, seed=7)
     assert not paired_difference(c, a, "mAP").significant
 
 
-def test_thousand_replicates_of_250_images_take_seconds():
+def test_a_thousand_replicates_of_a_detector_s_long_tail():
+    """1000 resamples of 250 images with ~60 detections each (speed: benchmarks/bench_eval.py)."""
     index, predictions = random_case(250, seed=3, max_boxes=10)
-    for pred in predictions:  # a detector's usual tail of low-scoring boxes: ~60 per image
+    for pred in predictions:  # a detector's usual tail of low-scoring boxes
         extra = 50
         xy = np.random.default_rng(pred["image_id"]).uniform(0, 200, (extra, 2))
         pred["boxes"] = np.concatenate([pred["boxes"], np.concatenate([xy, xy + 20], axis=1)])
         pred["scores"] = np.concatenate([pred["scores"], np.linspace(0.01, 0.2, extra)])
         pred["labels"] = np.concatenate([pred["labels"], np.resize([1, 2, 3, 4], extra)])
-    start = time.perf_counter()
-    result = CocoBootstrap(index, predictions).run(replicates=1000, seed=0)
-    elapsed = time.perf_counter() - start
+    evaluator = matches_of(index, predictions)
+    result = CocoBootstrap(evaluator.matches).run(replicates=1000, seed=0)
     assert result.replicates.shape == (1000, len(result.names))
-    assert elapsed < 30, f"{elapsed:.1f} s"  # about 1-2 s on one idle core
+    metrics = evaluator.evaluate()
+    for key in ("mAP", "mAP50", "mAR100"):
+        assert result.estimate[key] == metrics[key]
+        assert result.low[key] < result.high[key]

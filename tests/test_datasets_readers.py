@@ -212,15 +212,51 @@ def test_coco_file_and_folder(tmp_path):
     assert index.label_names == {1: "cereal", 2: "milk", 7: "soda"}
 
 
-def test_coco_without_sizes_reads_headers_and_skips_crowd(tmp_path):
-    path = write_coco(tmp_path / "data.json", [("a.png", 40, 30, [(1, 0, 0, 5, 5), (7, 1, 1, 5, 5)])],
+def test_coco_without_sizes_reads_headers_and_keeps_crowd_area_and_ignore(tmp_path):
+    from synthval.datasets import DetectionDataset, load_ground_truth
+
+    path = write_coco(tmp_path / "data.json", [("a.png", 40, 30, [(1, 0, 0, 5, 5), (7, 1, 1, 5, 5), (2, 0.5, 1, 3, 4)])],
                       sizes_in_json=False)
     doc = json.loads(open(path).read())
-    doc["annotations"][0]["iscrowd"] = 1
+    doc["annotations"][0].update(iscrowd=1, area=12.5)
+    doc["annotations"][1]["ignore"] = 1
+    del doc["annotations"][2]["area"]
     write_json(path, doc)
     index = load_dataset(path)
-    assert (index.images[0].width, index.images[0].height) == (40, 30)
-    assert index.images[0].labels.tolist() == [7]
+    record = index.images[0]
+    assert (record.width, record.height) == (40, 30)
+    # Nothing is dropped: the crowd region stays, flagged, with the file's area and exact box.
+    assert record.labels.tolist() == [1, 7, 2]
+    assert record.iscrowd.tolist() == [True, False, False] and record.ignore.tolist() == [False, True, False]
+    assert record.area.tolist() == [12.5, 25.0, 12.0]  # the given area, else width x height
+    assert record.xywh.dtype == np.float64 and record.xywh[2].tolist() == [0.5, 1, 3, 4]
+    # A crowd region is not an object to learn.
+    assert DetectionDataset(index, {1: 1, 2: 2, 7: 3}).target(0)["labels"].tolist() == [3, 2]
+    # The annotations alone give the same ground truth without opening the image.
+    os.remove(record.path)
+    alone = load_ground_truth(path).images[0]
+    assert alone.labels.tolist() == [1, 7, 2] and alone.iscrowd.tolist() == record.iscrowd.tolist()
+    assert alone.xywh.tolist() == record.xywh.tolist() and alone.area.tolist() == record.area.tolist()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("area", "big", "field 'area' must be a finite number, got 'big'"),
+    # Not JSON numbers: the strict JSON reader refuses them first, naming the field.
+    ("area", float("nan"), "field 'area': number NaN is not a JSON number"),
+    ("area", 10**400, "field 'area': number 10000000000000000000... (401 characters) is out of range"),
+    ("iscrowd", "yes", "field 'iscrowd' must be 0 or 1, got 'yes'"),
+    ("ignore", [1], "field 'ignore' must be 0 or 1, got [1]"),
+])
+def test_coco_bad_area_or_flags_name_the_annotation(tmp_path, field, value, message):
+    path = write_coco(tmp_path / "data.json", [("a.png", 40, 30, [(1, 0, 0, 5, 5), (7, 1, 1, 5, 5)])])
+    doc = json.loads(open(path).read())
+    doc["annotations"][1][field] = value
+    with open(path, "w") as f:
+        f.write(json.dumps(doc))  # NaN and 10**400 as Python's json writes them
+    with pytest.raises(DatasetError) as err:
+        load_dataset(path)
+    # Where: the annotation, or (for what the JSON reader refuses) the line and column.
+    assert ("annotations[1]" in str(err.value) or "line 1 column" in str(err.value)) and message in str(err.value)
 
 
 def test_coco_folder_with_several_files(tmp_path):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from synthval.cli import main
 from synthval.datasets import load_dataset
-from synthval.metrics import SUMMARY_KEYS
+from synthval.metrics import SUMMARY, SUMMARY_KEYS
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "coco"
 
@@ -137,6 +137,18 @@ def test_results_on_a_groceries_layout_use_index_ids(tmp_path):
 
 @pytest.mark.parametrize("content, field", [
     ('[{"image_id": 1, "category_id": 27', "malformed JSON"),
+    (b"\xef\xbb\xbf[\xff]", "not UTF-8"),
+    ("[" * 10_000 + "]" * 10_000, "nested deeper"),
+    ('[{"image_id": 91891091516384550185081373185892902457, "category_id": 27, "bbox": [0, 0, 5, 5],'
+     ' "score": NaN}]', "'score'"),
+    ('[{"image_id": 91891091516384550185081373185892902457, "category_id": 27, "bbox": [0, 0, 5, 5],'
+     ' "score": 1e400}]', "'score'"),
+    ('[{"image_id": 91891091516384550185081373185892902457, "category_id": 27, "bbox": [0, 0, 5, 5],'
+     ' "score": ' + "1" + "0" * 400 + "}]", "'score'"),
+    ('[{"image_id": 91891091516384550185081373185892902457, "category_id": 27, "bbox": [0, Infinity, 5, 5],'
+     ' "score": 0.5}]', "'bbox'"),
+    ('[{"image_id": 91891091516384550185081373185892902457, "category_id": 27, "bbox": [0, 0, 1e400, 5],'
+     ' "score": 0.5}]', "'bbox'"),
     ('[{"image_id": 5, "category_id": 27, "bbox": [0, 0, 5, 5], "score": 0.5}]', "'image_id' 5"),
     ('[{"image_id": 91891091516384550185081373185892902457, "category_id": 99, "bbox": [0, 0, 5, 5],'
      ' "score": 0.5}]', "'category_id' 99"),
@@ -145,7 +157,7 @@ def test_results_on_a_groceries_layout_use_index_ids(tmp_path):
 ])
 def test_bad_results_file_exits_2_and_writes_nothing(coco_dir, tmp_path, capsys, content, field):
     path = tmp_path / "results.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     out = tmp_path / "eval"
     code = evaluate("--predictions", str(path), "--data", str(coco_dir), "--split", "all", "--out", str(out),
                     "--tb-log-dir", str(tmp_path / "tb"), tmp_path=tmp_path)
@@ -156,14 +168,55 @@ def test_bad_results_file_exits_2_and_writes_nothing(coco_dir, tmp_path, capsys,
     assert not out.exists() and not (tmp_path / "tb").exists() and not (tmp_path / "xcom.json").exists()
 
 
-def test_missing_image_in_the_shared_fixture_exits_2(tmp_path, capsys):
-    results = tmp_path / "results.json"
-    results.write_text("[]")
+def test_results_file_needs_only_the_annotation_file(tmp_path):
+    # The shared fixture as it is: its one image file is missing and its bicycle box overhangs the image.
+    # Every number depends on the annotations alone, so scoring needs neither, and the box is scored as
+    # the file gives it, as pycocotools does.
+    annotations = FIXTURE / "annotations" / "instances.json"
+    results = ground_truth_as_results(FIXTURE)
+    results[0]["bbox"] = [35.0, 50.0, 100.0, 80.0]  # IoU 0.72 with the car
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    for data in (FIXTURE, annotations):
+        out = tmp_path / f"eval-{data.name}"
+        assert evaluate("--predictions", str(path), "--data", str(data), "--out", str(out), tmp_path=tmp_path) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        stats = pycocotools_stats(annotations, path)
+        assert [metrics[key] if metrics[key] is not None else -1.0 for key, *_ in SUMMARY] == stats.tolist()
+        assert metrics["inference"] is None and metrics["protocol"] == "coco-bbox-2"
+        intervals = metrics["intervals"]
+        assert intervals["replicates"] == 1000 and intervals["confidence"] == 0.95
+        assert intervals["values"]["mAP"]["value"] == metrics["mAP"]
+
+
+def tiny_checkpoint(path: Path, label_names: list[str]) -> str:
+    from synthval import __version__
+    from synthval.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+    from synthval.config import TrainConfig, load_config, to_dict
+    from synthval.model import build_model
+
+    config = load_config(TrainConfig, preset="cpu-demo")
+    model = build_model(config.model, num_classes=len(label_names) + 1, load_backbone_weights=False)
+    save_checkpoint(str(path), {"format": FORMAT, "format_version": FORMAT_VERSION, "synthval_version": __version__,
+                                "model": model.state_dict(), "config": to_dict(config), "label_names": label_names,
+                                "step": 3, "epoch": 1})
+    return str(path)
+
+
+def test_a_model_needs_the_images_and_its_device_and_dtype_are_recorded(coco_dir, tmp_path, capsys):
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoint-3.pt", ["car", "bicycle", "person"])
     out = tmp_path / "eval"
-    assert evaluate("--predictions", str(results), "--data", str(FIXTURE), "--split", "all", "--out", str(out),
+    assert evaluate("--checkpoint", checkpoint, "--data", str(coco_dir), "--out", str(out), "--set",
+                    "bootstrap_replicates=0", tmp_path=tmp_path) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["inference"] == {"device": "cpu", "dtype": "float32"}  # amp "auto" is off on a CPU
+    assert metrics["intervals"] is None
+    # Without its image file a model has nothing to look at: exit 2 naming the file, nothing written.
+    missing = tmp_path / "eval-missing"
+    assert evaluate("--checkpoint", checkpoint, "--data", str(FIXTURE), "--out", str(missing),
                     tmp_path=tmp_path) == 2
     assert "camera_91891091516384550185081373185892902457.png" in capsys.readouterr().err
-    assert not out.exists()
+    assert not missing.exists()
 
 
 def test_empty_results_score_zero(coco_dir, tmp_path):
@@ -202,3 +255,17 @@ def test_coco_image_ids_decide_ties_as_in_pycocotools(tmp_path):
     stats = pycocotools_stats(root / "annotations" / "instances.json", path)
     assert metrics["mAP50"] == stats[1] == pytest.approx(0.5)
     assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == results
+
+
+def test_the_scoring_benchmark_runs_at_toy_size():
+    """benchmarks/bench_eval.py end to end on a toy size: every tool runs and all agree (no timing here)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval.py"
+    proc = subprocess.run([sys.executable, str(script), "--toy"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("30 ")]
+    assert [line.split()[2] for line in rows] == ["synthval", "synthval-no-intervals", "faster-coco-eval",
+                                                   "pycocotools"]
+    assert all(" yes (" in line for line in rows), proc.stdout

@@ -149,7 +149,7 @@ def test_published_names_stay_names(tmp_path, store, monkeypatch):
     write_coco(tmp_path / "real")
     index = load_dataset(str(tmp_path / "real"), split="all")
     facts = provenance(EvalConfig(split="all"), index, str(tmp_path / "real"), "synthetic-400k", None, "",
-                       coco_image_ids(index, str(tmp_path / "real")), None)
+                       coco_image_ids(index), None)
     assert facts["checkpoint_uri"] == "synthetic-400k"
     # A metrics.json of the named model (as evaluate_the_model writes it), published under its name.
     metrics = evaluate_checkpoint(tmp_path, write_checkpoint(tmp_path / "x.pt", 4), "x")

@@ -1,17 +1,17 @@
-"""COCO box metrics: hand-computed cases, and identical numbers to pycocotools run directly."""
+"""COCO box metrics: hand-computed cases, COCO's crowd / area / ignore rules, and identical numbers to
+pycocotools run directly on hundreds of random COCO files."""
 
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
+from coco_reference import pycocotools_eval, random_coco, write_json
 from synthval.datasets.index import DatasetIndex, ImageRecord
 from synthval.errors import DatasetError, SynthvalError
 from synthval.metrics import (
+    AREA_NAMES,
+    AREA_RANGES,
     RECALL_THRESHOLDS,
     SUMMARY,
     SUMMARY_KEYS,
@@ -19,6 +19,7 @@ from synthval.metrics import (
     evaluate_detections,
     format_summary,
     load_coco_results,
+    parse_coco_results,
     xyxy_to_xywh,
 )
 
@@ -209,12 +210,51 @@ def test_summary_table_names_every_metric():
     assert "apple" in text and "n/a" in text
 
 
+# --- COCO's own rules: crowd regions, the area field, ignore flags -------------------------------------------
+
+
+def crowd_record(image_id, xywh, labels, iscrowd, area=None, ignore=None):
+    xywh = np.asarray(xywh, np.float64).reshape(-1, 4)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32)
+    return ImageRecord(image_id, f"/data/{image_id}.png", 640, 480, xyxy, np.asarray(labels, np.int64), xywh,
+                       None if area is None else np.asarray(area, np.float64), np.asarray(iscrowd, bool),
+                       None if ignore is None else np.asarray(ignore, bool))
+
+
+def test_a_crowd_region_absorbs_the_detections_on_it():
+    # One person, and a crowd region of people beside it: detections inside the region are neither true
+    # nor false positives (IoU with a crowd is intersection over the detection's own area), any number
+    # of them, and the region itself is not a box to find.
+    index = index_of(crowd_record(1, [[0, 0, 100, 100], [200, 0, 300, 200]], [1, 1], [False, True]))
+    dets = [[0, 0, 100, 100], [210, 10, 260, 60], [250, 100, 290, 190], [205, 5, 295, 95]]
+    m = evaluate_detections(index, IDENTITY, [pred(1, dets, [0.5, 0.9, 0.8, 0.7], [1, 1, 1, 1])])
+    assert m["mAP"] == pytest.approx(1.0) and m["mAR100"] == pytest.approx(1.0)
+    assert m["per_class"]["apple"]["num_gt"] == 1 and m["num_gt"] == 1 and m["num_crowd"] == 1
+    # Without the crowd flag the same region is a box to find, matched once: the rest are false positives.
+    plain = index_of(crowd_record(1, [[0, 0, 100, 100], [200, 0, 300, 200]], [1, 1], [False, False]))
+    assert evaluate_detections(plain, IDENTITY, [pred(1, dets, [0.5, 0.9, 0.8, 0.7], [1, 1, 1, 1])])["mAP50"] < 0.9
+
+
+def test_the_area_field_decides_small_medium_large():
+    # A 50 x 50 box (medium by its box area) whose annotation area is 500 px (a thin object): small.
+    index = index_of(crowd_record(1, [[10, 10, 50, 50]], [1], [False], area=[500.0]))
+    m = evaluate_detections(index, IDENTITY, [pred(1, [[10, 10, 60, 60]], [0.9], [1])])
+    assert m["mAP_small"] == pytest.approx(1.0) and m["mAP_medium"] is None
+
+
+def test_an_ignore_flag_changes_nothing_as_in_pycocotools():
+    # pycocotools replaces `ignore` by `iscrowd` before scoring; an ignored box is still a box to find.
+    flagged = index_of(crowd_record(1, [[0, 0, 100, 100]], [1], [False], ignore=[True]))
+    m = evaluate_detections(flagged, IDENTITY, [])
+    assert m["mAP"] == 0.0 and m["per_class"]["apple"]["num_gt"] == 1
+
+
 # --- identical to pycocotools ----------------------------------------------------------------------------------
 
 
 def random_case(seed, n_images=25, n_cats=5, max_gt=8, max_det=40):
-    """Random boxes of every size, integer coordinates and scores rounded to 0.1 so IoUs and scores tie,
-    images without truth, images without detections, and class ids with gaps."""
+    """engine.predict-style detections: random boxes of every size, integer coordinates and scores
+    rounded to 0.1 so IoUs and scores tie, images without truth or detections, class ids with gaps."""
     rng = np.random.default_rng(seed)
     names = {int(c): f"c{c}" for c in rng.choice(np.arange(1, 100), n_cats, replace=False)}
     cats = sorted(names)
@@ -247,30 +287,45 @@ def random_case(seed, n_images=25, n_cats=5, max_gt=8, max_det=40):
     return DatasetIndex("/random", "test", names, images), preds
 
 
-def run_pycocotools(index, results):
-    gt = {"images": [{"id": r.image_id, "width": r.width, "height": r.height} for r in index.images],
-          "categories": [{"id": c, "name": n} for c, n in index.label_names.items()], "annotations": []}
+def index_doc(index):
+    """The ground truth of an index as a COCO dict."""
+    doc = {"images": [{"id": r.image_id, "file_name": f"{r.image_id}.png", "width": r.width, "height": r.height}
+                      for r in index.images],
+           "categories": [{"id": c, "name": n} for c, n in index.label_names.items()], "annotations": []}
     for r in index.images:
-        for box, label in zip(xyxy_to_xywh(r.boxes).tolist(), r.labels.tolist()):
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": r.image_id, "category_id": label,
-                                      "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes([dict(d) for d in results]), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
+        for box, label, area, crowd in zip(r.xywh.tolist(), r.labels.tolist(), r.area.tolist(), r.iscrowd.tolist()):
+            doc["annotations"].append({"id": len(doc["annotations"]) + 1, "image_id": r.image_id, "category_id": label,
+                                       "bbox": box, "area": area, "iscrowd": int(crowd)})
+    return doc
 
 
-def assert_same_as_pycocotools(evaluator, metrics, index):
-    ref = run_pycocotools(index, evaluator.coco_results())
-    np.testing.assert_array_equal(evaluator.precision, ref.eval["precision"])
-    np.testing.assert_array_equal(evaluator.recall, ref.eval["recall"])
-    ours = [metrics[key] if metrics[key] is not None else -1.0 for key, *_ in SUMMARY]
-    assert ours == ref.stats.tolist()  # exactly, not approximately
+def assert_same_as_pycocotools(evaluator, metrics, doc, results):
+    """Precision and recall arrays, the 12 summary numbers and every class's AP: pycocotools' own, to the bit."""
+    if results:
+        ref = pycocotools_eval(doc, results)
+        precision, recall, stats = ref.eval["precision"], ref.eval["recall"], ref.stats.tolist()
+    else:  # pycocotools cannot load an empty results list: 0 wherever there is a box to find, else -1
+        precision, recall = empty_results_arrays(doc, evaluator)
+        stats = [0.0 if (recall[:, :, AREA_NAMES.index(area)] > -1).any() else -1.0 for _, _, _, area, _ in SUMMARY]
+    np.testing.assert_array_equal(evaluator.precision, precision)
+    np.testing.assert_array_equal(evaluator.recall, recall)
+    assert [metrics[key] if metrics[key] is not None else -1.0 for key, *_ in SUMMARY] == stats
+    for k, cat in enumerate(evaluator.cat_ids):
+        p = precision[:, :, k, 0, 2]
+        expected = float(np.mean(p[p > -1])) if (p > -1).any() else None
+        assert metrics["per_class"][evaluator.index.label_names[cat]]["AP"] == expected
+
+
+def empty_results_arrays(doc, evaluator):
+    regular = np.zeros((len(evaluator.cat_ids), len(AREA_RANGES)), dtype=bool)
+    for a in doc["annotations"]:
+        if not a.get("iscrowd", 0):
+            area = a.get("area", a["bbox"][2] * a["bbox"][3])
+            for j, (lo, hi) in enumerate(AREA_RANGES):
+                regular[evaluator.cat_ids.index(a["category_id"]), j] |= lo <= area <= hi
+    precision = np.where(regular[None, None, :, :, None], 0.0, -1.0) * np.ones((10, 101, 1, 1, 3))
+    recall = np.where(regular[None, :, :, None], 0.0, -1.0) * np.ones((10, 1, 1, 3))
+    return precision, recall
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -280,14 +335,40 @@ def assert_same_as_pycocotools(evaluator, metrics, index):
     {"n_cats": 1, "max_gt": 30, "max_det": 60, "n_images": 6},  # crowded: many truths compete for detections
     {"n_cats": 8, "max_gt": 3, "max_det": 12},  # sparse
 ])
-def test_identical_to_pycocotools_on_random_cases(seed, shape):
+def test_model_predictions_identical_to_pycocotools(seed, shape):
     index, preds = random_case(seed, **shape)
     evaluator = CocoEvaluator(index, {c: c for c in index.label_names})
     evaluator.process(preds)
     metrics = evaluator.evaluate()
-    if not evaluator.coco_results():
-        pytest.skip("no detections drawn (pycocotools cannot load an empty results list)")
-    assert_same_as_pycocotools(evaluator, metrics, index)
+    assert_same_as_pycocotools(evaluator, metrics, index_doc(index), evaluator.coco_results())
+
+
+COCO_SHAPES = [
+    {},  # a few classes, crowds, areas, ignores, duplicates, ties
+    {"n_cats": 2, "max_gt": 12, "max_det": 60, "many": True},  # over 100 detections of a class in an image
+    {"n_cats": 1, "max_gt": 25, "max_det": 50, "n_images": 6, "crowd": 0.3},  # crowded, many crowd regions
+    {"n_cats": 8, "max_gt": 3, "max_det": 10, "n_images": 30},  # sparse: classes without boxes or detections
+    {"max_det": 0},  # empty results
+]
+
+
+@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("shape", COCO_SHAPES)
+def test_coco_files_identical_to_pycocotools(seed, shape, tmp_path):
+    """300 random COCO files and results files, read as `synthval evaluate --predictions` reads them."""
+    from synthval.datasets import load_ground_truth
+    from synthval.evaluate import coco_image_ids
+
+    doc, results = random_coco(seed, **shape)
+    index = load_ground_truth(write_json(tmp_path / "instances.json", doc))
+    public = coco_image_ids(index)
+    scored = load_coco_results(write_json(tmp_path / "results.json", results), index,
+                               image_ids={p: i for i, p in public.items()})
+    evaluator = CocoEvaluator(index, {c: c for c in index.label_names}, coco_image_ids=public)
+    evaluator.add_results(scored)
+    metrics = evaluator.evaluate()
+    assert_same_as_pycocotools(evaluator, metrics, doc, results)
+    assert metrics["num_gt"] + metrics["num_crowd"] == len(doc["annotations"])
 
 
 def test_results_file_scores_to_the_same_numbers(tmp_path):
@@ -298,7 +379,7 @@ def test_results_file_scores_to_the_same_numbers(tmp_path):
     path = tmp_path / "predictions.json"
     path.write_text(json.dumps(evaluator.coco_results()))
     again = CocoEvaluator(index, {c: c for c in index.label_names})
-    again.process(load_coco_results(str(path), index))
+    again.add_results(load_coco_results(str(path), index))
     assert again.evaluate() == first
     assert again.coco_results() == evaluator.coco_results()
 
@@ -320,32 +401,46 @@ def test_results_file_with_odd_floats_matches_pycocotools(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
     evaluator = CocoEvaluator(index, {c: c for c in index.label_names})
-    evaluator.process(load_coco_results(str(path), index))
+    evaluator.add_results(load_coco_results(str(path), index))
     metrics = evaluator.evaluate()
     assert metrics["mAP50"] > 0
-    assert_same_as_pycocotools(evaluator, metrics, index)
+    assert_same_as_pycocotools(evaluator, metrics, index_doc(index), results)
 
 
 # --- results files ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", "malformed JSON"),
-    ('{"annotations": []}', "JSON list"),
-    ("[1]", r"detection \[0\]: expected an object"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]', "missing field 'score'"),
-    ('[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]', "'image_id' 9 is not an image"),
-    ('[{"image_id": "1", "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]', "'image_id' must be an integer"),
-    ('[{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1], "score": 0.5}]', r"'category_id' 5 .*known ids: 1-3"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 0.5}]', "'bbox' must be"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 1], "score": 0.5}]', "negative width"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": true}]', "'score' must be a finite"),
-    # NaN is not JSON: storage's strict reader refuses it, naming the field, before the loader sees it.
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": NaN}]', "'score': number NaN"),
+    (b"{not json", "malformed JSON"),
+    (b'{"annotations": []}', "JSON list"),
+    (b"[1]", r"detection \[0\]: expected an object"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]', "missing field 'score'"),
+    (b'[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]', "'image_id' 9 is not an image"),
+    (b'[{"image_id": "1", "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]', "'image_id' must be an integer"),
+    (b'[{"image_id": true, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]', "'image_id' must be an integer"),
+    (b'[{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1], "score": 0.5}]', r"'category_id' 5 .*known ids: 1-3"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 0.5}]', "'bbox' must be"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 1], "score": 0.5}]', "negative width"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": true}]', "'score' must be a finite"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": NaN}]', "'score' must be a finite"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": Infinity}]', "'score' must be a finite"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1e400}]', "'score' must be a finite"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1' + b"0" * 400 + b"}]",
+     "'score' must be a finite"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, NaN, 1, 1], "score": 0.5}]', "'bbox' must be"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1e400, 1], "score": 0.5}]', "'bbox' must be"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1' + b"0" * 400 + b', 1], "score": 0.5}]', "'bbox' must be"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}, {"image_id": 1, "category_id": 1, '
+     b'"bbox": [0, 0, 1, 1], "score": -Infinity}]', r"detection \[1\]: field 'score'"),
+    (b"[\xff]", "not UTF-8"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5, "note": "caf\u00e9"}]'.encode("latin-1"),
+     "not UTF-8"),
+    (b"[" * 10_000 + b"]" * 10_000, "nested deeper"),
+    (b"[" + b"9" * 5000 + b"]", "unreadable JSON"),
 ])
 def test_malformed_results_name_the_file_and_field(tmp_path, content, message):
     path = tmp_path / "bad.json"
-    path.write_text(content)
+    path.write_bytes(content)
     index = index_of(record(1, [[0, 0, 100, 100]], [1]))
     with pytest.raises(SynthvalError, match=message) as info:
         load_coco_results(str(path), index)
@@ -353,12 +448,19 @@ def test_malformed_results_name_the_file_and_field(tmp_path, content, message):
     assert info.value.exit_code == 2
 
 
-def test_results_image_ids_can_be_mapped():
-    index = index_of(record(0, [[0, 0, 100, 100]], [1]))
-    import tempfile
+def test_results_with_other_fields_and_a_bom_are_read():
+    index = index_of(record(1, [[0, 0, 100, 100]], [1]))
+    data = '\ufeff[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "score": 1, "segmentation": []}]'
+    results = parse_coco_results(data.encode("utf-8"), "mem.json", index)
+    assert results.xywh.tolist() == [[0, 0, 100, 100]] and results.scores.tolist() == [1.0]
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump([{"image_id": 2**100, "category_id": 1, "bbox": [0, 0, 100, 100], "score": 0.5}], f)
-    preds = load_coco_results(f.name, index, image_ids={2**100: 0})
-    assert preds[0]["image_id"] == 0
-    assert evaluate_detections(index, IDENTITY, preds)["mAP"] == pytest.approx(1.0)
+
+def test_results_image_ids_can_be_mapped(tmp_path):
+    index = index_of(record(0, [[0, 0, 100, 100]], [1]))
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{"image_id": 2**100, "category_id": 1, "bbox": [0, 0, 100, 100], "score": 0.5}]))
+    results = load_coco_results(str(path), index, image_ids={2**100: 0})
+    assert results.image_ids.tolist() == [0]
+    evaluator = CocoEvaluator(index, IDENTITY)
+    evaluator.add_results(results)
+    assert evaluator.evaluate()["mAP"] == pytest.approx(1.0)

@@ -126,7 +126,8 @@ def test_evaluation_settings_that_change_numbers_enter_the_protocol(original):
 
     # Speed and pictures only: the same protocol. A missing "inference" field (before contract 1) is null.
     assert changed(lambda m: m["config"].update(batch_size=64, num_workers=8, device="cuda", amp="bf16",
-                                                draw_score_thresh=0.1, num_sample_images=9)) == base
+                                                draw_score_thresh=0.1, num_sample_images=9,
+                                                bootstrap_replicates=50)) == base
     assert changed(lambda m: m.pop("inference", None)) == changed(lambda m: m.update(inference=None))
     trained = copy.deepcopy(metrics)
     trained["checkpoint"] = {"config": {"model": {"min_size": 800, "max_size": 1333, "box_score_thresh": 0.05,
@@ -149,7 +150,7 @@ def test_evaluation_settings_that_change_numbers_enter_the_protocol(original):
         lambda m: m["checkpoint"]["config"]["model"].update(box_detections_per_img=300),
         lambda m: m["scoring"].update(max_dets=[1, 10, 300]),
         lambda m: m["scoring"]["iou_thresholds"].pop(),
-        lambda m: m.update(protocol="coco-bbox-2"),
+        lambda m: m.update(protocol="coco-bbox-3"),
     ):
         m = copy.deepcopy(trained)
         edit(m)
@@ -157,7 +158,20 @@ def test_evaluation_settings_that_change_numbers_enter_the_protocol(original):
     # Settings are no part of the benchmark (the test set and the scoring rules): discovery can know it
     # before any model exists.
     assert benchmark_fingerprint(trained) == benchmark_fingerprint(metrics)
-    assert benchmark_fingerprint({**metrics, "protocol": "coco-bbox-2"}) != benchmark_fingerprint(metrics)
+    assert benchmark_fingerprint({**metrics, "protocol": "coco-bbox-3"}) != benchmark_fingerprint(metrics)
+
+
+def test_a_results_file_needs_no_image_and_its_test_set_says_which_are_missing(tmp_path, original):
+    """Scoring a results file reads the annotations alone; images that are not there count as missing,
+    so an annotations-only copy is another test set than the one with its images (nothing vouches for
+    its pixels), and the copy that has them all is the same one."""
+    data, metrics = original
+    bare = variant(tmp_path, data, "annotations-only")
+    for image in (bare / "images").iterdir():
+        image.unlink()
+    scored = evaluate(tmp_path, bare)
+    assert scored["test_set"]["annotations_sha256"] == metrics["test_set"]["annotations_sha256"]
+    assert scored["test_set"]["images_sha256"] != metrics["test_set"]["images_sha256"]
 
 
 def test_large_test_sets_are_hashed_in_chunks(tmp_path):

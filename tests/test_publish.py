@@ -75,7 +75,7 @@ def test_record_holds_metrics_and_provenance(metrics_uri, tmp_path):
     assert record["evaluation"]["predictions_uri"] == str(tmp_path / "eval" / "predictions.json")
     assert record["eval_config"]["split"] == "all"
     assert record["synthval_version"] and record["created_at"].endswith("+00:00")
-    assert len(record["protocol_fingerprint"]) == 64 and record["protocol"] == metrics["protocol"]
+    assert len(record["protocol_fingerprint"]) == 64 and record["protocol"] == metrics["protocol"] == "coco-bbox-2"
     assert record["protocol_facts"]["test_set"] == metrics["test_set"]["sha256"]
     assert len(record["benchmark_fingerprint"]) == 64
 

@@ -80,7 +80,7 @@ def test_analysis_classifies_every_box(evaluation):
     assert len(analysis.outcomes) == len(inputs.index)
     # at threshold 0 every true box is either found (TP) or missed, at IoU .5 as COCO's AP50 counts it
     assert sum(o.tp + o.miss for o in analysis.outcomes) == inputs.index.num_boxes
-    scored = sum(len(p["scores"]) for p in inputs.predictions)
+    scored = len(inputs.results)
     assert sum(o.tp + o.fp for o in analysis.outcomes) == scored
     kinds = {item["kind"] for o in analysis.outcomes for item in o.items}
     assert kinds == {"TP", "FP", "MISS"}
@@ -216,13 +216,48 @@ def test_figures_for_tensorboard(evaluation):
 
 
 def test_tensorboard_images_from_in_memory_predictions(evaluation):
-    """What evaluate/train log: model-class predictions mapped back to the test set's labels."""
+    """What evaluate/train log: the pictures of the evaluation's own matches of model-class predictions."""
+    from synthval.metrics import CocoEvaluator
     from synthval.report import tensorboard_images
 
     inputs = load_run_inputs(evaluation["good"]["metrics_uri"])
     shift = {c: c + 100 for c in inputs.index.label_names}  # pretend model classes differ from label ids
-    predictions = [dict(p, labels=np.array([shift[int(c)] for c in p["labels"]])) for p in inputs.predictions]
-    images = tensorboard_images(inputs.index, predictions, inputs.metrics, class_ids=shift, num_images=2)
+    r = inputs.results
+    predictions = [{"image_id": i, "boxes": np.concatenate([r.xywh[r.image_ids == i, :2], r.xywh[r.image_ids == i, :2]
+                                                            + r.xywh[r.image_ids == i, 2:]], axis=1),
+                    "scores": r.scores[r.image_ids == i],
+                    "labels": np.array([shift[int(c)] for c in r.labels[r.image_ids == i]])}
+                   for i in np.unique(r.image_ids).tolist()]
+    evaluator = CocoEvaluator(inputs.index, shift)
+    evaluator.process(predictions)
+    metrics = evaluator.evaluate()
+    assert metrics["mAP"] == pytest.approx(inputs.metrics["mAP"], abs=1e-9)
+    images = tensorboard_images(evaluator.matches, metrics, num_images=2)
     assert {"eval/per_class_AP", "eval/pr_curves", "eval/worst/0", "eval/worst/1", "eval/best/0"} <= set(images)
     for array in images.values():
         assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
+
+
+def test_pictures_follow_coco_s_crowd_rule():
+    """A detection absorbed by a crowd region is neither a TP nor an FP, and the region is never a miss:
+    the report draws what was scored."""
+    from synthval.datasets.index import DatasetIndex, ImageRecord
+    from synthval.metrics import CocoEvaluator
+    from synthval.report import image_outcomes
+
+    xywh = np.array([[0, 0, 100, 100], [200, 0, 100, 200], [0, 300, 50, 50]], dtype=np.float64)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32)
+    record = ImageRecord(1, "/nowhere/1.png", 640, 480, xyxy, np.array([1, 1, 2]), xywh, None,
+                         np.array([False, True, False]), None)
+    index = DatasetIndex("/nowhere", "coco", {1: "person", 2: "dog"}, [record])
+    evaluator = CocoEvaluator(index, {1: 1, 2: 2})
+    evaluator.process([{"image_id": 1, "boxes": np.array([[0, 0, 100, 100], [210, 10, 260, 60], [400, 400, 450, 450],
+                                                          [0, 300, 50, 350]], np.float32),
+                        "scores": np.array([0.9, 0.8, 0.7, 0.6]), "labels": np.array([1, 1, 1, 1])}])
+    evaluator.evaluate()
+    [outcome], confusion = image_outcomes(evaluator.matches, 0.5)
+    kinds = sorted(item["kind"] for item in outcome.items)
+    # person found, the detection in the crowd region not drawn, one false alarm, which lies on the dog
+    assert (outcome.tp, outcome.fp, outcome.miss, outcome.confused) == (1, 2, 1, 1)
+    assert kinds == ["FP", "FP", "MISS", "TP"]
+    assert confusion == {"dog": {"person": 1}}

@@ -412,7 +412,8 @@ def test_nan_and_malformed_json_in_metric_files_exit_2(generated, tmp_path, caps
     text = path.read_text()
     path.write_text(text.replace('"intensity": ', '"intensity": NaN, "was": ', 1))
     code, err, out = run_stats(root, tmp_path, capsys)
-    assert code == 2 and "field 'intensity' must be a finite number below 1e15, got nan" in err and not out.exists()
+    # NaN is not JSON: the strict reader refuses it, naming the line and field, before the metrics are read.
+    assert code == 2 and "field 'intensity': number NaN is not a JSON number" in err and not out.exists()
     path.write_text(text[: len(text) // 2])
     code, err, out = run_stats(root, tmp_path, capsys)
     assert code == 2 and f"{path}: malformed JSON at line" in err and not out.exists()

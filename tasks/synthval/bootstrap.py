@@ -8,13 +8,10 @@ copies data: every statistic here takes a (replicates, images) weight matrix and
 values per replicate. Weights of all ones give the plain, unresampled value.
 
 `bootstrap` is the generic engine (any statistic of per-image data; the coverage tests run a mean of
-Bernoulli samples through it). `CocoBootstrap` is the COCO statistic: pycocotools' own `evaluateImg`
-matches every detection once per IoU threshold, and each replicate only re-runs pycocotools'
-`accumulate` arithmetic with the weights (a detection of an image drawn twice counts twice), vectorised
-over replicates. With weights of all ones that is pycocotools' accumulate itself, so the replicate-0
-values equal pycocotools' mAP, mAP50, mAP75 and mAR100 exactly (tests/test_bootstrap.py). The one
-difference from literally duplicating images: detections with exactly equal scores in different
-images are ordered by image rather than interleaved, which changes nothing but ties.
+Bernoulli samples through it). `CocoBootstrap` is the COCO statistic: it takes the matches that
+`synthval.metrics` computed once for the evaluation itself, and each replicate only re-runs COCO's
+accumulation with the weights, vectorised over replicates. Its unresampled values are the
+evaluation's own numbers, to the bit.
 
 Paired comparisons resample the same images for both models: the same `seed` and the same number of
 images give the same weight matrix, so subtracting two models' replicate rows gives the bootstrap
@@ -23,19 +20,24 @@ distribution of their difference (`paired_difference`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from synthval.datasets.index import DatasetIndex
+from synthval.metrics import (AREA_NAMES, IOU_THRESHOLDS, MAX_DETS, RECALL_THRESHOLDS, Matches,
+                              needed_true_positives)
 
 DEFAULT_REPLICATES = 1000
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_SEED = 0
 # Replicates scored at once: bounds memory at about this many floats per array.
-_CHUNK_CELLS = 2_000_000
+_CHUNK_CELLS = 16_000_000
+# Resamples drawn from one random stream (see `resample_weights`).
+_DRAW_BLOCK = 64
 
 Statistic = Callable[[np.ndarray], np.ndarray]
 
@@ -76,17 +78,22 @@ def _none(x: float) -> float | None:
 
 
 def resample_weights(num_items: int, replicates: int, seed: int) -> np.ndarray:
-    """(replicates, num_items) float64 draw counts: each row is one resample of the items with replacement.
+    """(replicates, num_items) float32 draw counts (whole numbers, exact): each row is one resample of
+    the items with replacement.
 
     Deterministic for (num_items, replicates, seed); row r is the same whatever `replicates` is, so
-    two statistics bootstrapped with the same seed are paired image by image.
+    two statistics bootstrapped with the same seed are paired image by image. Rows are drawn in
+    blocks of `_DRAW_BLOCK`, each from its own stream (seed, block), so memory stays at the result's.
     """
     if num_items < 1:
         raise ValueError("cannot resample an empty set")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, num_items, size=(replicates, num_items))
-    cells = (draws + num_items * np.arange(replicates)[:, None]).ravel()
-    return np.bincount(cells, minlength=replicates * num_items).reshape(replicates, num_items).astype(np.float64)
+    weights = np.empty((replicates, num_items), dtype=np.float32)
+    for block, lo in enumerate(range(0, replicates, _DRAW_BLOCK)):
+        rows = min(_DRAW_BLOCK, replicates - lo)
+        draws = np.random.default_rng([seed, block]).integers(0, num_items, size=(rows, num_items))
+        cells = (draws + num_items * np.arange(rows)[:, None]).ravel()
+        weights[lo:lo + rows] = np.bincount(cells, minlength=rows * num_items).reshape(rows, num_items)
+    return weights
 
 
 def percentile_interval(values: np.ndarray, confidence: float = DEFAULT_CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
@@ -106,18 +113,21 @@ def percentile_interval(values: np.ndarray, confidence: float = DEFAULT_CONFIDEN
 
 def bootstrap(statistic: Statistic, num_items: int, names: Sequence[str], replicates: int = DEFAULT_REPLICATES,
               seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE,
-              chunk: int = 100) -> BootstrapResult:
+              chunk: int = 100, estimate: Sequence[float] | None = None) -> BootstrapResult:
     """Percentile bootstrap of `statistic` over `num_items` items.
 
     `statistic(weights)` takes a (b, num_items) weight matrix and returns (b, len(names)) values (NaN
-    where undefined). The estimate is the statistic at weights of all ones.
+    where undefined). The estimate is `estimate` if given (the exact unresampled values), else the
+    statistic at weights of all ones.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if replicates < 1:
         raise ValueError(f"replicates must be positive, got {replicates}")
     names = list(names)
-    estimate = np.asarray(statistic(np.ones((1, num_items))), dtype=np.float64).reshape(len(names))
+    if estimate is None:
+        estimate = statistic(np.ones((1, num_items)))
+    estimate = np.asarray(estimate, dtype=np.float64).reshape(len(names))
     weights = resample_weights(num_items, replicates, seed)
     rows = [np.asarray(statistic(weights[i:i + chunk]), dtype=np.float64).reshape(-1, len(names))
             for i in range(0, replicates, chunk)]
@@ -185,205 +195,201 @@ def independent_difference(a: BootstrapResult, b: BootstrapResult, name: str) ->
 SUMMARY_NAMES = ("mAP", "mAP50", "mAP75", "mAR100")
 
 
-def coco_api(index: DatasetIndex, predictions: Sequence[Mapping[str, Any]]) -> tuple[Any, Any]:
-    """pycocotools COCO objects (ground truth, detections) for an index and prediction dicts.
+@dataclass
+class _RankedClass:
+    """One class's detections in pycocotools' rank order (area "all", 100 per image) as the statistic
+    needs them: the image of each, up to the last that matched anything (later ones change nothing),
+    and the matched ones: their positions among those, and per IoU threshold whether each is a true
+    positive or was absorbed by a crowd region (scored neither way)."""
 
-    Predictions are dicts with image_id (the index's ids), "boxes_xywh" (or xyxy "boxes"), scores and
-    labels in the dataset's label ids, as `metrics.load_coco_results` returns them. Category and image
-    ids are the index's; box area is width x height, as `synthval.metrics` scores it.
+    img: np.ndarray
+    cand_pos: np.ndarray
+    tp: np.ndarray
+    absorbed: np.ndarray
+
+
+def running(op: np.ufunc, x: np.ndarray) -> np.ndarray:
+    """x (n, ...) in place: x[i] = op(x[i - 1], x[i]) down axis 0 (np.add: running sum; np.maximum:
+    running maximum); returns x.
+
+    numpy's own `accumulate` along an axis walks that axis in its innermost loop, one element at a
+    time: ~10x slower here than elementwise loops over the contiguous replicates. So the rows are
+    cut into blocks of ~sqrt(n): one vector op per row of a block, for all blocks at once, then each
+    block's total carried into the next (the same, recursively, over the block totals).
     """
-    from pycocotools.coco import COCO
-
-    images, annotations = [], []
-    for record in index.images:
-        images.append({"id": int(record.image_id), "width": int(record.width), "height": int(record.height)})
-        boxes = np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)
-        for box, label in zip(boxes.tolist(), np.asarray(record.labels).reshape(-1).tolist()):
-            w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
-                                "category_id": int(label), "bbox": [box[0], box[1], w, h], "area": w * h,
-                                "iscrowd": 0})
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": annotations,
-                  "categories": [{"id": int(c), "name": n} for c, n in sorted(index.label_names.items())]}
-    _quiet(gt.createIndex)
-    dets = []
-    for pred in predictions:
-        xywh = prediction_xywh(pred)
-        for box, score, label in zip(xywh.tolist(), np.asarray(pred["scores"]).tolist(),
-                                     np.asarray(pred["labels"]).tolist()):
-            dets.append({"id": len(dets) + 1, "image_id": int(pred["image_id"]), "category_id": int(label),
-                         "bbox": box, "score": float(score), "area": box[2] * box[3], "iscrowd": 0})
-    dt = COCO()
-    dt.dataset = {"images": [dict(i) for i in images], "annotations": dets,
-                  "categories": [dict(c) for c in gt.dataset["categories"]]}
-    _quiet(dt.createIndex)
-    return gt, dt
-
-
-def prediction_xywh(pred: Mapping[str, Any]) -> np.ndarray:
-    if "boxes_xywh" in pred:
-        return np.asarray(pred["boxes_xywh"], dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)
-    return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
-
-
-def _quiet(fn: Callable[[], Any]) -> Any:
-    # pycocotools prints progress to stdout; a CLI step's stdout carries its result JSON.
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn()
+    n = len(x)
+    block = int(np.sqrt(n)) + 1
+    full = n // block * block
+    if full < 2 * block:
+        for i in range(1, n):
+            op(x[i - 1], x[i], out=x[i])
+        return x
+    blocks = x[:full].reshape(-1, block, *x.shape[1:])
+    for i in range(1, block):
+        op(blocks[:, i - 1], blocks[:, i], out=blocks[:, i])
+    for i in range(full + 1, n):
+        op(x[i - 1], x[i], out=x[i])
+    carry = running(op, blocks[:, -1].copy())  # carry[j]: over blocks 0..j
+    op(carry[:-1, None], blocks[1:], out=blocks[1:])
+    op(carry[-1], x[full:], out=x[full:])
+    return x
 
 
 class CocoBootstrap:
-    """COCO mAP, mAP50, mAP75, mAR100 and per-class AP/AP50 of one set of detections, under image weights.
+    """COCO mAP, mAP50, mAP75, mAR100 and per-class AP/AP50 of one evaluation, under image weights.
 
-    Built once from pycocotools' per-image matches (area "all", at most 100 detections per image and
-    class, the ten IoU thresholds); `statistic(weights)` re-accumulates them for each weight row.
-    `names` lists the statistic's columns: the four summaries, then "AP/<label>" and "AP50/<label>"
-    for every label of the test set. `evaluation` keeps pycocotools' COCOeval (its `evalImgs`, area
-    "all" only, hold the per-image matches the report draws).
+    Built from `CocoEvaluator.matches` (area "all", at most 100 detections per image and class, the
+    ten IoU thresholds): the matches are never computed again, and `statistic(weights)` re-runs
+    only COCO's accumulation with the weights: a replicate's values are pycocotools' on a test set
+    where each image (with its detections) really appears as often as drawn (tests/test_bootstrap.py).
+    The one difference: a repeated image's detections that tie on score are ranked detection after
+    detection rather than copy after copy, which changes nothing but such ties. `estimate()`, the
+    unresampled values, comes from the evaluation's own arrays: metrics.json's numbers to the bit.
+    Image weights are indexed like `matches.image_ids`. `names` lists the statistic's columns: the
+    four summaries, then "AP/<label>" and "AP50/<label>" for every label of the test set.
 
-    Why it is fast: COCO's interpolated precision at recall r is the best precision of any point of
-    the ranked list whose recall reaches r, and that best is always reached at a true positive (a
-    false positive only lowers precision at the same recall). So a replicate needs the cumulative
-    weights only at the true positives: the running sum of the weights of the true positives, and the
-    running sum of all scored detections' weights (false positives = all - true positives), one
-    gather and one cumulative sum per class, no matrix products and no per-replicate Python loop. A
-    true positive of an image drawn zero times becomes a point with the previous point's recall and
-    no better precision, which changes no maximum.
+    Why it is fast: interpolated precision peaks at true positives, so a replicate needs running
+    weights only there: of the true positives, and of all scored detections up to each (every
+    detection, less those a crowd region absorbed); and AP needs only the sum of precision over the
+    recall thresholds, to which each true positive adds its running maximum once per threshold it
+    is the first to reach. Replicates lie along the contiguous axis of every array, classes run on
+    all cores, and there is no per-replicate Python loop.
     """
 
-    def __init__(self, index: DatasetIndex, predictions: Sequence[Mapping[str, Any]]):
-        from pycocotools.cocoeval import COCOeval
-
-        self.index = index
-        self.gt, self.dt = coco_api(index, predictions)
-        ev = COCOeval(self.gt, self.dt, iouType="bbox")
-        # Only area "all" is bootstrapped: evaluate it alone (4x less work, same matches).
-        all_area = ev.params.areaRngLbl.index("all")
-        ev.params.areaRng = [ev.params.areaRng[all_area]]
-        ev.params.areaRngLbl = ["all"]
-        self.max_det = ev.params.maxDets[-1]
-        _quiet(ev.evaluate)
-        self.evaluation = ev
-        p = ev.params
-        self.iou_thresholds = np.asarray(p.iouThrs, dtype=np.float64)
-        self.recall_thresholds = np.asarray(p.recThrs, dtype=np.float64)
-        self.cat_ids = list(p.catIds)
-        self.img_ids = list(p.imgIds)
-        self.label_names = [index.label_names[c] for c in self.cat_ids]
+    def __init__(self, matches: Matches):
+        self.matches = matches
+        self.num_images = len(matches.image_ids)
+        self.iou_thresholds = IOU_THRESHOLDS
+        self.recall_thresholds = RECALL_THRESHOLDS
+        self.cat_ids = list(matches.cat_ids)
+        self.label_names = [matches.index.label_names[c] for c in self.cat_ids]
         self.names = (list(SUMMARY_NAMES) + [f"AP/{n}" for n in self.label_names]
                       + [f"AP50/{n}" for n in self.label_names])
-        # Images are columns of the weight matrix in the index's order.
-        self.position = {int(r.image_id): i for i, r in enumerate(index.images)}
-        n_img = len(self.img_ids)
-        T = len(self.iou_thresholds)
-        # Per class: ground truth count per image, the image of each ranked detection, which of them
-        # are scored at each threshold, and where the true positives are.
-        self.gt_count = np.zeros((len(self.cat_ids), len(index)), dtype=np.float64)
-        self.has_dets = np.zeros(len(self.cat_ids), dtype=bool)
-        self.ranked: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None] = []
-        for k in range(len(self.cat_ids)):
-            entries = [e for e in ev.evalImgs[k * n_img:(k + 1) * n_img] if e is not None]
-            for e in entries:
-                self.gt_count[k, self.position[e["image_id"]]] += np.count_nonzero(np.logical_not(e["gtIgnore"]))
-            if not entries:
-                self.ranked.append(None)
+        a = AREA_NAMES.index("all")
+        K = len(self.cat_ids)
+        regular = ~matches.gt_ignored[:, a]
+        self.gt_count = np.zeros((K, self.num_images), dtype=np.float64)
+        np.add.at(self.gt_count, (matches.gt_cat[regular], matches.gt_img[regular]), 1.0)
+        order = matches.scoring_order()  # the evaluation keeps 100 detections per image and class
+        position = np.empty(len(order), dtype=np.int64)
+        position[order] = np.arange(len(order))
+        cat_sorted = matches.det_cat[order]
+        cat_start = np.searchsorted(cat_sorted, np.arange(K + 1))
+        cand_pos, match = position[matches.cand], matches.cand_match[:, :, a]  # (U, T)
+        by_pos = np.argsort(cand_pos)
+        cand_pos, match = cand_pos[by_pos], match[by_pos]
+        crowd = matches.gt_crowd[np.maximum(match, 0)] & (match >= 0)
+        cand_cat_start = np.searchsorted(cat_sorted[cand_pos], np.arange(K + 1))
+        self.ranked: list[_RankedClass | None] = []
+        for k in range(K):
+            u = slice(cand_cat_start[k], cand_cat_start[k + 1])
+            if cand_cat_start[k] == cand_cat_start[k + 1]:
+                self.ranked.append(None)  # nothing matched: precision 0 wherever there is ground truth
                 continue
-            # accumulate(): each image's first maxDet detections, images in id order, then a stable sort.
-            scores = np.concatenate([e["dtScores"][:self.max_det] for e in entries])
-            order = np.argsort(-scores, kind="mergesort")
-            img = np.concatenate([np.full(len(e["dtScores"][:self.max_det]), self.position[e["image_id"]],
-                                          dtype=np.int64) for e in entries])[order]
-            dtm = np.concatenate([e["dtMatches"][:, :self.max_det] for e in entries], axis=1)[:, order]
-            dt_ig = np.concatenate([e["dtIgnore"][:, :self.max_det] for e in entries], axis=1)[:, order]
-            self.has_dets[k] = len(img) > 0
-            counted = np.logical_not(dt_ig)  # (T, D): scored detections (not matched to ignored boxes)
-            tp_pos = [np.flatnonzero(np.logical_and(dtm[t], counted[t])) for t in range(T)]
-            self.ranked.append((img, counted, tp_pos))
+            s = cat_start[k]
+            local = cand_pos[u] - s
+            self.ranked.append(_RankedClass(img=matches.det_img[order[s:s + local[-1] + 1]], cand_pos=local,
+                                            tp=(match[u] >= 0) & ~crowd[u], absorbed=crowd[u]))
 
     def statistic(self, weights: np.ndarray) -> np.ndarray:
-        """(b, len(names)) values for a (b, num images) weight matrix; NaN where a metric is undefined."""
-        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-        if weights.shape[1] != len(self.index):
-            raise ValueError(f"weights have {weights.shape[1]} columns for {len(self.index)} images")
-        most = max([len(r[0]) for r in self.ranked if r is not None] + [1])
-        step = max(1, _CHUNK_CELLS // most)
-        parts = [self._statistic(weights[i:i + step]) for i in range(0, weights.shape[0], step)]
-        return np.concatenate(parts, axis=0) if parts else np.zeros((0, len(self.names)))
+        """(b, len(names)) values for a (b, num images) weight matrix; NaN where a metric is undefined.
 
-    def _statistic(self, weights: np.ndarray) -> np.ndarray:
-        b, K, T, R = weights.shape[0], len(self.cat_ids), len(self.iou_thresholds), len(self.recall_thresholds)
-        # pycocotools' precision (T, R, K) and recall (T, K) per replicate, 0 where there are no
-        # detections; a class without ground truth in a replicate is invalid (pycocotools' -1).
-        precision = np.zeros((b, T, R, K))
-        recall = np.zeros((b, T, K))
-        npig = weights @ self.gt_count.T  # (b, K) exact: small integers
-        valid = npig > 0
-        rows = np.arange(b)
-        for k in range(K):
-            if self.ranked[k] is None or not self.has_dets[k] or not valid[:, k].any():
+        At weights of all ones these are the evaluation's numbers up to float rounding (~1e-16: sums
+        are taken in another order); `estimate()` gives them exactly.
+        """
+        weights = np.atleast_2d(np.asarray(weights))
+        if weights.shape[1] != self.num_images:
+            raise ValueError(f"weights have {weights.shape[1]} columns for {self.num_images} images")
+        b, K = weights.shape[0], len(self.cat_ids)
+        num_gt = weights @ self.gt_count.T  # (b, K) in float64, exact: small integers
+        valid = num_gt > 0
+        if not np.array_equal(weights, np.round(weights)) or weights.min(initial=0) < 0:
+            raise ValueError("weights are draw counts: whole numbers >= 0")
+        # (images, b): a detection's weights over all replicates are one contiguous row. Draw counts
+        # and their sums are whole numbers, exact in float32 below 2^24.
+        by_image = np.ascontiguousarray(weights.T, dtype=np.float32)
+        # Per class: AP, AP50, AP75 and AR100; 0 where there is ground truth but no match. Classes
+        # (and slices of replicates) are independent, and numpy lets go of the GIL in its loops.
+        per_class = np.zeros((4, b, K))
+        tasks = [(k, slice(lo, lo + max(1, _CHUNK_CELLS // len(ranked.img))))
+                 for k, ranked in enumerate(self.ranked) if ranked is not None and valid[:, k].any()
+                 for lo in range(0, b, max(1, _CHUNK_CELLS // len(ranked.img)))]
+
+        def run(task: tuple[int, slice]) -> None:
+            k, rows = task
+            per_class[:, rows, k] = self._class_values(self.ranked[k], by_image[:, rows], num_gt[rows, k])
+
+        with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1, 8) or 1) as pool:
+            list(pool.map(run, tasks))
+        count = valid.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            summaries = np.where(count > 0, (per_class * valid).sum(axis=2) / count, np.nan)  # (4, b)
+        return np.concatenate([summaries.T, np.where(valid, per_class[0], np.nan),
+                               np.where(valid, per_class[1], np.nan)], axis=1)
+
+    def _class_values(self, ranked: _RankedClass, weights: np.ndarray, num_gt: np.ndarray) -> np.ndarray:
+        """(4, b): one class's AP, AP50, AP75 and AR100 under `weights` (images, b), draw counts.
+
+        Counts are exact; precision is float32, whose rounding (~1e-7) is far below any interval's
+        width (`estimate()` holds pycocotools' arithmetic to the bit). Arrays are (positions, b).
+        """
+        T, R = len(self.iou_thresholds), len(self.recall_thresholds)
+        b = weights.shape[1]
+        n = np.where(num_gt > 0, num_gt, 1.0)
+        # reached[offset[j] + c]: how many recall thresholds c true positives reach in replicate j
+        # (pycocotools' `c / n >= threshold`), for every count c = 0..n; one table per distinct n, so
+        # small enough to stay in cache.
+        distinct, which = np.unique(n, return_inverse=True)
+        sizes = distinct.astype(np.int64) + 1
+        starts = np.cumsum(sizes) - sizes
+        hits = (starts[:, None] + needed_true_positives(distinct).astype(np.int64)).ravel()
+        reached = np.cumsum(np.bincount(hits, minlength=int(sizes.sum()) + 1)[:-1]).astype(np.float32)
+        reached -= np.repeat(np.r_[0, reached[starts[1:] - 1]], sizes)  # restart the count per table
+        offset = starts[which.ravel()].astype(np.float32)
+        summed = np.zeros((T, b))  # sum of precision over the recall thresholds
+        recall = np.zeros((T, b))
+        # Weight of all detections up to each matched one (the tiny epsilon is COCO's: 0 / 0 is 0).
+        upto = running(np.add, weights[ranked.img])[ranked.cand_pos] + np.spacing(np.float32(1))
+        w = weights[ranked.img[ranked.cand_pos]]  # the matched detections' weights
+        for t in range(T):
+            tp = ranked.tp[:, t]
+            if not tp.any():
                 continue
-            img, counted, tp_pos = self.ranked[k]
-            n = np.where(valid[:, k], npig[:, k], 1.0)
-            # Smallest true-positive count c with c / n >= r, using the very float division that
-            # pycocotools' searchsorted compares, so the integer comparison below is exact.
-            need = np.ceil(self.recall_thresholds[None, :] * n[:, None])
-            need = np.where((need - 1) / n[:, None] >= self.recall_thresholds, need - 1, need)
-            need = np.where(need / n[:, None] < self.recall_thresholds, need + 1, need)
-            w = weights[:, img]  # (b, D): each ranked detection's weight
-            all_counted = counted.all()
-            if all_counted:
-                scored_sum = np.cumsum(w, axis=1)
-            for t in range(T):
-                pos = tp_pos[t]
-                m = len(pos)
-                if m == 0:
-                    continue
-                if not all_counted:
-                    scored_sum = np.cumsum(w * counted[t], axis=1)
-                tp_sum = np.cumsum(w[:, pos], axis=1)  # (b, m): true positives up to each one
-                fp_sum = scored_sum[:, pos] - tp_sum  # false positives up to each true positive
-                pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
-                pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
-                recall[:, t, k] = tp_sum[:, -1] / n
-                # First true positive whose count reaches `need`, for every row at once: offset each
-                # row's counts (exact small integers) so one sorted array holds them all.
-                stride = float(tp_sum[:, -1].max() + need.max() + 2)
-                keys = (tp_sum + rows[:, None] * stride).ravel()
-                first = np.searchsorted(keys, (need + rows[:, None] * stride).ravel(), side="left")
-                first = first.reshape(b, R) - rows[:, None] * m
-                ok = first < m
-                q = np.zeros((b, R))
-                q[ok] = pr[np.nonzero(ok)[0], first[ok]]
-                precision[:, t, :, k] = q
+            scored = upto[tp]
+            if ranked.absorbed[:, t].any():
+                absorbed = running(np.add, w * ranked.absorbed[:, t, None])[tp]
+                scored = np.maximum(scored - absorbed, np.spacing(np.float32(1)))
+            tp_upto = running(np.add, w[tp])[::-1]  # (m, b), from the last true positive up
+            # COCO's interpolated precision is the running maximum of precision from the last true
+            # positive up, read at the first true positive that reaches each recall threshold: so
+            # each true positive adds its running maximum once per threshold it is the first to reach.
+            envelope = running(np.maximum, tp_upto / scored[::-1])
+            first_reached = reached[(tp_upto + offset).astype(np.intp)]
+            first_reached[:-1] -= first_reached[1:]
+            summed[t] = np.einsum("ij,ij->j", envelope, first_reached)
+            recall[t] = tp_upto[0] / n
         t50 = int(np.argmin(np.abs(self.iou_thresholds - 0.5)))
         t75 = int(np.argmin(np.abs(self.iou_thresholds - 0.75)))
-        out = np.full((b, len(self.names)), np.nan)
-        # np.mean over the same entries in the same order as pycocotools' summarize() (row by row, a
-        # contiguous reduction: the same pairwise sum as on one flat array), so equal to the bit.
-        patterns, which = np.unique(valid, axis=0, return_inverse=True)
-        for j, v in enumerate(patterns):
-            if not v.any():
-                continue
-            sel = np.flatnonzero(which.ravel() == j)
-            p = precision[sel][:, :, :, v]  # (rows, T, R, classes)
-            out[sel, 0] = np.mean(p.reshape(len(sel), -1), axis=1)
-            out[sel, 1] = np.mean(p[:, t50].reshape(len(sel), -1), axis=1)
-            out[sel, 2] = np.mean(p[:, t75].reshape(len(sel), -1), axis=1)
-            out[sel, 3] = np.mean(recall[sel][:, :, v].reshape(len(sel), -1), axis=1)
-        per_class = np.ascontiguousarray(precision.transpose(0, 3, 1, 2)).reshape(b, K, T * R).mean(axis=2)
-        per_class50 = precision[:, t50].mean(axis=1)
-        out[:, 4:4 + K] = np.where(valid, per_class, np.nan)
-        out[:, 4 + K:] = np.where(valid, per_class50, np.nan)
-        return out
+        return np.stack([summed.sum(axis=0) / (T * R), summed[t50] / R, summed[t75] / R, recall.mean(axis=0)])
+
+    def estimate(self) -> np.ndarray:
+        """(len(names),) the unresampled values, exactly the evaluation's (from its precision arrays)."""
+        m = self.matches
+        a, top = AREA_NAMES.index("all"), MAX_DETS.index(100)
+        precision, recall = m.precision[:, :, :, a, top], m.recall[:, :, a, top]  # (T, R, K), (T, K)
+        t50 = int(np.argmin(np.abs(self.iou_thresholds - 0.5)))
+        t75 = int(np.argmin(np.abs(self.iou_thresholds - 0.75)))
+
+        def mean(values: np.ndarray) -> float:
+            kept = values[values > -1]
+            return float(np.mean(kept)) if len(kept) else np.nan
+
+        K = len(self.cat_ids)
+        return np.array([mean(precision), mean(precision[t50]), mean(precision[t75]), mean(recall)]
+                        + [mean(precision[:, :, k]) for k in range(K)] + [mean(precision[t50, :, k]) for k in range(K)])
 
     def run(self, replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED,
             confidence: float = DEFAULT_CONFIDENCE) -> BootstrapResult:
         """Bootstrap the COCO metrics over the test images."""
-        cells = len(self.iou_thresholds) * len(self.recall_thresholds) * max(1, len(self.cat_ids))
-        return bootstrap(self.statistic, len(self.index), self.names, replicates=replicates, seed=seed,
-                         confidence=confidence, chunk=max(1, _CHUNK_CELLS // cells))
+        return bootstrap(self.statistic, self.num_images, self.names, replicates=replicates, seed=seed,
+                         confidence=confidence, chunk=replicates, estimate=self.estimate())

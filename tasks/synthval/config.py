@@ -141,6 +141,8 @@ class EvalConfig:
     # Boxes drawn on the few TensorBoard sample images.
     draw_score_thresh: float = 0.5
     num_sample_images: int = 4
+    # 95% bootstrap intervals in metrics.json from this many resamples of the test images (0: none).
+    bootstrap_replicates: int = 1000
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def evaluation_benchmark(test_data_uri: str, split: str = "test", dataset_format
     path = local_dataset(test_data_uri)  # a pod gets gs://: read through the local cache, as evaluate does
     config = load_config(EvalConfig, preset=None, config_text=None, overrides=[f"split={split}"], source="config")
     index = load_dataset(path, format=dataset_format, split=config.split)
-    facts = provenance(config, index, test_data_uri, None, None, "", coco_image_ids(index, path), None)
+    facts = provenance(config, index, test_data_uri, None, None, "", coco_image_ids(index), None)
     facts["protocol"] = METRIC_PROTOCOL
     return benchmark_fingerprint(facts, test_data_uri), {"test_set": facts["test_set"], "protocol": METRIC_PROTOCOL}
 

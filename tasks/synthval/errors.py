@@ -1,4 +1,19 @@
-"""Errors the library raises. Only the CLI turns them into exit codes and one line on stderr."""
+"""Errors the library raises, and how a bad value is shown in their one line. Only the CLI turns them into
+exit codes and one line on stderr."""
+
+import math
+from typing import Any
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value for an error message, as the file wrote it where it can and cut short: an integer of
+    thousands of digits stays one short line, a non-finite float is JSON's NaN / Infinity."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class SynthvalError(Exception):

@@ -1,17 +1,24 @@
 """`run_evaluate`: COCO metrics of a checkpoint, or of an existing COCO results file, on a test set.
 
-    dataset URI -> index of the split -> (model -> batched predictions) or (results file) -> CocoEvaluator
-                -> <out>/predictions.json, <out>/metrics.json, TensorBoard, a summary table in the log
+    checkpoint:    dataset -> checked index of the split (images must be there) -> model -> predictions
+    results file:  annotations of the split alone (no image is opened) -> the file's detections
+                   -> CocoEvaluator (matches once) -> bootstrap intervals from the same matches
+                   -> <out>/predictions.json, <out>/metrics.json, TensorBoard, a summary table in the log
 
 Labels: the test set's labels are scored; model classes are matched to them by name (a seed checkpoint,
 which names none, by id: its class k is the test set's label id k). Test labels the model cannot predict
 stay in (AP 0 where they have boxes: the truth for that model) and a warning names them; detections of
 model classes the test set lacks are not scored, and a warning and `metrics.json`'s "unscored_detections"
 count them per class. `metrics.json` holds `synthval.metrics`' result
-dict plus provenance (see `provenance`); `predictions.json` is a COCO results list in the test set's
-category ids and image ids: a COCO test set's own `images[].id`, else synthval's index ids. That is also
-what `--predictions` files must use, so a written `predictions.json` scores again to the same numbers.
-Everything is checked before anything is written: bad input leaves `out_uri` untouched.
+dict plus provenance (see `provenance`), "intervals" (`BootstrapResult.to_dict()`: 95% percentile
+bootstrap intervals over the test images of mAP, mAP50, mAP75, mAR100 and per-class AP / AP50, from
+`config.bootstrap_replicates` resamples; null when 0), and "inference": {"device": "cpu" | "cuda" |
+"mps", "dtype": "float32" | "bfloat16" | "float16"} (the model's device class and autocast dtype; box
+decoding is float32 whatever the dtype, see `engine.predict`), null when a results file was scored.
+`predictions.json` is a COCO results list in the test set's category ids and image ids: a COCO test
+set's own `images[].id`, else synthval's index ids. That is also what `--predictions` files must use
+(a scored file is copied there as it is), so a written `predictions.json` scores again to the same
+numbers. Everything is checked before anything is written: bad input leaves `out_uri` untouched.
 """
 
 from __future__ import annotations
@@ -25,11 +32,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from synthval import __version__, storage
+from synthval.bootstrap import CocoBootstrap
 from synthval.config import EvalConfig, to_dict
-from synthval.datasets import DatasetIndex, default_split, load_dataset
+from synthval.datasets import DatasetIndex, default_split, load_dataset, load_ground_truth
 from synthval.errors import ConfigError
 from synthval.fetch import is_named_source, local_dataset
-from synthval.metrics import SUMMARY_KEYS, CocoEvaluator, format_summary, load_coco_results
+from synthval.metrics import SUMMARY_KEYS, CocoEvaluator, Matches, format_summary, parse_coco_results
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +54,55 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
     """
     if (checkpoint_uri is None) == (predictions_uri is None):
         raise ConfigError("evaluate needs exactly one of a checkpoint or a predictions (COCO results) file")
+    if 0 < config.bootstrap_replicates < 10:
+        raise ConfigError(f"bootstrap_replicates: {config.bootstrap_replicates} resamples give no interval worth "
+                          "the name; use 0 (no intervals) or at least 10 (1000 for reported intervals)")
     data_path = local_dataset(data_uri)
     config = dataclasses.replace(config, split=default_split(data_path, dataset_format, config.split))
-    index = load_dataset(data_path, format=dataset_format, split=config.split,
-                         bbox_definition_id=bbox_definition_id, skip_broken=skip_broken)
+    if predictions_uri is not None:  # every number depends on the annotations alone
+        index = load_ground_truth(data_path, format=dataset_format, split=config.split,
+                                  bbox_definition_id=bbox_definition_id)
+    else:
+        index = load_dataset(data_path, format=dataset_format, split=config.split,
+                             bbox_definition_id=bbox_definition_id, skip_broken=skip_broken)
     log.info("test set: %d images, %d boxes, %d labels (%s, split %s)", len(index), index.num_boxes,
              len(index.label_names), index.format, config.split)
-    coco_ids = coco_image_ids(index, data_path)
+    coco_ids = coco_image_ids(index)
     checkpoint_info: dict[str, Any] | None = None
+    inference: dict[str, str] | None = None
     if predictions_uri is not None:
-        to_index = {coco_id: image_id for image_id, coco_id in coco_ids.items()}
-        predictions = load_coco_results(predictions_uri, index, image_ids=to_index)
-        class_ids, model_names = {c: c for c in index.label_names}, None
-        log.info("scoring %d detections from %s", sum(len(p["scores"]) for p in predictions), predictions_uri)
+        source = storage.read_bytes(predictions_uri)
+        results = parse_coco_results(source, predictions_uri, index,
+                                     image_ids={coco_id: image_id for image_id, coco_id in coco_ids.items()})
+        log.info("scoring %d detections from %s", len(results), predictions_uri)
+        evaluator = CocoEvaluator(index, {c: c for c in index.label_names}, None, coco_image_ids=coco_ids)
+        evaluator.add_results(results)
     else:
-        predictions, class_ids, model_names, checkpoint_info = predict_checkpoint(config, checkpoint_uri, index)
-
-    evaluator = CocoEvaluator(index, class_ids, model_names, coco_image_ids=coco_ids)
-    evaluator.process(predictions)
+        predictions, class_ids, model_names, checkpoint_info, inference = predict_checkpoint(
+            config, checkpoint_uri, index)
+        evaluator = CocoEvaluator(index, class_ids, model_names, coco_image_ids=coco_ids)
+        evaluator.process(predictions)
     metrics = evaluator.evaluate()
     _warn_label_mismatch(metrics["label_match"], metrics["num_predictions_dropped"])
-    metrics["unscored_detections"] = unscored_detections(predictions, class_ids, model_names)
+    metrics["unscored_detections"] = (unscored_detections(predictions, class_ids, model_names)
+                                      if checkpoint_uri is not None else {"total": 0, "by_class": {}})
+    metrics["intervals"] = None
+    if config.bootstrap_replicates:
+        intervals = CocoBootstrap(evaluator.matches).run(replicates=config.bootstrap_replicates)
+        metrics["intervals"] = intervals.to_dict()
 
     out_predictions_uri = storage.join_uri(out_uri, PREDICTIONS_FILE)
     metrics_uri = storage.join_uri(out_uri, METRICS_FILE)
     metrics.update(provenance(config, index, data_uri, checkpoint_uri, predictions_uri, out_predictions_uri,
                               coco_ids, checkpoint_info))
+    metrics["inference"] = inference
     if tb_log_dir_uri:
         step = int((checkpoint_info or {}).get("step") or 0)
-        write_tensorboard(tb_log_dir_uri, metrics, index, predictions, class_ids, config, step)
-    storage.write_text(out_predictions_uri, json.dumps(evaluator.coco_results()) + "\n")
+        write_tensorboard(tb_log_dir_uri, metrics, evaluator.matches, config, step)
+    if predictions_uri is not None:
+        storage.write_bytes(out_predictions_uri, source)  # the scored file itself, checked above
+    else:
+        storage.write_text(out_predictions_uri, json.dumps(evaluator.coco_results()) + "\n")
     storage.write_json(metrics_uri, metrics)  # last: its presence means the evaluation is complete
     log.info("%s", format_summary(metrics))
     log.info("wrote %s and %s", metrics_uri, out_predictions_uri)
@@ -83,24 +110,19 @@ def run_evaluate(config: EvalConfig, data_uri: str, out_uri: str, checkpoint_uri
             "summary": {k: metrics[k] for k in ("mAP", "mAP50", "mAR100")}}
 
 
-def coco_image_ids(index: DatasetIndex, data_path: str) -> dict[int, Any]:
+def coco_image_ids(index: DatasetIndex) -> dict[int, Any]:
     """{index image id: the id results files use}: a COCO file's own `images[].id`, else the index id.
 
     The COCO reader numbers images by their position in `images[]`; a detector's COCO results use the
     file's ids, and matching those against positions would silently score boxes on the wrong images.
     """
-    if index.format != "coco":
-        return {r.image_id: r.image_id for r in index.images}
-    from synthval.datasets.coco import resolve_annotation_file
-    from synthval.datasets.index import read_json_file
-
-    images = read_json_file(resolve_annotation_file(data_path))["images"]
-    return {r.image_id: images[r.image_id]["id"] for r in index.images}
+    return {r.image_id: index.source_ids.get(r.image_id, r.image_id) for r in index.images}
 
 
 def predict_checkpoint(config: EvalConfig, checkpoint_uri: str, index: DatasetIndex
-                       ) -> tuple[list[dict], dict[int, int], list[str] | None, dict[str, Any]]:
-    """Run the checkpoint over the index; return (predictions, class_ids, model class names, checkpoint info)."""
+                       ) -> tuple[list[dict], dict[int, int], list[str] | None, dict[str, Any], dict[str, str]]:
+    """Run the checkpoint over the index; return (predictions, class_ids, model class names, checkpoint
+    info, inference {"device": device class, "dtype": autocast dtype or float32})."""
     import torch
 
     from synthval import distributed, engine
@@ -123,7 +145,8 @@ def predict_checkpoint(config: EvalConfig, checkpoint_uri: str, index: DatasetIn
     info = {k: meta.get(k) for k in ("step", "epoch", "synthval_version", "source_format", "num_classes")}
     info["model"] = (meta.get("model_config") or {}).get("name")
     info["config"] = _jsonable(meta.get("config"))
-    return predictions, class_ids, names, info
+    inference = {"device": device.type, "dtype": str(amp_dtype or torch.float32).removeprefix("torch.")}
+    return predictions, class_ids, names, info, inference
 
 
 def provenance(config: EvalConfig, index: DatasetIndex, data_uri: str, checkpoint_uri: str | None,
@@ -216,15 +239,16 @@ def _warn_label_mismatch(match: Mapping[str, list[str]], dropped: int) -> None:
 # --- TensorBoard ----------------------------------------------------------------------------------------
 
 
-def write_tensorboard(tb_log_dir_uri: str, metrics: dict[str, Any], index: DatasetIndex, predictions: list[dict],
-                      class_ids: Mapping[int, int], config: EvalConfig, step: int) -> None:
+def write_tensorboard(tb_log_dir_uri: str, metrics: dict[str, Any], matches: Matches, config: EvalConfig,
+                      step: int) -> None:
     """Scalars, a summary table and the run report's own pictures (per-class AP, PR curves, confusion,
-    worst and best images with TP / FP / misses drawn), so TensorBoard and the report show the same."""
+    worst and best images with TP / FP / misses drawn, from the evaluation's own matches), so
+    TensorBoard and the report show the same."""
     from synthval.report import tensorboard_images
     from synthval.summaries import add_scalars, open_summary_writer
 
-    images = tensorboard_images(index, predictions, metrics, class_ids=class_ids,
-                                score_threshold=config.draw_score_thresh, num_images=config.num_sample_images)
+    images = tensorboard_images(matches, metrics, score_threshold=config.draw_score_thresh,
+                                num_images=config.num_sample_images)
     writer = open_summary_writer(tb_log_dir_uri)
     try:
         add_scalars(writer, "eval", {k: metrics[k] for k in SUMMARY_KEYS if "-" not in k}, step)

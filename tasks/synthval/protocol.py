@@ -34,9 +34,10 @@ from synthval.errors import DatasetError
 
 CHUNK_BYTES = 1 << 20
 HASH_THREADS = 8  # hashlib releases the GIL on large updates: reading and hashing overlap across files
-# Eval config keys that change speed or pictures, never the numbers. `amp` is the request; the dtype
-# inference actually ran in is recorded in "inference".
-NON_PROTOCOL_KEYS = ("batch_size", "num_workers", "device", "amp", "draw_score_thresh", "num_sample_images")
+# Eval config keys that change speed, pictures or the intervals, never the numbers. `amp` is the request;
+# the dtype inference actually ran in is recorded in "inference".
+NON_PROTOCOL_KEYS = ("batch_size", "num_workers", "device", "amp", "draw_score_thresh", "num_sample_images",
+                     "bootstrap_replicates")
 # Model config keys that decide what a detector outputs at inference time.
 MODEL_INFERENCE_KEYS = ("min_size", "max_size", "box_score_thresh", "box_detections_per_img",
                         "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test")
@@ -54,6 +55,8 @@ def file_sha256(path: str) -> str:
 def _image_digest(path: str) -> str:
     try:
         return file_sha256(path)
+    except FileNotFoundError:
+        return "missing"
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the test image to fingerprint the test set ({exc.strerror})") from None
 
@@ -66,7 +69,8 @@ def test_set_fingerprint(index: Any, coco_ids: Mapping[int, Any], split: str | N
     """{"sha256", "images_sha256", "annotations_sha256", "label_map_sha256"} of a `DatasetIndex`'s content.
 
     `coco_ids` maps index ids to the ids results files use (`evaluate.coco_image_ids`); images are taken in
-    that id order, so the reader's order does not matter.
+    that id order, so the reader's order does not matter. An image file that is not there (a results file
+    scored from the annotations alone) counts as missing: nothing vouches for its pixels.
     """
     records = sorted(index.images, key=lambda r: _id_order(coco_ids[r.image_id]))
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:

@@ -38,6 +38,7 @@ from synthval.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, DEFAULT_
 from synthval.datasets.index import DatasetIndex
 from synthval.fetch import local_dataset
 from synthval.errors import ConfigError, DatasetError, SynthvalError
+from synthval.metrics import IOU_THRESHOLDS, CocoEvaluator, CocoResults, Matches, box_iou
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ HEADLINE = (("mAP", "mAP@[.5:.95]"), ("mAP50", "mAP@.5"), ("mAP75", "mAP@.75"), 
 class RunInputs:
     """What a run report is made from: metrics.json, the test set's index and the scored predictions.
 
-    `predictions` are `metrics.load_coco_results` dicts (index image ids, test-set label ids), or None
-    when no predictions file could be found (the report then has no intervals and no gallery).
+    `results` is the predictions file (`metrics.load_coco_results`: index image ids, test-set label
+    ids), or None when none could be found (the report then has no intervals and no gallery).
     """
 
     metrics_uri: str
@@ -66,7 +67,7 @@ class RunInputs:
     data_uri: str
     split: str | None
     predictions_uri: str | None
-    predictions: list[dict[str, Any]] | None
+    results: CocoResults | None
     notes: list[str] = field(default_factory=list)
 
 
@@ -77,9 +78,10 @@ def load_run_inputs(metrics_uri: str, predictions_uri: str | None = None, data_u
 
     `data_uri`, `split` and `predictions_uri` default to metrics.json's "data_uri", "split" and
     "predictions_uri". The predictions file's image ids are the test set's public ids (a COCO file's
-    own ids), as `synthval evaluate` writes them.
+    own ids), as `synthval evaluate` writes them. The test set is read as the evaluation read it: the
+    annotations alone for a scored results file, the checked index (images present) for a checkpoint.
     """
-    from synthval.datasets import load_dataset
+    from synthval.datasets import load_dataset, load_ground_truth
     from synthval.evaluate import coco_image_ids
     from synthval.metrics import load_coco_results
 
@@ -92,9 +94,12 @@ def load_run_inputs(metrics_uri: str, predictions_uri: str | None = None, data_u
         raise ConfigError(f"{metrics_uri} names no test set (data_uri); pass --data")
     split = split if split is not None else metrics.get("split", test_set.get("split"))
     data_path = local_dataset(data_uri)
-    index = load_dataset(data_path, format=dataset_format, split=split, bbox_definition_id=bbox_definition_id,
-                         skip_broken=skip_broken)
-    public = coco_image_ids(index, data_path)
+    if metrics.get("checkpoint_uri"):
+        index = load_dataset(data_path, format=dataset_format, split=split, bbox_definition_id=bbox_definition_id,
+                             skip_broken=skip_broken)
+    else:
+        index = load_ground_truth(data_path, format=dataset_format, split=split, bbox_definition_id=bbox_definition_id)
+    public = coco_image_ids(index)
     notes = []
     expected = test_set.get("image_ids_sha256")
     if expected:
@@ -104,15 +109,14 @@ def load_run_inputs(metrics_uri: str, predictions_uri: str | None = None, data_u
             notes.append(f"The test set read from {data_uri} (split {split}) is not the one metrics.json was "
                          "scored on (its image ids differ); intervals and pictures describe the images read now.")
     predictions_uri = predictions_uri or metrics.get("predictions_uri")
-    predictions = None
+    results = None
     if predictions_uri and storage.exists(predictions_uri):
-        to_index = {p: i for i, p in public.items()}
-        predictions = load_coco_results(predictions_uri, index, image_ids=to_index)
+        results = load_coco_results(predictions_uri, index, image_ids={p: i for i, p in public.items()})
     else:
         notes.append(f"No predictions file found ({predictions_uri or 'none named in metrics.json'}): the report "
                      "has no intervals and no gallery.")
         log.warning("%s", notes[-1])
-    return RunInputs(metrics_uri, metrics, index, data_uri, split, predictions_uri, predictions, notes)
+    return RunInputs(metrics_uri, metrics, index, data_uri, split, predictions_uri, results, notes)
 
 
 # --- analysis ----------------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ class RunAnalysis:
     inputs: RunInputs
     score_threshold: float
     bootstrap: BootstrapResult | None
-    coco: CocoBootstrap | None
+    matches: Matches | None
     outcomes: list[ImageOutcome]
     confusion: dict[str, dict[str, int]]
 
@@ -167,97 +171,109 @@ class RunAnalysis:
 
 def analyze_run(inputs: RunInputs, score_threshold: float | None = None, replicates: int = DEFAULT_REPLICATES,
                 seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE) -> RunAnalysis:
-    """Bootstrap the metrics and classify every detection and true box of the test set."""
+    """Score the predictions file once, bootstrap its metrics from those matches and classify every
+    detection and true box of the test set."""
     if score_threshold is None:
         score_threshold = float((inputs.metrics.get("config") or {}).get("draw_score_thresh", DEFAULT_SCORE_THRESHOLD))
     if not 0.0 <= score_threshold <= 1.0:
         raise ConfigError(f"score threshold {score_threshold} must lie in [0, 1]")
-    if inputs.predictions is None:
+    if inputs.results is None:
         return RunAnalysis(inputs, score_threshold, None, None, [], {})
-    coco = CocoBootstrap(inputs.index, inputs.predictions)
-    result = coco.run(replicates=replicates, seed=seed, confidence=confidence)
+    matches = score_results(inputs)
+    result = CocoBootstrap(matches).run(replicates=replicates, seed=seed, confidence=confidence)
     for key in SUMMARY_NAMES:
         reported, recomputed = inputs.metrics.get(key), result.estimate[key]
         if reported is not None and np.isfinite(recomputed) and abs(reported - recomputed) > 1e-9:
             inputs.notes.append(f"{key} recomputed from the predictions file is {recomputed:.6f}, metrics.json "
                                 f"says {reported:.6f}: the file is not the one these metrics were scored from.")
-    outcomes, confusion = image_outcomes(coco, score_threshold)
-    return RunAnalysis(inputs, score_threshold, result, coco, outcomes, confusion)
+    outcomes, confusion = image_outcomes(matches, score_threshold)
+    return RunAnalysis(inputs, score_threshold, result, matches, outcomes, confusion)
 
 
-def _iou_xywh(box: Sequence[float], others: np.ndarray) -> np.ndarray:
-    if len(others) == 0:
-        return np.zeros(0)
-    x1 = np.maximum(box[0], others[:, 0])
-    y1 = np.maximum(box[1], others[:, 1])
-    x2 = np.minimum(box[0] + box[2], others[:, 0] + others[:, 2])
-    y2 = np.minimum(box[1] + box[3], others[:, 1] + others[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    union = box[2] * box[3] + others[:, 2] * others[:, 3] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+def score_results(inputs: RunInputs) -> Matches:
+    """Score the run's predictions file on its test set, as `synthval evaluate` does; returns the matches."""
+    from synthval.evaluate import coco_image_ids
+
+    evaluator = CocoEvaluator(inputs.index, {c: c for c in inputs.index.label_names},
+                              coco_image_ids=coco_image_ids(inputs.index))
+    evaluator.add_results(inputs.results)
+    evaluator.evaluate()
+    return evaluator.matches
 
 
-def image_outcomes(coco: CocoBootstrap, score_threshold: float) -> tuple[list[ImageOutcome], dict[str, dict[str, int]]]:
+def image_outcomes(matches: Matches, score_threshold: float) -> tuple[list[ImageOutcome], dict[str, dict[str, int]]]:
     """Per image: detections >= threshold as TP/FP and true boxes as found/missed, at IoU .5.
 
-    The matching is pycocotools' own (its greedy, score-ordered matching at IoU .5, from `evalImgs`);
-    matching runs in score order, so dropping detections below the threshold afterwards gives what
-    matching only those above it would. A false positive on a true box of another class (IoU >= .5)
-    counts as a confusion: {true label: {predicted label: count}}.
+    The matching is the evaluation's own (COCO's greedy, score-ordered matching at IoU .5, all areas,
+    100 detections per image and class): matching runs in score order, so dropping detections below
+    the threshold afterwards gives what matching only those above it would. A detection a crowd
+    region absorbed is neither (and not drawn); a crowd region is never a miss. A false positive on a
+    true box of another class (IoU >= .5) counts as a confusion: {true label: {predicted label: count}}.
     """
-    ev, gt, dt = coco.evaluation, coco.gt, coco.dt
-    t = int(np.argmin(np.abs(coco.iou_thresholds - GALLERY_IOU)))
-    names = coco.index.label_names
-    n_img = len(coco.img_ids)
-    per_image: dict[int, dict[str, Any]] = {int(r.image_id): {"tp": 0, "fp": 0, "miss": 0, "confused": 0, "items": []}
-                                            for r in coco.index.images}
+    t = int(np.argmin(np.abs(IOU_THRESHOLDS - GALLERY_IOU)))
+    names = [matches.index.label_names[c] for c in matches.cat_ids]
+    match = matches.det_match(t)
+    shown = matches.det_score >= score_threshold
+    absorbed = (match >= 0) & matches.gt_crowd[np.maximum(match, 0)]
+    tp, fp = shown & (match >= 0) & ~absorbed, shown & (match < 0)
+    found = np.zeros(len(matches.gt_cat), dtype=bool)
+    found[match[tp]] = True
+    miss = ~found & ~matches.gt_crowd
+    confused_with = _confusions(matches, np.flatnonzero(fp))
+    per_image: list[list[dict[str, Any]]] = [[] for _ in matches.image_ids]
+    counts = np.zeros((len(matches.image_ids), 4), dtype=np.int64)  # tp, fp, miss, confused
+    for d in np.flatnonzero(tp | fp).tolist():
+        label, score, kind = names[matches.det_cat[d]], float(matches.det_score[d]), "TP" if tp[d] else "FP"
+        item = {"box": _xyxy(matches.det_xywh[d]), "kind": kind, "text": f"{kind} {label} {score:.2f}",
+                "label": label, "score": score}
+        counts[matches.det_img[d], 0 if tp[d] else 1] += 1
+        if d in confused_with:
+            item["text"] += f" on {confused_with[d]}"
+            item["confused_with"] = confused_with[d]
+            counts[matches.det_img[d], 3] += 1
+        per_image[matches.det_img[d]].append(item)
+    for g in np.flatnonzero(miss).tolist():
+        label = names[matches.gt_cat[g]]
+        per_image[matches.gt_img[g]].append({"box": _xyxy(matches.gt_xywh[g]), "kind": "MISS", "text": f"MISS {label}",
+                                             "label": label})
+        counts[matches.gt_img[g], 2] += 1
     confusion: dict[str, dict[str, int]] = {}
-    false_positives: list[tuple[int, dict[str, Any], int]] = []
-    for k, cat in enumerate(coco.cat_ids):
-        for e in ev.evalImgs[k * n_img:(k + 1) * n_img]:
-            if e is None:
-                continue
-            slot = per_image[int(e["image_id"])]
-            det_score = {d: s for d, s in zip(e["dtIds"], e["dtScores"])}
-            for d, score, match in zip(e["dtIds"], e["dtScores"], e["dtMatches"][t]):
-                if score < score_threshold:
-                    continue
-                ann = dt.anns[d]
-                label = names[cat]
-                if match > 0:
-                    slot["tp"] += 1
-                    slot["items"].append({"box": _xyxy(ann["bbox"]), "kind": "TP", "text": f"TP {label} {score:.2f}",
-                                          "label": label, "score": float(score)})
-                else:
-                    slot["fp"] += 1
-                    item = {"box": _xyxy(ann["bbox"]), "kind": "FP", "text": f"FP {label} {score:.2f}",
-                            "label": label, "score": float(score)}
-                    slot["items"].append(item)
-                    false_positives.append((int(e["image_id"]), item, cat))
-            for g, match in zip(e["gtIds"], e["gtMatches"][t]):
-                if match > 0 and det_score.get(int(match), -1.0) >= score_threshold:
-                    continue
-                slot["miss"] += 1
-                label = names[cat]
-                slot["items"].append({"box": _xyxy(gt.anns[g]["bbox"]), "kind": "MISS", "text": f"MISS {label}",
-                                      "label": label})
-    for image_id, item, cat in false_positives:
-        anns = [a for a in gt.imgToAnns.get(image_id, []) if a["category_id"] != cat]
-        if not anns:
-            continue
-        x1, y1, x2, y2 = item["box"]
-        ious = _iou_xywh([x1, y1, x2 - x1, y2 - y1], np.array([a["bbox"] for a in anns], dtype=np.float64))
-        best = int(np.argmax(ious))
-        if ious[best] >= GALLERY_IOU:
-            true_label = names[anns[best]["category_id"]]
-            item["text"] += f" on {true_label}"
-            item["confused_with"] = true_label
-            per_image[image_id]["confused"] += 1
-            row = confusion.setdefault(true_label, {})
-            row[item["label"]] = row.get(item["label"], 0) + 1
-    outcomes = [ImageOutcome(position=i, image_id=int(r.image_id), path=r.path, **per_image[int(r.image_id)])
-                for i, r in enumerate(coco.index.images)]
+    for d, true_label in confused_with.items():
+        row = confusion.setdefault(true_label, {})
+        row[names[matches.det_cat[d]]] = row.get(names[matches.det_cat[d]], 0) + 1
+    position = {img_id: pos for pos, img_id in enumerate(matches.image_ids)}
+    outcomes = []
+    for i, r in enumerate(matches.index.images):
+        p = position[r.image_id]
+        tp_n, fp_n, miss_n, confused_n = counts[p].tolist()
+        outcomes.append(ImageOutcome(position=i, image_id=int(r.image_id), path=r.path, tp=tp_n, fp=fp_n, miss=miss_n,
+                                     confused=confused_n, items=per_image[p]))
     return outcomes, confusion
+
+
+def _confusions(matches: Matches, false_positives: np.ndarray) -> dict[int, str]:
+    """{detection: the label of the true box of another class it lies on (IoU >= .5, the best one)}."""
+    box_starts = np.searchsorted(matches.gt_img, np.arange(len(matches.image_ids) + 1))
+    img = matches.det_img[false_positives]
+    det, gt = _pairs(false_positives, box_starts[img], box_starts[img + 1] - box_starts[img])
+    keep = (matches.gt_cat[gt] != matches.det_cat[det]) & ~matches.gt_crowd[gt]
+    det, gt = det[keep], gt[keep]
+    iou = box_iou(matches.det_xywh[det], matches.gt_xywh[gt])
+    on = iou >= GALLERY_IOU
+    det, gt, iou = det[on], gt[on], iou[on]
+    order = np.lexsort((-iou, det))  # per detection, highest IoU first (earliest box on ties)
+    det, gt = det[order], gt[order]
+    first = np.ones(len(det), dtype=bool)
+    first[1:] = det[1:] != det[:-1]
+    names = matches.index.label_names
+    return {int(d): names[matches.cat_ids[matches.gt_cat[g]]] for d, g in zip(det[first], gt[first])}
+
+
+def _pairs(items: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(item, starts + offset) for every offset below each item's count."""
+    owner = np.repeat(np.arange(len(items)), counts)
+    offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return items[owner], starts[owner] + offset
 
 
 def _xyxy(bbox: Sequence[float]) -> list[float]:
@@ -278,42 +294,24 @@ def draw_outcome(outcome: ImageOutcome, score_threshold: float, display_size: in
         return draw_detections(image, outcome.items, display_size=display_size, caption=caption)
 
 
-def tensorboard_images(index: DatasetIndex, predictions: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any],
-                       class_ids: Mapping[int, int] | None = None, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+def tensorboard_images(matches: Matches, metrics: Mapping[str, Any], score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                        num_images: int = 4) -> dict[str, np.ndarray]:
     """The run report's pictures as HWC uint8 RGB arrays by TensorBoard tag, for
     `writer.add_image(tag, array, step, dataformats="HWC")` during training and evaluation.
 
     Tags: eval/per_class_AP, eval/pr_curves, eval/confusion (only when classes are confused), and
-    eval/worst/<i>, eval/best/<i> (images with TP/FP/MISS drawn). `predictions` are `engine.predict`
-    dicts (index image ids, xyxy boxes, scores, labels); with `class_ids` ({dataset label id: model
-    class}) their labels are model classes, mapped back (classes the test set lacks are dropped), else
-    they are dataset label ids already. `metrics` is the evaluator's result dict.
+    eval/worst/<i>, eval/best/<i> (images with TP/FP/MISS drawn). `matches` and `metrics` are a
+    `CocoEvaluator`'s `matches` and result dict: the pictures show the matches that were scored.
     """
     from synthval import plots
 
-    if class_ids is not None:
-        to_data = {int(m): int(d) for d, m in class_ids.items()}
-        converted = []
-        for pred in predictions:
-            labels = np.asarray(pred["labels"]).reshape(-1)
-            keep = np.array([int(c) in to_data for c in labels.tolist()], dtype=bool)
-            item = {"image_id": pred["image_id"], "scores": np.asarray(pred["scores"]).reshape(-1)[keep],
-                    "labels": np.array([to_data[int(c)] for c in labels[keep].tolist()], dtype=np.int64)}
-            if "boxes_xywh" in pred:
-                item["boxes_xywh"] = np.asarray(pred["boxes_xywh"], dtype=np.float64).reshape(-1, 4)[keep]
-            else:
-                item["boxes"] = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)[keep]
-            converted.append(item)
-        predictions = converted
     images = {"eval/per_class_AP": plots.figure_array(plots.per_class_ap_figure(metrics)),
               "eval/pr_curves": plots.figure_array(plots.pr_curves_figure(metrics))}
-    coco = CocoBootstrap(index, predictions)
-    outcomes, confusion = image_outcomes(coco, score_threshold)
+    outcomes, confusion = image_outcomes(matches, score_threshold)
     if confusion:
         images["eval/confusion"] = plots.figure_array(plots.confusion_figure(confusion))
-    holder = RunAnalysis(RunInputs("", dict(metrics), index, "", None, None, None), score_threshold, None, coco,
-                         outcomes, confusion)
+    holder = RunAnalysis(RunInputs("", dict(metrics), matches.index, "", None, None, None), score_threshold, None,
+                         matches, outcomes, confusion)
     worst = holder.worst(num_images)
     for name, chosen in (("worst", worst), ("best", holder.best(num_images, exclude=worst))):
         for i, outcome in enumerate(chosen):
@@ -436,7 +434,7 @@ def headline_html(metrics: Mapping[str, Any], boot: BootstrapResult | None) -> s
     if boot is not None:
         out += (f'<p class="sub">Intervals: percentile bootstrap over the {boot.num_items} test images '
                 f"({boot.replicates.shape[0]} resamples with replacement, seed {boot.seed}), each resample "
-                "scored with pycocotools' matching and accumulation. A difference between two models smaller "
+                "scored with COCO's matching and accumulation. A difference between two models smaller "
                 "than these half-widths is within the noise of this test set; use <code>synthval compare</code>"
                 " for a paired test.</p>")
     return out
@@ -481,7 +479,7 @@ def render_run_report(analysis: RunAnalysis, title: str | None = None, gallery_s
     parts.append(_figure_html(plots.pr_curves_figure(metrics), "precision-recall curves at IoU .5"))
 
     parts.append("<h2>Class confusion</h2>")
-    if analysis.coco is None:
+    if analysis.matches is None:
         parts.append("<p>Needs the predictions file.</p>")
     elif analysis.confusion:
         total = sum(sum(r.values()) for r in analysis.confusion.values())
@@ -493,7 +491,7 @@ def render_run_report(analysis: RunAnalysis, title: str | None = None, gallery_s
                      "class (IoU &ge; .5).</p>")
 
     parts.append("<h2>Worst and best test images</h2>")
-    if analysis.coco is None:
+    if analysis.matches is None:
         parts.append("<p>Needs the predictions file.</p>")
     else:
         parts.append(_legend(analysis.score_threshold))
@@ -724,8 +722,8 @@ def run_compare(metrics_uris: Sequence[str], out_uri: str, names: Sequence[str] 
         except SynthvalError as exc:  # a result whose test set or predictions cannot be read: no intervals
             log.warning("%s: no intervals (%s)", e.name, exc)
             continue
-        if e.inputs.predictions is not None:
-            e.bootstrap = CocoBootstrap(e.inputs.index, e.inputs.predictions).run(replicates, seed, confidence)
+        if e.inputs.results is not None:
+            e.bootstrap = CocoBootstrap(score_results(e.inputs)).run(replicates, seed, confidence)
     differences = []
     for i in range(len(entries)):
         for j in range(i + 1, len(entries)):
@@ -759,11 +757,11 @@ def _with_predictions(base: RunInputs, entry: CompareEntry) -> RunInputs:
     from synthval.metrics import load_coco_results
 
     uri = entry.metrics.get("predictions_uri")
-    predictions = None
+    results = None
     if uri and storage.exists(uri):
-        public = coco_image_ids(base.index, local_dataset(base.data_uri))
-        predictions = load_coco_results(uri, base.index, image_ids={p: i for i, p in public.items()})
-    return RunInputs(entry.metrics_uri, entry.metrics, base.index, base.data_uri, base.split, uri, predictions, [])
+        public = coco_image_ids(base.index)
+        results = load_coco_results(uri, base.index, image_ids={p: i for i, p in public.items()})
+    return RunInputs(entry.metrics_uri, entry.metrics, base.index, base.data_uri, base.split, uri, results, [])
 
 
 def render_compare_report(entries: Sequence[CompareEntry], differences: Sequence[Mapping[str, Any]],

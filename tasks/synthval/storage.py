@@ -187,15 +187,19 @@ def _parse_constant(text: str) -> Any:
     raise _Refused(text, "is not a JSON number (JSON has no NaN or Infinity; write a finite number)")
 
 
-def decode_json(data: bytes, where: str, error: type[SynthvalError] = FetchError) -> Any:
+def decode_json(data: bytes, where: str, error: type[SynthvalError] = FetchError, *,
+                check_numbers: bool = True) -> Any:
     """Parse JSON bytes (UTF-8, or UTF-16/32 with its BOM) strictly; `error` names `where` on anything else.
 
     Refused with the line and column: malformed JSON, text that is not UTF-8, NaN and Infinity (not
     JSON, though Python reads them), floats that overflow to infinity (1e400), integers of more than 100
     digits (10**400), and nesting deeper than Python's parser can follow (10,000 levels).
+    `check_numbers=False` leaves NaN, infinities and long integers to a caller that checks its numbers
+    column by column (a results file of half a million detections parses ~2x faster without the hooks).
     """
+    hooks = dict(parse_float=_parse_float, parse_int=_parse_int, parse_constant=_parse_constant) if check_numbers else {}
     try:
-        return json.loads(data, parse_float=_parse_float, parse_int=_parse_int, parse_constant=_parse_constant)
+        return json.loads(data, **hooks)
     except json.JSONDecodeError as exc:
         raise error(f"{where}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
@@ -207,6 +211,8 @@ def decode_json(data: bytes, where: str, error: type[SynthvalError] = FetchError
     except RecursionError:
         raise error(f"{where}: JSON nested deeper than {sys.getrecursionlimit()} levels "
                     f"({_deep_position(data)}); not a dataset, predictions or metrics file") from None
+    except ValueError as exc:  # unchecked numbers: an integer of more digits than Python converts
+        raise error(f"{where}: unreadable JSON ({exc})") from None
 
 
 def _position(data: bytes, text: str) -> str:

@@ -530,7 +530,7 @@ class _Run:
     def _validate(self, model: nn.Module, val_index: Any, space: Any, amp_dtype: Any, epoch: int, step: int,
                   writer: Any) -> dict[str, Any]:
         """Validation loss and COCO metrics: each process takes its share, the main process scores."""
-        from synthval.metrics import evaluate_detections
+        from synthval.metrics import CocoEvaluator
 
         rank, world = self.rank, distributed.world_size()
         shard = val_index.subset(list(range(rank, len(val_index), world)))
@@ -542,14 +542,15 @@ class _Run:
         metrics: dict[str, Any] = {}
         if self.main:
             all_predictions = [p for part in gathered for p in part]
-            result = evaluate_detections(val_index, val_ids, all_predictions, list(space.names))
+            evaluator = CocoEvaluator(val_index, val_ids, list(space.names))
+            evaluator.process(all_predictions)
+            result = evaluator.evaluate()
             metrics = {**losses, **{k: result.get(k) for k in VAL_METRIC_KEYS}}
             add_scalars(writer, "val", metrics, step)
             # The same pictures evaluation and the run report show (per-class AP, PR curves, worst/best).
             from synthval.report import tensorboard_images
 
-            for tag, image in tensorboard_images(val_index, all_predictions, result, class_ids=val_ids,
-                                                 num_images=VAL_SAMPLE_IMAGES).items():
+            for tag, image in tensorboard_images(evaluator.matches, result, num_images=VAL_SAMPLE_IMAGES).items():
                 writer.add_image("val/" + tag.split("/", 1)[1], image, step, dataformats="HWC")
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             log.info("validation after epoch %d (step %d): %s", epoch, step, shown)

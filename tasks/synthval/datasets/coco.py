@@ -4,8 +4,10 @@ The dataset is either the JSON file itself or a folder with `annotations/*.json`
 layout Unity's Perception-to-COCO converter writes). With several JSON files in `annotations/` the one
 named `instances*.json` is read if it is the only such; otherwise point the URI at the file to use.
 Image files are looked up under `images/` next to `annotations/`, else next to the JSON file.
-`iscrowd: 1` annotations are left out: they mark regions, not objects a detector should learn or be
-scored on one by one.
+Every annotation is kept with what COCO scoring needs: its `area` (the box area where absent),
+`iscrowd` (a region of many objects: not trained on; in scoring it absorbs detections as pycocotools
+does) and its `ignore` flag. Images keep their own `images[].id` (`RawIndex.image_ids`); index ids
+are positions in `images[]`.
 """
 
 from __future__ import annotations
@@ -78,8 +80,6 @@ def read_coco(uri_path: str) -> RawIndex:
     per_image: list[list[int]] = [[] for _ in images]
     for k, annotation in enumerate(doc["annotations"]):
         try:
-            if annotation.get("iscrowd", 0):
-                continue
             k_image = position.get(annotation["image_id"])
         except (KeyError, TypeError, AttributeError) as exc:
             raise field_error(f"{path}: annotations[{k}]", exc, annotation) from exc
@@ -106,12 +106,15 @@ def read_coco(uri_path: str) -> RawIndex:
             for a in per_image[k]:
                 value = annotations[a]
                 x, y, w, h = value["bbox"]
-                builder.add_box(x, y, w, h, value["category_id"], a)
+                builder.add_box(x, y, w, h, value["category_id"], a, value.get("area"), value.get("iscrowd", 0),
+                                value.get("ignore", 0))
     except (KeyError, TypeError, ValueError) as exc:
         where = f"{path}: annotations[{a}]" if a >= 0 else f"{path}: images[{k}]"
         raise field_error(where, exc, value) from exc
-    return builder.build(root, "coco", label_names, coord_names=("bbox[0]", "bbox[1]", "bbox[2]", "bbox[3]"),
-                         label_field="category_id")
+    raw = builder.build(root, "coco", label_names, coord_names=("bbox[0]", "bbox[1]", "bbox[2]", "bbox[3]"),
+                        label_field="category_id")
+    raw.image_ids = list(position)
+    return raw
 
 
 def _image_base(root: str, folder: str, images: list) -> str:

@@ -12,17 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from synthval.errors import DatasetError
+from synthval.errors import DatasetError, shown
 
 _DIGITS = re.compile(r"(\d+)")
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image and its ground truth.
+    """One image and its ground truth: every annotation of the dataset, none dropped.
 
-    `boxes` is float32 (N, 4) in pixels, xyxy, origin top-left; `labels` is int64 (N,) holding the
-    dataset's own label ids, named by `DatasetIndex.label_names`.
+    `boxes` is float32 (N, 4) in pixels, xyxy, origin top-left, clipped to the image (what a model
+    trains on); `labels` is int64 (N,) holding the dataset's own label ids, named by
+    `DatasetIndex.label_names`. For scoring, box j is also kept exactly as the file gives it:
+    `xywh[j]` float64 [x, y, width, height], `area[j]` the annotation's area (COCO `area`, else the box
+    area) that decides COCO's small/medium/large, `iscrowd[j]` whether it marks a crowd region rather
+    than one object, and `ignore[j]` the annotation's own `ignore` flag. Left out, they default to the
+    box as given, its area, and no crowd or ignore flags (what every format but COCO holds).
     """
 
     image_id: int
@@ -31,23 +36,45 @@ class ImageRecord:
     height: int
     boxes: np.ndarray
     labels: np.ndarray
+    xywh: np.ndarray | None = None
+    area: np.ndarray | None = None
+    iscrowd: np.ndarray | None = None
+    ignore: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.xywh is None:
+            b = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+            object.__setattr__(self, "xywh", np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1))
+        if self.area is None:
+            object.__setattr__(self, "area", self.xywh[:, 2] * self.xywh[:, 3])
+        for name in ("iscrowd", "ignore"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.zeros(n, dtype=bool))
 
 
 @dataclass
 class DatasetIndex:
-    """A dataset as read from disk: `label_names` maps the dataset's label ids to names."""
+    """A dataset as read from disk: `label_names` maps the dataset's label ids to names.
+
+    `source_ids` maps image ids to the ids the dataset's own files give images where those differ
+    (a COCO file's `images[].id`; image ids here are positions), so results files can use them.
+    """
 
     root: str
     format: str
     label_names: dict[int, str]
     images: list[ImageRecord] = field(default_factory=list)
+    source_ids: dict[int, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, positions: list[int] | np.ndarray) -> DatasetIndex:
         """Return an index over the images at `positions`, in that order."""
-        return DatasetIndex(self.root, self.format, dict(self.label_names), [self.images[i] for i in positions])
+        images = [self.images[i] for i in positions]
+        ids = {r.image_id: self.source_ids[r.image_id] for r in images if r.image_id in self.source_ids}
+        return DatasetIndex(self.root, self.format, dict(self.label_names), images, ids)
 
     @property
     def num_boxes(self) -> int:
@@ -72,7 +99,10 @@ class RawIndex:
 
     Image i has path `paths[i]` (absolute), size `sizes[i]` = (width, height) or (0, 0) where the format
     does not record it (the loader then reads the image header), and boxes
-    `boxes_xywh[box_offsets[i]:box_offsets[i + 1]]` in pixels with dataset label ids `labels[...]`.
+    `boxes_xywh[box_offsets[i]:box_offsets[i + 1]]` in pixels with dataset label ids `labels[...]`,
+    annotation areas `areas[...]` (the box area where the format gives none), and crowd and ignore
+    flags `iscrowd[...]`, `ignore[...]` (COCO only; False elsewhere). `image_ids` holds the ids the
+    files give images where they have their own (COCO `images[].id`), else None.
     For error messages, `image_where[i]` says where image i is named (file and JSON path) and
     `box_where[i].format(box_refs[j])` where its box j is.
     `split_files` maps split names the dataset defines itself to their files (GroceriesReal).
@@ -89,7 +119,11 @@ class RawIndex:
     box_refs: np.ndarray
     image_where: list[str]
     box_where: list[str]
+    areas: np.ndarray
+    iscrowd: np.ndarray
+    ignore: np.ndarray
     split_files: dict[str, str] = field(default_factory=dict)
+    image_ids: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -105,6 +139,9 @@ class RawIndexBuilder:
         self.coords: list[float] = []  # x, y, w, h, x, y, w, h, ...
         self.labels: list[int] = []
         self.refs: list[int] = []
+        # COCO's per-box extras, by box row, only where given: readers may append boxes directly.
+        self.areas: dict[int, Any] = {}
+        self.flags: dict[int, tuple[Any, Any]] = {}  # (iscrowd, ignore) where either is set
         self.image_where: list[str] = []
         self.box_where: list[str] = []
 
@@ -116,7 +153,13 @@ class RawIndexBuilder:
         self.image_where.append(image_where)
         self.box_where.append(box_where)
 
-    def add_box(self, x: float, y: float, w: float, h: float, label: int, ref: int) -> None:
+    def add_box(self, x: float, y: float, w: float, h: float, label: int, ref: int, area: Any = None,
+                iscrowd: Any = 0, ignore: Any = 0) -> None:
+        """Add a box of the current image; `area` None means the box's own area."""
+        if area is not None:
+            self.areas[len(self.labels)] = area
+        if iscrowd or ignore:
+            self.flags[len(self.labels)] = (iscrowd, ignore)
         self.coords += (x, y, w, h)
         self.labels.append(label)
         self.refs.append(ref)
@@ -136,6 +179,7 @@ class RawIndexBuilder:
             raise self._locate_bad_value(root, coord_names, label_field)
         boxes = boxes.astype(np.float64, copy=False).reshape(-1, 4)
         labels = labels.astype(np.int64, copy=False)
+        areas, iscrowd, ignore = self._scoring_fields(boxes)
         return RawIndex(
             root=root,
             format=format,
@@ -148,6 +192,9 @@ class RawIndexBuilder:
             box_refs=np.array(self.refs, dtype=np.int64),
             image_where=self.image_where,
             box_where=self.box_where,
+            areas=areas,
+            iscrowd=iscrowd,
+            ignore=ignore,
         )
 
     def _sizes(self, root: str) -> np.ndarray:
@@ -155,27 +202,48 @@ class RawIndexBuilder:
         sizes = np.array(self.sizes, dtype=object).reshape(-1, 2)
         for i, (width, height) in enumerate(sizes.tolist()):
             if not (0 <= width <= MAX_IMAGE_SIDE and 0 <= height <= MAX_IMAGE_SIDE):
-                raise DatasetError(f"{os.path.join(root, self.image_where[i])}: size {_shown(width)}x{_shown(height)} "
+                raise DatasetError(f"{os.path.join(root, self.image_where[i])}: size {shown(width)}x{shown(height)} "
                                    f"is out of range; an image side is 1 to {MAX_IMAGE_SIDE} pixels")
         return sizes.astype(np.int64)
+
+    def _scoring_fields(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Areas (the box area where none is given) and crowd / ignore flags; a bad value names its box."""
+        areas = boxes[:, 2] * boxes[:, 3]
+        for j, value in self.areas.items():
+            area = _finite_float(value)
+            if area is None:
+                raise self._box_error(j, f"field 'area' must be a finite number, got {shown(value)}")
+            areas[j] = area
+        iscrowd = np.zeros(len(self.labels), dtype=bool)
+        ignore = np.zeros(len(self.labels), dtype=bool)
+        for j, (crowd, ign) in self.flags.items():
+            for name, value in (("iscrowd", crowd), ("ignore", ign)):
+                if _finite_float(value) is None:
+                    raise self._box_error(j, f"field {name!r} must be 0 or 1, got {shown(value)}")
+            iscrowd[j], ignore[j] = bool(crowd), bool(ign)
+        return areas, iscrowd, ignore
+
+    def _box_error(self, j: int, message: str) -> DatasetError:
+        i = int(np.searchsorted(np.array(self.offsets, dtype=np.int64), j, side="right")) - 1
+        return DatasetError(f"{self.box_where[i].format(self.refs[j])}: {message}")
 
     def _locate_bad_value(self, root: str, coord_names: tuple[str, ...], label_field: str) -> DatasetError:
         # Only runs once packing failed: find the first value that is not a number and say where it is.
         offsets = np.array(self.offsets, dtype=np.int64)
         for j, label in enumerate(self.labels):
             bad = None
-            if not _is_number(label) or isinstance(label, float) and not float(label).is_integer():
+            if not is_finite_number(label) or isinstance(label, float) and not float(label).is_integer():
                 bad = (label_field, label)
             else:
                 for k in range(4):
                     value = self.coords[4 * j + k]
-                    if not _is_number(value):
+                    if not is_finite_number(value):
                         bad = (coord_names[k], value)
                         break
             if bad is not None:
                 i = int(np.searchsorted(offsets, j, side="right")) - 1
                 where = os.path.join(root, self.box_where[i].format(self.refs[j]))
-                return DatasetError(f"{where}: field {bad[0]!r} must be a number, got {_shown(bad[1])}")
+                return DatasetError(f"{where}: field {bad[0]!r} must be a number, got {shown(bad[1])}")
         return DatasetError(f"{root}: box values could not be read as numbers")
 
 
@@ -183,22 +251,20 @@ class RawIndexBuilder:
 MAX_IMAGE_SIDE = 65535
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     """A JSON number a float64 holds (an int too large for one is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
+    return not isinstance(value, bool) and _finite_float(value) is not None
+
+
+def _finite_float(value: Any) -> float | None:
+    """`value` as a float if it is a finite JSON number (bools count as 0 and 1), else None."""
+    if not isinstance(value, (int, float)):
+        return None
     try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _shown(value: Any) -> str:
-    """A value for an error message, cut short: an integer of thousands of digits stays one short line."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
-        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
-    shown = repr(value)
-    return shown if len(shown) <= 80 else shown[:77] + "..."
+        number = float(value)
+    except OverflowError:  # an integer beyond float range, e.g. 10**400
+        return None
+    return number if math.isfinite(number) else None
 
 
 def natural_key(name: str) -> list:

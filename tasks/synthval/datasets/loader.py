@@ -1,10 +1,12 @@
 """`load_dataset`: find the format, read it, pick the split and budget, check what is kept, build the index.
+`load_ground_truth`: the same index from the annotations alone, for scoring detections that exist.
 
-Reading is cheap and whole (JSON only); checking touches the image files, so it is done only for the
-images the split and budget keep: each must exist and be non-empty, its size comes from the annotations
-or else from the image header (never from decoding pixels), and each box must lie inside the image
-(within `BOX_TOLERANCE_PX`, then clipped) with positive width and height. Label ids are checked for the
-whole dataset: one unknown id means the definitions do not describe the data.
+Reading is cheap and whole (JSON only); checking touches the image files, so it is done only when a
+model will see the images (`load_dataset`), and only for the images the split and budget keep: each
+must exist and be non-empty, its size comes from the annotations or else from the image header (never
+from decoding pixels), and each box must lie inside the image (within `BOX_TOLERANCE_PX`, then
+clipped for the model; scoring uses it as given) with positive width and height. Label ids are
+checked for the whole dataset: one unknown id means the definitions do not describe the data.
 """
 
 from __future__ import annotations
@@ -56,6 +58,51 @@ def load_dataset(uri: str, format: str = "auto", split: str | None = None, seed:
     raises DatasetError. Image ids are positions in the whole dataset (for COCO: in `images[]`), so
     they are unique across splits.
     """
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
+                                   or max_images < 1):
+        raise ConfigError(f"max_images must be a positive integer or None, got {max_images!r}")
+    start = time.monotonic()
+    raw, positions = _read_split(uri, format, split, bbox_definition_id)
+    what = f"split {split!r}" if split not in (None, "all") else "the dataset"
+    if max_images is None:
+        index = build_index(raw, positions, None, skip_broken, what)
+    elif max_images > len(positions):
+        raise DatasetError(f"{raw.root}: max_images={max_images} but {what} holds only {len(positions)} images")
+    else:
+        index = build_index(raw, budget_order(positions, seed), max_images, skip_broken, what)
+    log.info("indexed %s (%s, %s%s): %d images, %d boxes, %d labels in %.1f s", raw.root, raw.format, what,
+             f", {max_images} drawn by seed {seed}" if max_images else "", len(index), index.num_boxes,
+             len(index.label_names), time.monotonic() - start)
+    return index
+
+
+def load_ground_truth(uri: str, format: str = "auto", split: str | None = None,
+                      bbox_definition_id: str | None = None) -> DatasetIndex:
+    """The annotations of `split` of the dataset at local `uri` as a DatasetIndex, from its JSON alone.
+
+    For scoring detections that exist already: no image file is opened, every image of the split is
+    kept, image sizes are the annotations' own ((0, 0) where the format records none), and boxes are
+    taken as given (COCO scoring does not care whether a box leaves its image). A box with a
+    non-finite coordinate is still an error, as is an unknown label.
+    """
+    start = time.monotonic()
+    raw, positions = _read_split(uri, format, split, bbox_definition_id)
+    rows, _ = _box_rows(raw, positions)
+    bad = ~np.isfinite(raw.boxes_xywh[rows]).all(axis=1)
+    if bad.any():
+        j = int(rows[np.argmax(bad)])
+        i = int(np.searchsorted(raw.box_offsets, j, side="right")) - 1
+        raise DatasetError(f"{_where(raw, raw.box_where[i].format(raw.box_refs[j]))}: box "
+                           f"{raw.boxes_xywh[j].tolist()} is not finite")
+    index = _records(raw, positions, raw.sizes[positions])
+    log.info("read the annotations of %s (%s, split %s): %d images, %d boxes in %.1f s", raw.root, raw.format,
+             split, len(index), index.num_boxes, time.monotonic() - start)
+    return index
+
+
+def _read_split(uri: str, format: str, split: str | None, bbox_definition_id: str | None
+                ) -> tuple[RawIndex, np.ndarray]:
+    """Read the dataset at local `uri` and check its labels; return it and the positions of `split`."""
     if not storage.is_local(uri):
         raise DatasetError(f"{uri}: not a local dataset; fetch it first (synthval fetch) and read the local copy")
     path = storage.local_path(uri)
@@ -65,27 +112,11 @@ def load_dataset(uri: str, format: str = "auto", split: str | None = None, seed:
         format = detect_format(path)
     elif format not in FORMATS:
         raise ConfigError(f"dataset format {format!r} is unknown; expected auto or one of {', '.join(FORMATS)}")
-    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
-                                   or max_images < 1):
-        raise ConfigError(f"max_images must be a positive integer or None, got {max_images!r}")
-
-    start = time.monotonic()
     raw = read_raw(path, format, bbox_definition_id)
     if len(raw) == 0:
         raise DatasetError(f"{path}: the {format} dataset holds no images")
     check_labels(raw)
-    positions = split_positions(raw, split)
-    what = f"split {split!r}" if split not in (None, "all") else "the dataset"
-    if max_images is None:
-        index = build_index(raw, positions, None, skip_broken, what)
-    elif max_images > len(positions):
-        raise DatasetError(f"{path}: max_images={max_images} but {what} holds only {len(positions)} images")
-    else:
-        index = build_index(raw, budget_order(positions, seed), max_images, skip_broken, what)
-    log.info("indexed %s (%s, %s%s): %d images, %d boxes, %d labels in %.1f s", path, format, what,
-             f", {max_images} drawn by seed {seed}" if max_images else "", len(index), index.num_boxes,
-             len(index.label_names), time.monotonic() - start)
-    return index
+    return raw, split_positions(raw, split)
 
 
 def default_split(path: str, format: str, split: str | None, own: str = "test") -> str:
@@ -185,11 +216,13 @@ def build_index(raw: RawIndex, order: np.ndarray, budget: int | None, skip_broke
 
 
 def _records(raw: RawIndex, positions: np.ndarray, sizes: np.ndarray) -> DatasetIndex:
-    # One xyxy float32 array for all kept boxes; each record holds a view into it (no per-image copies).
+    # One array per field for all kept boxes; each record holds views into them (no per-image copies).
+    # Boxes are clipped to the image for the model; where the size is unknown (0) they are left as given.
     box_idx, counts = _box_rows(raw, positions)
     xywh = raw.boxes_xywh[box_idx]
-    width = np.repeat(sizes[:, 0], counts).astype(np.float64)
-    height = np.repeat(sizes[:, 1], counts).astype(np.float64)
+    area, iscrowd, ignore = raw.areas[box_idx], raw.iscrowd[box_idx], raw.ignore[box_idx]
+    width = np.repeat(np.where(sizes[:, 0] > 0, sizes[:, 0], np.inf), counts)
+    height = np.repeat(np.where(sizes[:, 1] > 0, sizes[:, 1], np.inf), counts)
     xyxy = np.empty((len(box_idx), 4), dtype=np.float32)
     xyxy[:, 0] = np.clip(xywh[:, 0], 0, width)
     xyxy[:, 1] = np.clip(xywh[:, 1], 0, height)
@@ -199,10 +232,12 @@ def _records(raw: RawIndex, positions: np.ndarray, sizes: np.ndarray) -> Dataset
     ends = np.cumsum(counts).tolist()
     starts = [0, *ends[:-1]]
     records = [
-        ImageRecord(image_id=p, path=raw.paths[p], width=w, height=h, boxes=xyxy[s:e], labels=labels[s:e])
+        ImageRecord(image_id=p, path=raw.paths[p], width=w, height=h, boxes=xyxy[s:e], labels=labels[s:e],
+                    xywh=xywh[s:e], area=area[s:e], iscrowd=iscrowd[s:e], ignore=ignore[s:e])
         for p, (w, h), s, e in zip(positions.tolist(), sizes.tolist(), starts, ends)
     ]
-    return DatasetIndex(raw.root, raw.format, dict(raw.label_names), records)
+    source_ids = {} if raw.image_ids is None else {p: raw.image_ids[p] for p in positions.tolist()}
+    return DatasetIndex(raw.root, raw.format, dict(raw.label_names), records, source_ids)
 
 
 def _box_rows(raw: RawIndex, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ class DetectionDataset(Dataset):
     """Image i of `index` as (float32 CHW tensor in [0, 1], {"boxes", "labels", "image_id"}).
 
     `class_ids` maps dataset label ids to model class ids (LabelSpace.class_ids); boxes with other
-    labels are dropped. With `train`, the image is flipped left-right with probability `hflip_prob`
+    labels are dropped, and so are COCO crowd regions (`iscrowd`), which are not single objects. With `train`, the image is flipped left-right with probability `hflip_prob`
     (boxes follow) and, with `photometric`, colour-jittered; without `train` neither happens.
 
     The random draws of image i are a function of (`seed`, the epoch set by `set_epoch`, i) alone, never
@@ -60,7 +60,7 @@ class DetectionDataset(Dataset):
         """The target of image i without decoding it: boxes in pixels (xyxy) and model class ids."""
         record = self.index.images[i]
         keep = np.fromiter((label in self.class_ids for label in record.labels.tolist()), dtype=bool,
-                           count=len(record.labels))
+                           count=len(record.labels)) & ~record.iscrowd
         labels = [self.class_ids[label] for label in record.labels[keep].tolist()]
         return {
             "boxes": torch.from_numpy(np.array(record.boxes[keep], dtype=np.float32).reshape(-1, 4)),
