@@ -219,4 +219,8 @@ def pod_task(settings: Settings, *, step: str, usim_token: bool, **common: Any) 
     else:
         cls = SynthvalPodOperator
         kwargs.update(kubernetes_conn_id=settings.kubernetes_conn_id)
+    if "nodes" in common:  # train / fine-tune: an Indexed Job when a run asks for several nodes
+        from synthval_jobs import multinode_class
+
+        cls = multinode_class(cls)
     return cls(step=step, **kwargs, **common)

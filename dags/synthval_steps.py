@@ -41,7 +41,7 @@ def train_step(step: str, train_data: str, *, split_flags: tuple[str, ...] = (),
         "--tb-log-dir", tb_log_dir,
         "--resume", "auto",
         config,
-    ], gpus="{{ params.gpus }}", tb_log_dir=tb_log_dir, **kwargs)
+    ], gpus="{{ params.gpus }}", nodes="{{ params.nodes }}", tb_log_dir=tb_log_dir, **kwargs)
 
 
 REAL_SPLIT_FLAGS = ("--train-split", "{{ params.real_split }}", "{{ optional('--max-images', params.real_count) }}")

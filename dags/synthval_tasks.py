@@ -42,6 +42,7 @@ BACKENDS = ("local", "kubernetes", "gke")
 XCOM_FILE_ENV = "SYNTHVAL_XCOM_FILE"  # read by synthval.cli
 USIM_TOKEN_ENV = "USIM_ACCESS_TOKEN"  # read by synthval.cli
 USIM_TOKEN_FILE_ENV = "USIM_ACCESS_TOKEN_FILE"  # read by synthval.cli
+MULTINODE_STEPS = ("train", "finetune")
 
 # Demo data made by the procedural generator, so the embedded default needs no network.
 LOCAL_DEFAULT_SYNTHETIC = "generate://synthetic?num_images=400&image_size=192&seed=0"
@@ -112,6 +113,8 @@ class Settings:
     gke_location: str | None = None
     gke_cluster: str | None = None
     gcp_conn_id: str = "google_cloud_default"
+    kueue_queue: str | None = None
+    cluster_domain: str = "cluster.local"
     default_synthetic: str = LOCAL_DEFAULT_SYNTHETIC
     default_real: str = LOCAL_DEFAULT_REAL
     extra: dict[str, Any] = field(default_factory=dict)
@@ -163,8 +166,9 @@ def load_settings() -> Settings:
     ``latest``; default: the installed synthval version), NAMESPACE, SERVICE_ACCOUNT,
     KUBERNETES_CONN_ID, GPU_NODE_POOL, GPU_ACCELERATOR, CPU_NODE_POOL, STORAGE_CLASS, DATA_PVC,
     SHM_SIZE, STARTUP_TIMEOUT_S, USIM_SECRET, USIM_SECRET_KEY, USIM_CONN_ID, TENSORBOARD_URL,
-    GKE_PROJECT, GKE_LOCATION, GKE_CLUSTER, GCP_CONN_ID, DEFAULT_SYNTHETIC, DEFAULT_REAL.
-    An empty value means "not set".
+    GKE_PROJECT, GKE_LOCATION, GKE_CLUSTER, GCP_CONN_ID, KUEUE_QUEUE (the LocalQueue that admits
+    multi-node training Jobs; unset: no Kueue), CLUSTER_DOMAIN (for the pods' DNS names),
+    DEFAULT_SYNTHETIC, DEFAULT_REAL. An empty value means "not set".
     """
     names = [f for f in Settings.__dataclass_fields__ if f != "extra"]
     from_env = {n: os.environ[f"SYNTHVAL_{n.upper()}"] for n in names if os.environ.get(f"SYNTHVAL_{n.upper()}")}
@@ -411,19 +415,37 @@ def synthval_executable() -> str:
     return str(candidate) if candidate.exists() else ""
 
 
-def launch_command(argv: list[str], gpus: int, *, local: bool) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the torchrun agents of a multi-node step meet (c10d): ``host:port`` of node 0, a run id of
+    the group, how long an agent waits for the others (and for node 0's store: pods of one Job can start
+    minutes apart on a node pool that scales up), how often the group restarts as a whole."""
+
+    endpoint: str
+    run_id: str
+    join_timeout_s: int = 600
+    max_restarts: int = 2
+
+
+def launch_command(argv: list[str], gpus: int, *, local: bool, nodes: int = 1,
+                   rendezvous: Rendezvous | None = None) -> list[str]:
     """Return the process to start for ``argv`` (``["synthval", step, ...]``).
 
     More than one GPU launches one process per GPU through torchrun, which runs ``python -m
-    synthval.cli`` in each. Locally the console script next to the worker's Python is used.
+    synthval.cli`` in each. Locally the console script next to the worker's Python is used. With
+    ``nodes`` > 1 this is one node's agent of ``nodes`` that meet at ``rendezvous`` (dags/synthval_jobs.py).
     """
     if argv[:1] != ["synthval"]:
         raise ValueError(f"a synthval step starts with 'synthval', got {argv[:2]!r}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"] if local else ["torchrun"]
+    if nodes > 1:
+        if rendezvous is None:
+            raise ValueError(f"{nodes} nodes need a rendezvous endpoint")
+        return [*torchrun, "--nnodes", str(nodes), "--nproc-per-node", str(max(gpus, 1)),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", rendezvous.endpoint, "--rdzv-id", rendezvous.run_id,
+                "--rdzv-conf", f"join_timeout={rendezvous.join_timeout_s},read_timeout={rendezvous.join_timeout_s}",
+                "--max-restarts", str(rendezvous.max_restarts), "-m", "synthval.cli", *argv[1:]]
     if gpus > 1:
-        if local:
-            torchrun = [sys.executable, "-m", "torch.distributed.run"]
-        else:
-            torchrun = ["torchrun"]
         return [*torchrun, "--standalone", "--nproc-per-node", str(gpus), "-m", "synthval.cli", *argv[1:]]
     if local:
         exe = synthval_executable()
@@ -443,16 +465,17 @@ class SynthvalLocalOperator(BaseOperator):
     process group is terminated. Exit code 2 (bad input or config) fails without retrying.
     """
 
-    template_fields = ("argv", "gpus", "tb_log_dir")
+    template_fields = ("argv", "gpus", "nodes", "tb_log_dir")
     template_fields_renderers = {"argv": "py"}
     ui_color = "#e8f1fb"
 
-    def __init__(self, *, step: str, argv: list[Any], gpus: Any = 0, tb_log_dir: str | None = None,
+    def __init__(self, *, step: str, argv: list[Any], gpus: Any = 0, nodes: Any = 1, tb_log_dir: str | None = None,
                  usim_token: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step = step
         self.argv = argv
         self.gpus = gpus
+        self.nodes = nodes
         self.tb_log_dir = tb_log_dir
         self.usim_token = usim_token
         self._proc: subprocess.Popen | None = None
@@ -465,6 +488,10 @@ class SynthvalLocalOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
         check_conf(context)
+        if int(self.nodes or 1) > 1:
+            raise AirflowFailException(
+                f"nodes={self.nodes}: the local backend runs one process group on this machine; training on "
+                "several nodes needs SYNTHVAL_BACKEND=kubernetes or gke (use `gpus` for several processes here)")
         argv = self.command()
         cmd = launch_command(argv, int(self.gpus or 0), local=True)
         with tempfile.TemporaryDirectory(prefix="synthval-task-") as tmp:
@@ -544,12 +571,14 @@ class SynthvalLocalOperator(BaseOperator):
 # The factory
 
 
-def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpus: Any = 0,
+def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpus: Any = 0, nodes: Any = None,
                   tb_log_dir: str | None = None, usim_token: bool = False, **kwargs: Any) -> BaseOperator:
     """Return the task that runs ``argv`` (``["synthval", step, ...]``, templated) on the set backend.
 
     ``gpus`` (a number or template) applies to train/fine-tune/evaluate; with more than one, torchrun
-    starts one process per GPU. ``tb_log_dir`` feeds the TensorBoard link. ``usim_token`` gives the
+    starts one process per GPU. ``nodes`` (train/fine-tune; a number or template) above 1 runs the
+    step on that many pods of ``gpus`` GPUs each, as one Indexed Job (dags/synthval_jobs.py); the
+    local backend refuses it. ``tb_log_dir`` feeds the TensorBoard link. ``usim_token`` gives the
     process the Unity Simulation token: from the Kubernetes Secret (env USIM_ACCESS_TOKEN via
     secretKeyRef) in a pod, from the Airflow connection (a 0600 file named by USIM_ACCESS_TOKEN_FILE)
     locally. Other keyword arguments go to the operator (trigger_rule, retries, ...).
@@ -571,6 +600,10 @@ def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpu
         retry_exponential_backoff=True,
         execution_timeout=profile.timeout,
     )
+    if nodes is not None:
+        if step not in MULTINODE_STEPS:
+            raise ValueError(f"step {step!r} runs on one node; nodes applies to {', '.join(MULTINODE_STEPS)}")
+        common["nodes"] = nodes
     common.update(kwargs)
     if settings.backend == "local":
         op: BaseOperator = SynthvalLocalOperator(usim_token=usim_token, **common)

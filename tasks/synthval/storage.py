@@ -163,9 +163,10 @@ def atomic_output(uri: str) -> Iterator[str]:
     """Yield a local path to write; on clean exit it becomes `uri` whole, on error nothing appears."""
     if is_local(uri):
         final = local_path(uri)
-        if os.path.exists(final) and not os.path.isfile(final) and not os.path.isdir(final):
+        if os.path.exists(final) and not os.path.isdir(final) and (not os.path.isfile(final) or _is_mount(final)):
             # A device or FIFO (--xcom-file /dev/null, a pipe): write through; renaming over it would
-            # replace the device node with a plain file.
+            # replace the device node with a plain file. The same for a file mounted on its own, such as
+            # Kubernetes' /dev/termination-log: a rename over a mount point fails (EBUSY).
             yield final
             return
         folder = os.path.dirname(final) or "."
@@ -186,6 +187,18 @@ def atomic_output(uri: str) -> Iterator[str]:
         tmp = os.path.join(tmpdir, "object")
         yield tmp
         fs.put_file(tmp, path)
+
+
+def _is_mount(path: str) -> bool:
+    """Whether `path` is a mount point (Linux's mount table; False where there is none)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            points = {line.split()[4] for line in f if len(line.split()) > 4}
+    except OSError:
+        return False
+    # mountinfo escapes space, tab, newline and backslash in octal
+    escaped = os.path.realpath(path).translate({32: "\\040", 9: "\\011", 10: "\\012", 92: "\\134"})
+    return escaped in points
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -1,0 +1,339 @@
+"""Multi-node training up to the cluster's boundary: the Indexed Job, its headless Service and its pods
+as the train task of every recipe renders them for 2 nodes x 4 GPUs (kubernetes and gke backends),
+validated against the Kubernetes schema; the torchrun command lines; rank 0's result read from the
+pods' termination messages; the `nodes` Param and the local backend's refusal.
+
+The Job's pods are built by the provider's own KubernetesJobOperator code path; its hook reads a
+kubeconfig that names no reachable cluster (the API server is the boundary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from kubernetes.client import ApiClient
+from kubernetes.client import models as k8s
+from test_dags import REQUIRED_CONF, _serialized, load_dags, render, synthval_tasks_of
+from test_pods import CLUSTER_SETTINGS, GKE_SETTINGS, K8S_VERSION
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
+users: [{name: none, user: {token: unused}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+"""
+NODES, GPUS = 2, 4
+
+
+@pytest.fixture(scope="module", params=["kubernetes", "gke"])
+def cluster(request, tmp_path_factory):
+    """The DAGs parsed for a pod backend, and an environment in which their operators build objects."""
+    path = tmp_path_factory.mktemp("kube") / "config"
+    path.write_text(KUBECONFIG)
+    settings = GKE_SETTINGS if request.param == "gke" else CLUSTER_SETTINGS
+    with pytest.MonkeyPatch.context() as mp:
+        dags = load_dags(mp, request.param, **settings)
+    return request.param, dags, settings, str(path)
+
+
+@pytest.fixture
+def env(cluster, monkeypatch):
+    import synthval_tasks
+
+    backend, dags, settings, kubeconfig = cluster
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT",
+                       json.dumps({"conn_type": "kubernetes", "extra": {"kube_config_path": kubeconfig}}))
+    monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
+    for name, value in settings.items():
+        monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
+    synthval_tasks.load_settings.cache_clear()
+    yield cluster
+    synthval_tasks.load_settings.cache_clear()
+
+
+def sanitized(obj: Any) -> dict:
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+def build_job(dag: Any, task: Any, conf: dict[str, Any]) -> tuple[Any, dict, dict, dict]:
+    """Render ``task`` for a run with ``conf``; return (rendered task, Job, Service, one node's Pod) as
+    the Kubernetes API would receive them."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    import synthval_jobs
+    import synthval_tasks
+
+    task = render(dag, task, {**REQUIRED_CONF.get(dag.dag_id, {}), **conf})
+    synthval_tasks.load_settings.cache_clear()
+    gke = type(task).__name__ == "MultiNodeGKEPodOperator"
+    if gke:  # the GKE hooks ask Google for the cluster's endpoint; the objects do not depend on it
+        task.__dict__["hook"] = KubernetesHook()
+    operator = task.job_operator(task.test_context)
+    if gke:
+        operator.__dict__["hook"] = KubernetesHook()
+    job = operator.build_job_request_obj(task.test_context)
+    job.metadata.uid = "5b0f6b52-0c0e-4bb5-9d4c-2f3c1d6a7e10"  # given by the API server on creation
+    template = job.spec.template
+    pod = k8s.V1Pod(api_version="v1", kind="Pod", metadata=k8s.V1ObjectMeta(
+        name=f"{job.metadata.name}-0-abcde", namespace=job.metadata.namespace, labels=template.metadata.labels),
+        spec=template.spec)
+    return task, sanitized(job), sanitized(synthval_jobs.build_service(job)), sanitized(pod)
+
+
+def train_tasks(dags: dict[str, Any]):
+    for dag in dags.values():
+        for task in synthval_tasks_of(dag):
+            if task.step in ("train", "finetune"):
+                yield dag, task
+
+
+def test_every_training_task_renders_a_valid_job_service_and_pod_for_2_nodes_of_4_gpus(env):
+    from test_deploy import command_problems
+
+    import synthval_jobs
+    from synthval_tasks import launch_command, step_profile
+
+    backend, dags, settings, _ = env
+    seen = set()
+    for dag, task in train_tasks(dags):
+        where = f"{dag.dag_id}.{task.task_id}"
+        rendered, job, service, pod = build_job(dag, task, {"nodes": NODES, "gpus": GPUS})
+        for obj in (job, service, pod):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+        assert namespace == "synthval"
+        spec = job["spec"]
+        assert spec["completionMode"] == "Indexed"
+        assert spec["completions"] == spec["parallelism"] == NODES
+        assert spec["backoffLimitPerIndex"] == synthval_jobs.BACKOFF_LIMIT_PER_INDEX and spec["maxFailedIndexes"] == 0
+        assert "backoffLimit" not in spec  # per index instead
+        assert spec["podReplacementPolicy"] == "Failed"  # a replacement waits until the old pod is gone
+        assert spec["podFailurePolicy"]["rules"] == [{"action": "Ignore", "onPodConditions": [
+            {"type": "DisruptionTarget", "status": "True"}]}]
+        assert spec["activeDeadlineSeconds"] == step_profile(task.step).timeout.total_seconds()
+        assert spec["ttlSecondsAfterFinished"] > 0
+        assert "suspend" not in spec  # no Kueue queue set
+        assert job["metadata"]["labels"]["synthval/step"] == task.step
+        assert {"dag_id", "task_id", "run_id", "try_number"} <= set(job["metadata"]["labels"])
+
+        # The headless Service names the pods: selector on the Job's own pod label, owned by the Job.
+        assert service["metadata"]["name"] == name and service["metadata"]["namespace"] == namespace
+        assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+        assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+        assert service["metadata"]["ownerReferences"] == [
+            {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": "5b0f6b52-0c0e-4bb5-9d4c-2f3c1d6a7e10"}]
+
+        # Each pod: the step's single-node pod with 4 GPUs, without the XCom sidecar, in the subdomain.
+        pspec = pod["spec"]
+        assert pspec["subdomain"] == name and pspec["restartPolicy"] == "Never"
+        (main,) = pspec["containers"]
+        assert main["name"] == "base" and main["image"] == f"{settings['image']}:0.1.0"
+        assert main["resources"]["limits"]["nvidia.com/gpu"] == str(GPUS)
+        assert pspec["nodeSelector"]["cloud.google.com/gke-nodepool"] == "gpu-pool"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pspec["tolerations"]
+        assert "xcom" not in {v["name"] for v in pspec["volumes"]}
+        assert {"name": "SYNTHVAL_XCOM_FILE", "value": "/dev/termination-log"} in main["env"]
+        assert main["terminationMessagePath"] == "/dev/termination-log"
+        assert main["terminationMessagePolicy"] == "File"  # never the log tail: only rank 0's JSON
+        assert "name" not in pod["spec"].get("metadata", {})
+        assert "name" not in job["spec"]["template"]["metadata"]
+
+        # The command: torchrun on every node, meeting at node 0's full DNS name.
+        endpoint = f"{name}-0.{name}.synthval.svc.cluster.local:29400"
+        argv = rendered.command()
+        assert main["command"] + main["args"] == launch_command(
+            argv, GPUS, local=False, nodes=NODES, rendezvous=synthval_jobs.Rendezvous(
+                endpoint, name, join_timeout_s=1800, max_restarts=synthval_jobs.MAX_RESTARTS))
+        assert main["command"] + main["args"][:16] == [
+            "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", endpoint, "--rdzv-id", name, "--rdzv-conf", "join_timeout=1800,read_timeout=1800",
+            "--max-restarts", "2", "-m", "synthval.cli"]
+        assert main["args"][16:] == argv[1:], where
+        assert "--resume" in argv and argv[argv.index("--resume") + 1] == "auto"
+        assert command_problems(main["command"], main["args"], ["synthval"]) == [], where
+        seen.add((dag.dag_id, task.step))
+    assert {"train", "finetune"} == {step for _, step in seen}
+    assert len(seen) >= 5
+
+
+def test_one_node_keeps_todays_single_pod(env):
+    backend, dags, _, _ = env
+    dag = dags["train_on_synthdet_sample"]
+    task = render(dag, dag.task_dict["train"], {"gpus": 2})
+    assert task.node_count() == 1 and not task.runs_as_job()
+    expected = "SynthvalGKEPodOperator" if backend == "gke" else "SynthvalPodOperator"
+    assert expected in {c.__name__ for c in type(task).__mro__}
+    for other in synthval_tasks_of(dag):  # only training steps take `nodes`
+        assert hasattr(other, "runs_as_job") is (other.step in ("train", "finetune"))
+
+
+def test_kueue_admits_every_training_run_as_a_suspended_labelled_job(env, monkeypatch):
+    backend, dags, _, _ = env
+    monkeypatch.setenv("SYNTHVAL_KUEUE_QUEUE", "synthval-training")
+    dag = dags["train_on_synthdet_sample"]
+    for nodes in (1, 3):
+        task, job, service, pod = build_job(dag, dag.task_dict["train"], {"nodes": nodes, "gpus": 1})
+        assert task.runs_as_job()
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+        assert job["spec"]["suspend"] is True  # Kueue unsuspends it once the quota admits all its pods
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "synthval-training"
+        # only the Job is Kueue's workload: a queue label on its pods would make them workloads too
+        assert "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
+        assert "kueue.x-k8s.io/queue-name" not in service["metadata"]["labels"]
+        main = pod["spec"]["containers"][0]
+        assert job["spec"]["completions"] == nodes
+        if nodes == 1:  # one pod: today's command, no rendezvous, no subdomain
+            assert main["command"] + main["args"] == task.command()
+            assert "subdomain" not in pod["spec"]
+        else:
+            assert main["args"][:2] == ["--nnodes", "3"] and "--rdzv-endpoint" in main["args"]
+
+
+def test_cluster_domain_setting_reaches_the_endpoint(env, monkeypatch):
+    _, dags, _, _ = env
+    monkeypatch.setenv("SYNTHVAL_CLUSTER_DOMAIN", "corp.example")
+    dag = dags["train_on_real_world_dataset"]
+    _, job, _, pod = build_job(dag, dag.task_dict["train"], {"nodes": 2, "gpus": 1})
+    args = pod["spec"]["containers"][0]["args"]
+    name = job["metadata"]["name"]
+    assert args[args.index("--rdzv-endpoint") + 1] == f"{name}-0.{name}.synthval.svc.corp.example:29400"
+    assert args[args.index("--nproc-per-node") + 1] == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0's result and the end of each pod, as the Job's pods report them
+
+
+def job_pod(index: int, phase: str, *, exit_code: int | None = None, message: str | None = None,
+            disrupted: bool = False, attempt: str = "a") -> k8s.V1Pod:
+    terminated = None
+    if exit_code is not None:
+        terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, message=message,
+                                                    reason="Completed" if exit_code == 0 else "Error")
+    conditions = [k8s.V1PodCondition(type="DisruptionTarget", status="True")] if disrupted else None
+    return k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(name=f"job-synthval-train-x-{index}-{attempt}",
+                                  annotations={"batch.kubernetes.io/job-completion-index": str(index)}),
+        status=k8s.V1PodStatus(phase=phase, conditions=conditions, container_statuses=[k8s.V1ContainerStatus(
+            name="base", image="i", image_id="", ready=False, restart_count=0,
+            state=k8s.V1ContainerState(terminated=terminated))]))
+
+
+RESULT = {"checkpoint_uri": "gs://b/ckpt/checkpoint-000120.pt", "steps": 120, "num_train_images": 400}
+
+
+def test_rank0_result_is_the_one_termination_message_of_a_succeeded_pod():
+    from synthval_jobs import rank0_result
+
+    pods = [job_pod(0, "Failed", exit_code=1, message="", disrupted=True),  # the preempted first attempt
+            job_pod(0, "Succeeded", exit_code=0, message=json.dumps(RESULT), attempt="b"),
+            job_pod(1, "Succeeded", exit_code=0, message="")]
+    assert rank0_result(pods, "base") == RESULT
+
+
+@pytest.mark.parametrize("messages, needle", [
+    (["", ""], "found 0"),
+    ([json.dumps(RESULT), json.dumps(RESULT)], "found 2"),
+    ([json.dumps(RESULT)[:30], ""], "4096-byte"),
+    (["[1, 2]", ""], "not a JSON object"),
+])
+def test_rank0_result_refuses_anything_but_exactly_one_json_object(messages, needle):
+    from airflow.sdk.exceptions import AirflowException
+
+    from synthval_jobs import rank0_result
+
+    pods = [job_pod(i, "Succeeded", exit_code=0, message=m) for i, m in enumerate(messages)]
+    with pytest.raises(AirflowException, match=needle):
+        rank0_result(pods, "base")
+
+
+def test_each_pod_is_described_by_node_phase_and_end():
+    from synthval_jobs import describe_pod, node_index
+
+    lost = job_pod(1, "Failed", exit_code=143, disrupted=True)
+    assert node_index(lost) == 1
+    assert describe_pod(lost, "base") == ("pod job-synthval-train-x-1-a (node 1): Failed, exit code 143 (Error)"
+                                          " - disrupted (preempted, evicted or drained)")
+    assert describe_pod(job_pod(0, "Pending"), "base") == "pod job-synthval-train-x-0-a (node 0): Pending"
+
+
+# ---------------------------------------------------------------------------------------------
+# The `nodes` Param and the local backend
+
+
+@pytest.fixture(scope="module")
+def local_dags():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SYNTHVAL_DATA_ROOT", "/tmp/synthval-test-root")
+        return load_dags(mp, "local", data_root="/tmp/synthval-test-root")
+
+
+def test_nodes_param_sits_beside_gpus_in_every_training_dag(local_dags, cluster):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    _, pod_dags, _, _ = cluster
+    for dags, maximum in ((local_dags, 1), (pod_dags, 64)):
+        for dag_id, dag in dags.items():
+            trains = any(t.step in ("train", "finetune") for t in synthval_tasks_of(dag))
+            assert ("nodes" in dag.params) is trains, dag_id
+            if not trains:
+                continue
+            param = dag.params.get_param("nodes")
+            assert param.value == 1 and param.schema["section"] == dag.params.get_param("gpus").schema["section"]
+            assert param.schema["maximum"] == maximum
+            required = REQUIRED_CONF.get(dag_id, {})
+            params = _serialized(dag).params  # the check every trigger goes through (test_dags)
+            params.deep_merge({**required, "nodes": maximum}).validate()
+            with pytest.raises(ParamValidationError, match=rf"param nodes\b.*{maximum + 1} is greater than the maximum"):
+                params.deep_merge({**required, "nodes": maximum + 1}).validate()
+
+
+def test_local_backend_refuses_several_nodes_clearly():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from synthval_tasks import SynthvalLocalOperator
+
+    op = SynthvalLocalOperator(task_id="train", step="train", argv=["synthval", "train"], nodes=2)
+    with pytest.raises(AirflowFailException, match=r"nodes=2: the local backend .* SYNTHVAL_BACKEND=kubernetes or gke"):
+        op.execute({})
+
+
+def test_nodes_is_only_for_training_steps():
+    from synthval_tasks import synthval_task
+
+    with pytest.raises(ValueError, match="nodes applies to train, finetune"):
+        synthval_task("evaluate", ["synthval", "evaluate"], nodes=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0 writes its result into a file mounted on its own, as /dev/termination-log is in a pod
+
+
+def _can_mount() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare and user namespaces to bind-mount a file")
+def test_result_reaches_a_file_mounted_like_the_termination_log(tmp_path):
+    host_file, mounted = tmp_path / "host-termination-log", tmp_path / "termination-log"
+    host_file.write_text("")
+    mounted.write_text("")
+    synthval = os.path.join(os.path.dirname(sys.executable), "synthval")
+    script = (f"mount --bind {host_file} {mounted} && "
+              f"SYNTHVAL_XCOM_FILE={mounted} {synthval} version >/dev/null && grep -c {mounted} /proc/self/mountinfo")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "1"  # still a mount: written through, not renamed over
+    from synthval import __version__
+
+    assert json.loads(host_file.read_text()) == {"version": __version__}
