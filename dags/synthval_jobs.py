@@ -67,6 +67,12 @@ BACKOFF_LIMIT_PER_INDEX = 2  # replacements of one node's pod for failures other
 JOB_TTL_S = 24 * 3600  # a Job whose task never came back is deleted by Kubernetes after this
 POLL_INTERVAL_S = 30.0
 TERMINATION_LOG = "/dev/termination-log"
+# Every pod's environment besides the step's own. torch 2.14's agents share one TCP store across
+# rendezvous rounds, published only in the first round the agent of rank 0 takes part in: a pod that
+# replaces a lost node joins a later round and waits forever for its address (measured here:
+# tests/test_multinode_training.py; pytorch/pytorch#135712). Without sharing, rank 0 publishes it
+# every round.
+NODE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by the Job controller on its pods
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
@@ -97,7 +103,8 @@ def node_pod(pod: k8s.V1Pod, base_container: str) -> k8s.V1Pod:
     spec.volumes = [v for v in spec.volumes or [] if v.name != PodDefaults.VOLUME.name] or None
     main = next(c for c in spec.containers if c.name == base_container)
     main.volume_mounts = [m for m in main.volume_mounts or [] if m.name != PodDefaults.VOLUME.name] or None
-    main.env = [*(e for e in main.env or [] if e.name != XCOM_FILE_ENV), k8s.V1EnvVar(XCOM_FILE_ENV, TERMINATION_LOG)]
+    extra = {XCOM_FILE_ENV: TERMINATION_LOG, **NODE_ENV}
+    main.env = [*(e for e in main.env or [] if e.name not in extra), *(k8s.V1EnvVar(k, v) for k, v in extra.items())]
     main.termination_message_path = TERMINATION_LOG
     main.termination_message_policy = "File"
     pod.metadata.name = None

@@ -141,6 +141,7 @@ def test_every_training_task_renders_a_valid_job_service_and_pod_for_2_nodes_of_
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pspec["tolerations"]
         assert "xcom" not in {v["name"] for v in pspec["volumes"]}
         assert {"name": "SYNTHVAL_XCOM_FILE", "value": "/dev/termination-log"} in main["env"]
+        assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in main["env"]
         assert main["terminationMessagePath"] == "/dev/termination-log"
         assert main["terminationMessagePolicy"] == "File"  # never the log tail: only rank 0's JSON
         assert "name" not in pod["spec"].get("metadata", {})
