@@ -12,7 +12,9 @@ Pinned here:
   2 batches stays close to the 2-node curve (tolerance below);
 - a node lost mid-run (its agent and worker killed, as a preempted pod) restarts the whole group from
   the last checkpoint: both ranks resume at the same step and then read exactly the batches the
-  uninterrupted run read from there on.
+  uninterrupted run read from there on. Its weights are not yet those of the uninterrupted run: a
+  strict xfail names the cause in synthval.train (rank 0's random generators restored on every rank)
+  and turns red once that is fixed.
 
 A probe (a `sitecustomize` on the workers' PYTHONPATH) records which images each worker loads; it
 observes `DetectionDataset.__getitem__` and changes nothing. OMP_NUM_THREADS=1 for every run, so that
@@ -240,7 +242,11 @@ def test_same_effective_batch_gives_a_close_loss_curve(work):
     assert max(relative) < 0.15, relative
 
 
-def test_a_lost_node_restarts_the_whole_group_from_the_last_checkpoint(work):
+@pytest.fixture(scope="module")
+def preempted(work) -> tuple[str, list[int]]:
+    """A group that loses node 1 (agent and worker killed, as a preempted pod) right after its first
+    checkpoint; the Job's replacement pod for the same index then joins. Returns (run name,
+    checkpoint steps present when the node was lost)."""
     name = "preempted"
     port, (survivor, lost) = start_group(work, name, max_restarts=1)
     ckpt = work.root / name / "ckpt"
@@ -253,10 +259,14 @@ def test_a_lost_node_restarts_the_whole_group_from_the_last_checkpoint(work):
     lost.wait(timeout=60)
     at_kill = [s for s, _ in list_checkpoints(str(ckpt))]
     assert at_kill and max(at_kill) < STEPS, f"training finished before the node was lost: {at_kill}"
-    replacement = work.start_node(name, 1, port, max_restarts=1)  # the Job's new pod for the same index
+    replacement = work.start_node(name, 1, port, max_restarts=1)
     assert survivor.wait(timeout=600) == 0, work.log(name, 0)[-4000:]
     assert replacement.wait(timeout=600) == 0, work.log(name, 1)[-4000:]
+    return name, at_kill
 
+
+def test_a_lost_node_restarts_the_whole_group_from_the_last_checkpoint(work, preempted):
+    name, at_kill = preempted
     # The survivor's agent restarted its worker; both ranks of the new group resumed from one checkpoint.
     resumed = [line for line in work.log(name, 0).splitlines() + work.log(name, 1).splitlines()
                if "resuming from" in line]
@@ -273,3 +283,12 @@ def test_a_lost_node_restarts_the_whole_group_from_the_last_checkpoint(work):
         attempts = [v for k, v in workers.items() if k.startswith(rank + "-")]
         assert len(attempts) == 2, workers.keys()  # the first group's worker and the restarted one
         assert attempts[-1] == uninterrupted[rank][step * BATCH:], rank
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "synthval.train saves only rank 0's random generators in a checkpoint and restores them on every rank, "
+    "so after a resume rank 1 samples anchors and proposals from rank 0's stream instead of its own"))
+def test_a_lost_node_changes_nothing_in_the_weights(work, preempted):
+    name, _ = preempted
+    resumed, uninterrupted = work.weights(name), work.weights("nodes")
+    assert [k for k in uninterrupted if not torch.equal(uninterrupted[k], resumed[k])] == []
