@@ -338,3 +338,198 @@ def test_result_reaches_a_file_mounted_like_the_termination_log(tmp_path):
     from synthval import __version__
 
     assert json.loads(host_file.read_text()) == {"version": __version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator's flow against a stand-in for the Kubernetes API server (a real one cannot run here):
+# the real provider, hook and client code make the calls; the stand-in keeps the objects, records the
+# requests and answers as the API server's REST interface does.
+
+
+class StandInApiServer:
+    """Jobs, Services and pods of one namespace behind the Kubernetes REST paths the operator uses."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlparse
+
+        self.jobs: dict[str, dict] = {}
+        self.services: dict[str, dict] = {}
+        self.pods: list[dict] = []
+        self.logs: dict[str, str] = {}
+        self.requests: list[tuple[str, str, dict]] = []  # method, path, query and body parameters
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, code: int, body: Any, content_type: str = "application/json") -> None:
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> Any:
+                length = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(length)) if length else None
+
+            def _route(self, method: str) -> None:
+                url = urlparse(self.path)
+                parts = url.path.strip("/").split("/")
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                body = self._body() if method in ("POST", "DELETE") else None
+                server.requests.append((method, url.path, {**query, **(body or {})}))
+                at = parts.index("namespaces") if "namespaces" in parts else len(parts)
+                kind = parts[at + 2] if len(parts) > at + 2 else ""
+                name = parts[at + 3] if len(parts) > at + 3 else None
+                if kind in ("jobs", "services", "pods"):
+                    store = {"jobs": server.jobs, "services": server.services}.get(kind)
+                    if kind == "pods" and name and parts[-1] == "log":
+                        return self._reply(200, server.logs.get(name, ""), "text/plain")
+                    if kind == "pods":
+                        items = [p for p in server.pods if server.selects(query.get("labelSelector", ""), p)]
+                        return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+                    if method == "POST":
+                        body["metadata"]["uid"] = f"uid-{body['metadata']['name']}"
+                        store[body["metadata"]["name"]] = body
+                        return self._reply(201, body)
+                    if method == "GET" and name:
+                        found = store.get(name)
+                        return self._reply(200, found) if found else self._reply(404, {"kind": "Status", "code": 404})
+                    if method == "GET":
+                        items = [o for o in store.values() if server.selects(query.get("labelSelector", ""), o)]
+                        return self._reply(200, {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {},
+                                                 "items": items})
+                    if method == "DELETE" and store.pop(name, None) is not None:
+                        return self._reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+                    return self._reply(404, {"kind": "Status", "apiVersion": "v1", "code": 404, "reason": "NotFound"})
+                return self._reply(404, {"kind": "Status", "apiVersion": "v1", "code": 404})
+
+            def do_GET(self) -> None:
+                self._route("GET")
+
+            def do_POST(self) -> None:
+                self._route("POST")
+
+            def do_DELETE(self) -> None:
+                self._route("DELETE")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @staticmethod
+    def selects(selector: str, obj: dict) -> bool:
+        labels = obj["metadata"].get("labels") or {}
+        return all(labels.get(k) == v for k, v in (term.split("=", 1) for term in selector.split(",") if term))
+
+    def add_pod(self, job: str, index: int, phase: str, *, exit_code: int, message: str = "", log: str = "",
+                attempt: str = "a") -> None:
+        name = f"{job}-{index}-{attempt}"
+        self.pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": "synthval", "creationTimestamp": f"2026-01-01T00:00:0{len(self.pods)}Z",
+            "labels": {"batch.kubernetes.io/job-name": job, "batch.kubernetes.io/job-completion-index": str(index)}},
+            "status": {"phase": phase, "containerStatuses": [{
+                "name": "base", "image": "i", "imageID": "", "ready": False, "restartCount": 0,
+                "state": {"terminated": {"exitCode": exit_code, "message": message,
+                                         "reason": "Completed" if exit_code == 0 else "Error"}}}]}})
+        self.logs[name] = log
+
+
+class RecordingTI:
+    def __init__(self, dag_id: str, task_id: str, run_id: str) -> None:
+        self.dag_id, self.task_id, self.run_id = dag_id, task_id, run_id
+        self.try_number, self.map_index, self.start_date = 2, -1, None
+        self.pushed: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+    def xcom_pull(self, task_ids: Any = None, **_: Any) -> Any:
+        from test_dags import UPSTREAM_XCOMS
+
+        return UPSTREAM_XCOMS.get(task_ids)
+
+
+@pytest.fixture
+def api(env, tmp_path, monkeypatch):
+    backend = env[0]
+    if backend != "kubernetes":
+        pytest.skip("the flow is the same on gke; only its hook authenticates differently")
+    server = StandInApiServer()
+    config = tmp_path / "kubeconfig"
+    config.write_text(KUBECONFIG.replace("https://127.0.0.1:9", server.url))
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT",
+                       json.dumps({"conn_type": "kubernetes", "extra": {"kube_config_path": str(config)}}))
+    yield server
+    server.httpd.shutdown()
+
+
+def test_a_multinode_task_creates_job_and_service_defers_then_returns_rank0s_result(env, api):
+    from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+    from structlog.testing import capture_logs
+
+    _, dags, _, _ = env
+    dag = dags["train_on_synthdet_sample"]
+    task = render(dag, dag.task_dict["train"], {"nodes": 2, "gpus": 4})
+    ti = RecordingTI(dag.dag_id, "train", task.test_context["run_id"])
+    context = {**task.test_context, "ti": ti, "task_instance": ti}
+    # A Job the first try left behind (its worker died while the trigger waited): same task, same run.
+    earlier = build_job(dag, dag.task_dict["train"], {"nodes": 2, "gpus": 4})[1]
+    earlier["metadata"]["name"] = "job-synthval-train-earlier"
+    api.jobs[earlier["metadata"]["name"]] = earlier
+
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute(context)
+    assert "job-synthval-train-earlier" not in api.jobs  # deleted before this try's Job exists
+    deletes = [(path, body) for method, path, body in api.requests if method == "DELETE"]
+    assert deletes[0][0].endswith("/jobs/job-synthval-train-earlier")
+    assert deletes[0][1]["propagationPolicy"] == "Foreground"  # with its pods
+    (name,) = api.jobs
+    job, service = api.jobs[name], api.services[name]
+    assert service["metadata"]["ownerReferences"] == [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": f"uid-{name}"}]
+    assert job["metadata"]["labels"]["try_number"] == "2"
+    assert ti.pushed == {"job_name": name, "job_namespace": "synthval"}
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, KubernetesJobTrigger) and deferred.value.method_name == "finish_job"
+    assert (trigger.job_name, trigger.job_namespace, trigger.pod_names) == (name, "synthval", [])
+    assert not trigger.do_xcom_push and not trigger.get_logs  # the Job alone is watched
+
+    # The trigger fired: the Job completed after node 1 was preempted once and replaced.
+    api.add_pod(name, 1, "Failed", exit_code=137, log="rank 1 step 40", attempt="first")
+    api.add_pod(name, 0, "Succeeded", exit_code=0, message=json.dumps(RESULT), log="training done: 120 steps")
+    api.add_pod(name, 1, "Succeeded", exit_code=0, log="rank 1 step 120", attempt="second")
+    event = {"status": "success", "message": "Job completed successfully", "name": name, "namespace": "synthval",
+             "pod_names": [], "pod_namespace": "synthval", "job": job, "xcom_result": None}
+    fresh = render(dag, dag.task_dict["train"], {"nodes": 2, "gpus": 4})  # a resumed task is a new object
+    with capture_logs() as logged:
+        assert fresh.resume_execution("finish_job", {"event": event}, context) == RESULT
+    text = "\n".join(e["event"] % tuple(e.get("positional_args", ())) for e in logged)
+    order = [text.index(f"pod {name}-{i}") for i in ("0-a", "1-first", "1-second")]
+    assert order == sorted(order)  # node order, attempts in creation order
+    for line in ("training done: 120 steps", "rank 1 step 40", "rank 1 step 120", "exit code 137"):
+        assert line in text
+    assert name not in api.jobs  # deleted when done; the Service goes with it (owned by the Job)
+
+
+def test_a_failed_job_fails_the_task_naming_each_pod_and_is_deleted(env, api):
+    from airflow.sdk.exceptions import AirflowException
+
+    _, dags, _, _ = env
+    dag = dags["train_on_synthdet_sample"]
+    name = "job-synthval-train-failed"
+    api.jobs[name] = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "synthval"}}
+    api.add_pod(name, 0, "Failed", exit_code=1, log="RuntimeError: CUDA out of memory")
+    api.add_pod(name, 1, "Failed", exit_code=1)
+    event = {"status": "error", "message": "Job failed with error: FailedIndexes", "name": name,
+             "namespace": "synthval", "pod_names": [], "pod_namespace": "synthval", "job": {}, "xcom_result": None}
+    task = render(dag, dag.task_dict["train"], {"nodes": 2, "gpus": 4})
+    with pytest.raises(AirflowException, match=r"FailedIndexes.*node 0\): Failed, exit code 1.*node 1\)"):
+        task.resume_execution("finish_job", {"event": event}, task.test_context)
+    assert name not in api.jobs
