@@ -137,8 +137,9 @@ def estimate(params: int, gpu_rate: float, intra_gbps: float) -> list[dict]:
         inter = 2 * (nodes - 1) / nodes * grad_bytes / (net_gbps * 1e9 / 8) if nodes > 1 else 0.0
         efficiency = compute_s / (compute_s + intra + inter)
         gpu_hours = IMAGES_400K * EPOCHS_400K / (gpu_rate * efficiency) / 3600
-        rows.append({"shape": f"{nodes} x {gpus}", "machine": machine, "world": world, "allreduce_ms": 1000 * (intra + inter),
-                     "efficiency": efficiency, "gpu_hours": gpu_hours, "wall_hours": gpu_hours / world})
+        rows.append({"shape": f"{nodes} x {gpus}", "machine": machine, "world": world,
+                     "allreduce_ms": 1000 * (intra + inter), "efficiency": efficiency, "gpu_hours": gpu_hours,
+                     "wall_hours": gpu_hours / world})
     return rows
 
 

@@ -293,7 +293,8 @@ def test_nodes_param_sits_beside_gpus_in_every_training_dag(local_dags, cluster)
             required = REQUIRED_CONF.get(dag_id, {})
             params = _serialized(dag).params  # the check every trigger goes through (test_dags)
             params.deep_merge({**required, "nodes": maximum}).validate()
-            with pytest.raises(ParamValidationError, match=rf"param nodes\b.*{maximum + 1} is greater than the maximum"):
+            too_many = rf"param nodes\b.*{maximum + 1} is greater than the maximum"
+            with pytest.raises(ParamValidationError, match=too_many):
                 params.deep_merge({**required, "nodes": maximum + 1}).validate()
 
 

@@ -26,8 +26,9 @@ KUEUE_DIR = ROOT / "deploy" / "kueue"
 API_VERSIONS = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+NUMBER = r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
 QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern":
-            r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"}]}
+            rf"^(\+|-)?{NUMBER}(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?{NUMBER}))?$"}]}
 STOP_POLICY = {"type": "string", "enum": ["None", "Hold", "HoldAndDrain"]}
 LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
 
@@ -61,7 +62,8 @@ SCHEMAS = {
             "matchLabels": LABELS,
             "matchExpressions": {"type": "array", "items": {
                 "type": "object", "required": ["key", "operator"], "additionalProperties": False,
-                "properties": {"key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                "properties": {"key": {"type": "string"},
+                               "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
                                "values": {"type": "array", "items": {"type": "string"}}}}}}},
         "queueingStrategy": {"enum": ["StrictFIFO", "BestEffortFIFO"]},
         "stopPolicy": STOP_POLICY,
@@ -141,7 +143,8 @@ def consistency_problems(objects: list[dict], namespace: dict) -> list[str]:
     flavors = {f["metadata"]["name"] for f in by_kind.get("ResourceFlavor", [])}
     queues = {q["metadata"]["name"]: q for q in by_kind.get("ClusterQueue", [])}
     # The API server labels every namespace with its own name.
-    ns_labels = {**namespace["metadata"].get("labels", {}), "kubernetes.io/metadata.name": namespace["metadata"]["name"]}
+    name = namespace["metadata"]["name"]
+    ns_labels = {**namespace["metadata"].get("labels", {}), "kubernetes.io/metadata.name": name}
     for local in by_kind.get("LocalQueue", []):
         if local["metadata"].get("namespace") != namespace["metadata"]["name"]:
             problems.append(f"LocalQueue {local['metadata']['name']} is not in the task namespace")
