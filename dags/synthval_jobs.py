@@ -58,7 +58,7 @@ from airflow.providers.google.cloud.triggers.kubernetes_engine import GKEJobTrig
 from kubernetes.client import models as k8s
 from kubernetes.client.rest import ApiException
 
-from synthval_pods import SynthvalGKEPodOperator, SynthvalPodOperator
+from synthval_pods import BAD_INPUT_EXIT_CODE, SynthvalGKEPodOperator, SynthvalPodOperator, exit_code
 from synthval_tasks import XCOM_FILE_ENV, Rendezvous, Settings, check_conf, launch_command, load_settings
 
 RDZV_PORT = 29400  # torchrun's default c10d port
@@ -111,11 +111,17 @@ def node_pod(pod: k8s.V1Pod, base_container: str) -> k8s.V1Pod:
     return pod
 
 
-def failure_policy() -> k8s.V1PodFailurePolicy:
-    """A node lost to preemption, eviction or a node drain is replaced without counting as a failure."""
-    return k8s.V1PodFailurePolicy(rules=[k8s.V1PodFailurePolicyRule(
-        action="Ignore", on_pod_conditions=[k8s.V1PodFailurePolicyOnPodConditionsPattern(
-            type="DisruptionTarget", status="True")])])
+def failure_policy(container: str) -> k8s.V1PodFailurePolicy:
+    """A node lost to preemption, eviction or a node drain is replaced without counting as a failure;
+    a step that rejected its input (exit code 2) fails the Job at once, as it would fail every retry.
+    Under torchrun the worker's code 2 reaches the container as torchrun's 1, so only a one-node,
+    one-GPU Job (a Kueue-admitted run) sees it."""
+    return k8s.V1PodFailurePolicy(rules=[
+        k8s.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
+            k8s.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
+        k8s.V1PodFailurePolicyRule(action="FailJob", on_exit_codes=k8s.V1PodFailurePolicyOnExitCodesRequirement(
+            container_name=container, operator="In", values=[BAD_INPUT_EXIT_CODE])),
+    ])
 
 
 def build_service(job: k8s.V1Job) -> k8s.V1Service:
@@ -230,7 +236,7 @@ class SynthvalJobMixin:
         job.spec.template.metadata.name = None  # the Job controller names its pods <job>-<index>-<random>
         job.spec.backoff_limit_per_index = BACKOFF_LIMIT_PER_INDEX
         job.spec.max_failed_indexes = 0
-        job.spec.pod_failure_policy = failure_policy()
+        job.spec.pod_failure_policy = failure_policy(self.base_container_name)
         job.spec.pod_replacement_policy = "Failed"
         labels = {**self._get_ti_pod_labels(context, include_try_number=True), **(job.metadata.labels or {})}
         if self.queue:
@@ -265,7 +271,7 @@ class SynthvalJobMixin:
 
     def finish(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         """Write every pod's log, then return rank 0's result or fail naming each pod's end; delete the Job."""
-        from airflow.sdk.exceptions import AirflowException
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
         name, namespace = event["name"], event["namespace"]
         try:
@@ -278,7 +284,11 @@ class SynthvalJobMixin:
                     self.log.warning("no log of pod %s: %s", pod.metadata.name, exc.reason)
             if event.get("status") != "success":
                 ends = "; ".join(describe_pod(p, self.base_container_name) for p in pods) or "no pods left"
-                raise AirflowException(f"Job {namespace}/{name}: {event.get('message')}. {ends}")
+                message = f"Job {namespace}/{name}: {event.get('message')}. {ends}"
+                if any(exit_code(p, self.base_container_name) == BAD_INPUT_EXIT_CODE for p in pods):
+                    raise AirflowFailException(f"synthval {self.step} rejected its input (exit code 2); "
+                                               f"not retried. {message}")
+                raise AirflowException(message)
             return rank0_result(pods, self.base_container_name)
         finally:
             self._delete_job(name, namespace)

@@ -116,8 +116,9 @@ def test_every_training_task_renders_a_valid_job_service_and_pod_for_2_nodes_of_
         assert spec["backoffLimitPerIndex"] == synthval_jobs.BACKOFF_LIMIT_PER_INDEX and spec["maxFailedIndexes"] == 0
         assert "backoffLimit" not in spec  # per index instead
         assert spec["podReplacementPolicy"] == "Failed"  # a replacement waits until the old pod is gone
-        assert spec["podFailurePolicy"]["rules"] == [{"action": "Ignore", "onPodConditions": [
-            {"type": "DisruptionTarget", "status": "True"}]}]
+        assert spec["podFailurePolicy"]["rules"] == [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": "base", "operator": "In", "values": [2]}}]
         assert spec["activeDeadlineSeconds"] == step_profile(task.step).timeout.total_seconds()
         assert spec["ttlSecondsAfterFinished"] > 0
         assert "suspend" not in spec  # no Kueue queue set
@@ -520,7 +521,7 @@ def test_a_multinode_task_creates_job_and_service_defers_then_returns_rank0s_res
 
 
 def test_a_failed_job_fails_the_task_naming_each_pod_and_is_deleted(env, api):
-    from airflow.sdk.exceptions import AirflowException
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
     _, dags, _, _ = env
     dag = dags["train_on_synthdet_sample"]
@@ -531,6 +532,23 @@ def test_a_failed_job_fails_the_task_naming_each_pod_and_is_deleted(env, api):
     event = {"status": "error", "message": "Job failed with error: FailedIndexes", "name": name,
              "namespace": "synthval", "pod_names": [], "pod_namespace": "synthval", "job": {}, "xcom_result": None}
     task = render(dag, dag.task_dict["train"], {"nodes": 2, "gpus": 4})
-    with pytest.raises(AirflowException, match=r"FailedIndexes.*node 0\): Failed, exit code 1.*node 1\)"):
+    with pytest.raises(AirflowException, match=r"FailedIndexes.*node 0\): Failed, exit code 1.*node 1\)") as err:
+        task.resume_execution("finish_job", {"event": event}, task.test_context)
+    assert not isinstance(err.value, AirflowFailException)  # Airflow retries it: a new Job resumes
+    assert name not in api.jobs
+
+
+def test_a_job_whose_step_rejected_its_input_fails_without_retry(env, api):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    _, dags, _, _ = env
+    dag = dags["train_on_real_world_dataset"]
+    name = "job-synthval-train-badconf"
+    api.jobs[name] = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "synthval"}}
+    api.add_pod(name, 0, "Failed", exit_code=2, log="synthval train: error: --set epochs=many: not an integer")
+    event = {"status": "error", "message": "Job failed with error: PodFailurePolicy", "name": name,
+             "namespace": "synthval", "pod_names": [], "pod_namespace": "synthval", "job": {}, "xcom_result": None}
+    task = render(dag, dag.task_dict["train"], {"nodes": 1})
+    with pytest.raises(AirflowFailException, match="rejected its input .*not retried"):
         task.resume_execution("finish_job", {"event": event}, task.test_context)
     assert name not in api.jobs
