@@ -11,7 +11,9 @@ Kueue queue set) they run today's single pod unchanged; with `nodes` > 1 they st
 
       torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d \\
                --rdzv-endpoint <job>-0.<job>.<namespace>.svc.<cluster domain>:29400 --rdzv-id <job> \\
-               --rdzv-conf join_timeout=<startup timeout> --max-restarts 2 -m synthval.cli train ...
+               --rdzv-conf join_timeout=<T>,read_timeout=<T> --max-restarts 2 -m synthval.cli train ...
+
+  with T the pods' startup timeout: pods of one Job may start minutes apart on a pool that scales up.
 
   Pod 0 hosts the rendezvous store: it recognises the endpoint as itself through /etc/hosts (the
   kubelet writes the pod's full name there), so it does not wait for DNS.
@@ -26,7 +28,9 @@ Kueue queue set) they run today's single pod unchanged; with `nodes` > 1 they st
   appears twice) and rejoins under the same name; a pod failing for another reason is retried up to
   BACKOFF_LIMIT_PER_INDEX times, then the Job fails and Airflow's retry starts a new Job that resumes
   from the checkpoint too. A new try first deletes the Jobs of earlier tries of the same task: two
-  groups never write one checkpoint folder.
+  groups never write one checkpoint folder. A step that rejected its input (exit code 2) fails the Job
+  and the task at once, without retries, where the container's exit code is synthval's own (one node,
+  one GPU); torchrun reports a worker's exit code 2 as 1.
 - **XCom from rank 0 only**: rank 0 writes its result JSON to the container's termination message
   (`/dev/termination-log`, SYNTHVAL_XCOM_FILE); the task returns the one message found on the Job's
   succeeded pods.
@@ -196,8 +200,8 @@ def rank0_result(pods: list[k8s.V1Pod], container: str) -> dict[str, Any]:
 class SynthvalJobMixin:
     """Where this differs from the provider's KubernetesJobOperator, and why:
 
-    - `execute` creates the Job and Service and defers on the provider's Job trigger watching the Job
-      alone. The provider lists the Job's pods right after creating it and binds its trigger to their
+    - `launch` (what `execute` does) creates the Job and Service and defers on the provider's Job
+      trigger watching the Job alone. The provider lists the Job's pods right after creating it and binds its trigger to their
       names: that fails outright for a Job Kueue holds suspended (no pods yet) and never sees the pod the
       Job controller creates in place of a preempted one.
     - The provider's XCom sidecar keeps every pod running until the operator has read it, so a failed
