@@ -33,6 +33,7 @@ TARGET_S = 0.3
 SETTINGS = {  # what a cluster deployment sets (deploy/helm/values.yaml); placeholders, never contacted
     "SYNTHVAL_DATA_ROOT": "gs://bucket/synthval",
     "SYNTHVAL_IMAGE_TAG": "0.1.0",
+    "SYNTHVAL_RESULTS_DB_SECRET": "synthval-results-db",
     "SYNTHVAL_GKE_PROJECT": "project",
     "SYNTHVAL_GKE_LOCATION": "europe-west4",
     "SYNTHVAL_GKE_CLUSTER": "synthval",

@@ -49,7 +49,7 @@ with recipe_dag(
         "overrides": overrides_param(
             "Evaluation", "Evaluation config overrides as key=value (`--set`), e.g. draw_score_thresh=0.3."),
         **output_params(),
-        **compute_params(),
+        **compute_params(training=False),
     },
     tags=["evaluate"],
 ) as dag:

@@ -172,14 +172,27 @@ def test_split_param() -> dict[str, Param]:
         "or 10% of any other dataset), val, all, or a split file's name.")}
 
 
-def compute_params() -> dict[str, Param]:
+MAX_NODES = 64
+
+
+def compute_params(*, training: bool = True) -> dict[str, Param]:
+    """GPUs, image tag, scratch size; with `training`, the number of nodes of the train/fine-tune steps."""
     settings = load_settings()
+    nodes = {
+        "nodes": Param(
+            1, type="integer", minimum=1, maximum=MAX_NODES if settings.is_pod_backend else 1, section="Compute",
+            title="Nodes", description="Machines for training and fine-tuning, each with `gpus` GPUs. More than "
+            "one: an Indexed Job of that many pods, one torchrun group across them (kubernetes and gke "
+            "backends only; the local backend accepts 1). The effective batch stays the recipe's.",
+        ),
+    } if training else {}
     return {
         "gpus": Param(
             settings.default_gpus, type="integer", minimum=0, maximum=16, section="Compute", title="GPUs",
-            description="GPUs per training step (more than one: torchrun, one process per GPU); evaluation "
-            "uses at most one. 0 runs on CPU.",
+            description="GPUs per node of a training step (more than one: torchrun, one process per GPU); "
+            "evaluation uses at most one. 0 runs on CPU.",
         ),
+        **nodes,
         "image_tag": Param(
             settings.image_tag, type="string", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
             **{"not": {"const": "latest"}}, section="Compute", title="Image tag",

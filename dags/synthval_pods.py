@@ -16,6 +16,9 @@ frees its worker slot (a training runs for up to two days); the triggerer copies
 into the task log every `LOG_INTERVAL_S`, and a worker picks the task up again only when the pod ends,
 to read its result and clean up.
 
+A training step that runs on several nodes (or under a Kueue queue) runs as an Indexed Job of this same
+pod instead (`runs_as_job`; dags/synthval_jobs.py builds it from `pod_arguments`).
+
 Imported only when a pod task runs (or a test renders one): the provider and the Kubernetes client
 cost seconds to import, which DAG parsing must not pay (`synthval_tasks.SynthvalPodTask`).
 """
@@ -29,7 +32,14 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
 
-from synthval_tasks import RESULTS_DB_ENV, RESULTS_STORE_STEPS, USIM_TOKEN_ENV, Settings, step_profile
+from synthval_tasks import (
+    MULTINODE_STEPS,
+    RESULTS_DB_ENV,
+    RESULTS_STORE_STEPS,
+    USIM_TOKEN_ENV,
+    Settings,
+    step_profile,
+)
 
 BAD_INPUT_EXIT_CODE = 2  # synthval's exit code for bad input or usage (tasks/synthval/cli.py)
 TRAINING_IMAGE_UID = 10001
@@ -73,11 +83,16 @@ def _gke_operator_class() -> type:
     return SynthvalGKEPodOperator
 
 
+def terminated_state(pod: k8s.V1Pod | None, container: str) -> k8s.V1ContainerStateTerminated | None:
+    """How `container` of `pod` ended (exit code, reason, termination message), None while it runs."""
+    statuses = (pod.status.container_statuses if pod and pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    return status.state.terminated if status and status.state else None
+
+
 def exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:
     """The exit code of `container` in a finished pod, None while it has none."""
-    statuses = (remote_pod.status.container_statuses if remote_pod and remote_pod.status else None) or []
-    status = next((s for s in statuses if s.name == container), None)
-    terminated = status.state.terminated if status and status.state else None
+    terminated = terminated_state(remote_pod, container)
     return terminated.exit_code if terminated else None
 
 
@@ -137,8 +152,36 @@ def volumes(settings: Settings, gpus: int, storage_gib: int) -> tuple[list[k8s.V
     return vols, mounts
 
 
-def pod_operator(task: Any, settings: Settings) -> KubernetesPodOperator:
-    """The provider operator that runs the rendered `synthval_tasks.SynthvalPodTask` ``task``."""
+def runs_as_job(task: Any, settings: Settings) -> bool:
+    """Whether the rendered ``task`` runs as an Indexed Job (dags/synthval_jobs.py) rather than a pod: a
+    training step of a run with ``nodes`` > 1, or any training step when a Kueue queue admits them."""
+    return task.step in MULTINODE_STEPS and (int(task.nodes or 1) > 1 or bool(settings.kueue_queue))
+
+
+def pod_operator(task: Any, settings: Settings, *, as_job: bool | None = None) -> KubernetesPodOperator:
+    """The provider operator that runs the rendered `synthval_tasks.SynthvalPodTask` ``task``: its pod,
+    or, when it `runs_as_job` (or ``as_job``), the Job operator of such pods (`synthval_jobs.job_operator`)."""
+    kwargs = pod_arguments(task, settings)
+    if runs_as_job(task, settings) if as_job is None else as_job:
+        from synthval_jobs import job_operator
+
+        return job_operator(task, settings, kwargs)
+    if settings.backend == "gke":
+        return _gke_operator_class()(**cluster_connection(settings), **kwargs)
+    return SynthvalPodOperator(**cluster_connection(settings), **kwargs)
+
+
+def cluster_connection(settings: Settings) -> dict[str, Any]:
+    """How an operator reaches the cluster: a GKE cluster through a Google Cloud connection, else the
+    Kubernetes connection."""
+    if settings.backend == "gke":
+        return dict(project_id=settings.gke_project, location=settings.gke_location,
+                    cluster_name=settings.gke_cluster, gcp_conn_id=settings.gcp_conn_id)
+    return dict(kubernetes_conn_id=settings.kubernetes_conn_id)
+
+
+def pod_arguments(task: Any, settings: Settings) -> dict[str, Any]:
+    """The pod operator's arguments for the rendered ``task``: its pod, how it is watched and cleaned up."""
     from synthval_tasks import launch_command
 
     argv = task.command()  # fails on a task whose templates are not rendered
@@ -191,7 +234,4 @@ def pod_operator(task: Any, settings: Settings) -> KubernetesPodOperator:
         container_security_context=k8s.V1SecurityContext(
             allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])),
     )
-    if settings.backend == "gke":
-        return _gke_operator_class()(project_id=settings.gke_project, location=settings.gke_location,
-                                     cluster_name=settings.gke_cluster, gcp_conn_id=settings.gcp_conn_id, **kwargs)
-    return SynthvalPodOperator(kubernetes_conn_id=settings.kubernetes_conn_id, **kwargs)
+    return kwargs

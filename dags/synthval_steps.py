@@ -45,7 +45,7 @@ def train_step(step: str, train_data: Any, *, split_flags: tuple[Any, ...] = (),
         Flag("--tb-log-dir", tb_log_dir),
         "--resume=auto",
         config,
-    ], gpus="{{ params.gpus }}", tb_log_dir=tb_log_dir, **kwargs)
+    ], gpus="{{ params.gpus }}", nodes="{{ params.nodes }}", tb_log_dir=tb_log_dir, **kwargs)
 
 
 REAL_SPLIT_FLAGS = (Flag("--train-split", "{{ params.real_split }}"), ParamFlag("--max-images", "real_count"))

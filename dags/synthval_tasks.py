@@ -56,6 +56,8 @@ USIM_TOKEN_FILE_ENV = "USIM_ACCESS_TOKEN_FILE"  # read by synthval.cli
 RESULTS_DB_ENV = "SYNTHVAL_RESULTS_DB_URL"  # read by synthval.cli
 # The steps that read or write the results store; on a pod backend their pods get its URL from a Secret.
 RESULTS_STORE_STEPS = ("publish", "discover", "leaderboard")
+# The steps that can run on several nodes (the `nodes` param; dags/synthval_jobs.py).
+MULTINODE_STEPS = ("train", "finetune")
 
 # Demo data made by the procedural generator, so the embedded default needs no network.
 LOCAL_DEFAULT_SYNTHETIC = "generate://synthetic?num_images=400&image_size=192&seed=0"
@@ -134,6 +136,8 @@ class Settings:
     gke_location: str | None = None
     gke_cluster: str | None = None
     gcp_conn_id: str = "google_cloud_default"
+    kueue_queue: str | None = None
+    cluster_domain: str = "cluster.local"
     default_synthetic: str = LOCAL_DEFAULT_SYNTHETIC
     default_real: str = LOCAL_DEFAULT_REAL
     extra: dict[str, Any] = field(default_factory=dict)
@@ -187,8 +191,9 @@ def load_settings() -> Settings:
     SHM_SIZE, STARTUP_TIMEOUT_S, USIM_SECRET, USIM_SECRET_KEY, USIM_CONN_ID, RESULTS_DB_SECRET (the
     Kubernetes Secret, in the task namespace, whose key RESULTS_DB_SECRET_KEY holds the results store's
     URL: required on a pod backend, where a pod's own disk is deleted with it), RESULTS_DB_SECRET_KEY,
-    TENSORBOARD_URL, GKE_PROJECT, GKE_LOCATION, GKE_CLUSTER, GCP_CONN_ID, DEFAULT_SYNTHETIC, DEFAULT_REAL.
-    An empty value means "not set".
+    TENSORBOARD_URL, GKE_PROJECT, GKE_LOCATION, GKE_CLUSTER, GCP_CONN_ID, KUEUE_QUEUE (the LocalQueue
+    that admits training Jobs; unset: no Kueue), CLUSTER_DOMAIN (for the pods' DNS names),
+    DEFAULT_SYNTHETIC, DEFAULT_REAL. An empty value means "not set".
     """
     names = [f for f in Settings.__dataclass_fields__ if f != "extra"]
     from_env = {n: os.environ[f"SYNTHVAL_{n.upper()}"] for n in names if os.environ.get(f"SYNTHVAL_{n.upper()}")}
@@ -512,15 +517,25 @@ class GKEPodLink(BaseOperatorLink):
     """
 
     name = "Kubernetes Pod"
+    provider_link = "KubernetesEnginePodLink"  # in airflow.providers.google.cloud.links.kubernetes_engine
+    key = "kubernetes_pod_conf"  # its key
 
     @property
     def xcom_key(self) -> str:
-        return "kubernetes_pod_conf"  # KubernetesEnginePodLink.key
+        return self.key
 
     def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
-        from airflow.providers.google.cloud.links.kubernetes_engine import KubernetesEnginePodLink
+        from airflow.providers.google.cloud.links import kubernetes_engine
 
-        return KubernetesEnginePodLink().get_link(operator, ti_key=ti_key)
+        return getattr(kubernetes_engine, self.provider_link)().get_link(operator, ti_key=ti_key)
+
+
+class GKEJobLink(GKEPodLink):
+    """The "Kubernetes Job" button of a gke-backend training task that ran as a Job (dags/synthval_jobs.py)."""
+
+    name = "Kubernetes Job"
+    provider_link = "KubernetesEngineJobLink"
+    key = "kubernetes_job_conf"
 
 
 def check_conf(context: Any) -> None:
@@ -557,19 +572,37 @@ def synthval_executable() -> str:
     return str(candidate) if candidate.exists() else ""
 
 
-def launch_command(argv: list[str], gpus: int, *, local: bool) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the torchrun agents of a multi-node step meet (c10d): ``host:port`` of node 0, a run id of
+    the group, how long an agent waits for the others (and for node 0's store: pods of one Job can start
+    minutes apart on a node pool that scales up), how often the group restarts as a whole."""
+
+    endpoint: str
+    run_id: str
+    join_timeout_s: int = 600
+    max_restarts: int = 2
+
+
+def launch_command(argv: list[str], gpus: int, *, local: bool, nodes: int = 1,
+                   rendezvous: Rendezvous | None = None) -> list[str]:
     """Return the process to start for ``argv`` (``["synthval", step, ...]``).
 
     More than one GPU launches one process per GPU through torchrun, which runs ``python -m
-    synthval.cli`` in each. Locally the console script next to the worker's Python is used.
+    synthval.cli`` in each. Locally the console script next to the worker's Python is used. With
+    ``nodes`` > 1 this is one node's agent of ``nodes`` that meet at ``rendezvous`` (dags/synthval_jobs.py).
     """
     if argv[:1] != ["synthval"]:
         raise ValueError(f"a synthval step starts with 'synthval', got {argv[:2]!r}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"] if local else ["torchrun"]
+    if nodes > 1:
+        if rendezvous is None:
+            raise ValueError(f"{nodes} nodes need a rendezvous endpoint")
+        return [*torchrun, "--nnodes", str(nodes), "--nproc-per-node", str(max(gpus, 1)),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", rendezvous.endpoint, "--rdzv-id", rendezvous.run_id,
+                "--rdzv-conf", f"join_timeout={rendezvous.join_timeout_s},read_timeout={rendezvous.join_timeout_s}",
+                "--max-restarts", str(rendezvous.max_restarts), "-m", "synthval.cli", *argv[1:]]
     if gpus > 1:
-        if local:
-            torchrun = [sys.executable, "-m", "torch.distributed.run"]
-        else:
-            torchrun = ["torchrun"]
         return [*torchrun, "--standalone", "--nproc-per-node", str(gpus), "-m", "synthval.cli", *argv[1:]]
     if local:
         exe = synthval_executable()
@@ -623,16 +656,17 @@ class SynthvalLocalOperator(BaseOperator):
     terminated. Exit code 2 (bad input or config) fails without retrying.
     """
 
-    template_fields = ("argv", "gpus", "tb_log_dir")
+    template_fields = ("argv", "gpus", "nodes", "tb_log_dir")
     template_fields_renderers = {"argv": "py"}
     ui_color = "#e8f1fb"
 
-    def __init__(self, *, step: str, argv: Argv, gpus: Any = 0, tb_log_dir: str | None = None,
+    def __init__(self, *, step: str, argv: Argv, gpus: Any = 0, nodes: Any = 1, tb_log_dir: str | None = None,
                  usim_token: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step = step
         self.argv = argv
         self.gpus = gpus
+        self.nodes = nodes
         self.tb_log_dir = tb_log_dir
         self.usim_token = usim_token
         self._proc: subprocess.Popen | None = None
@@ -645,6 +679,10 @@ class SynthvalLocalOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
         check_conf(context)
+        if int(self.nodes or 1) > 1:
+            raise AirflowFailException(
+                f"nodes={self.nodes}: the local backend runs one process group on this machine; training on "
+                "several nodes needs SYNTHVAL_BACKEND=kubernetes or gke (use `gpus` for several processes here)")
         argv = self.command()
         cmd = launch_command(argv, int(self.gpus or 0), local=True)
         with tempfile.TemporaryDirectory(prefix="synthval-task-") as tmp:
@@ -733,22 +771,25 @@ def rendered_command(task: Any) -> list[str]:
 class SynthvalPodTask(BaseOperator):
     """Run one ``synthval <step>`` command as a pod of the training image (kubernetes or gke backend).
 
-    Light while DAGs are parsed: the provider's operator (`KubernetesPodOperator` or
-    `GKEStartPodOperator`, deferrable) is built by `synthval_pods.pod_operator` from the rendered
-    command when the task runs, and this task hands execution, the trigger's re-entry and kills to it.
+    Light while DAGs are parsed: the provider's operator is built by `synthval_pods.pod_operator` from
+    the rendered task when it runs, and this task hands execution, the trigger's re-entry and kills to
+    it. That is a `KubernetesPodOperator` or `GKEStartPodOperator` (deferrable), or, for a training
+    step of a run with ``nodes`` > 1 (or every training step when a Kueue queue is set), their
+    `KubernetesJobOperator` counterpart running an Indexed Job (dags/synthval_jobs.py).
     """
 
-    template_fields = ("argv", "gpus", "tb_log_dir", "storage_gib", "image_tag")
+    template_fields = ("argv", "gpus", "nodes", "tb_log_dir", "storage_gib", "image_tag")
     template_fields_renderers = {"argv": "py"}
     ui_color = "#e3f4e1"
 
-    def __init__(self, *, step: str, argv: Argv, gpus: Any = 0, tb_log_dir: str | None = None,
+    def __init__(self, *, step: str, argv: Argv, gpus: Any = 0, nodes: Any = 1, tb_log_dir: str | None = None,
                  storage_gib: Any = "{{ params.storage_gib }}", image_tag: Any = "{{ params.image_tag }}",
                  usim_token: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step = step
         self.argv = argv
         self.gpus = gpus
+        self.nodes = nodes
         self.tb_log_dir = tb_log_dir
         self.storage_gib = storage_gib
         self.image_tag = image_tag
@@ -760,7 +801,7 @@ class SynthvalPodTask(BaseOperator):
         return rendered_command(self)
 
     def pod_operator(self) -> Any:
-        """The provider's pod operator for this rendered task (built once)."""
+        """The provider's pod or Job operator for this rendered task (built once)."""
         if self._pod_operator is None:
             from synthval_pods import pod_operator
 
@@ -779,6 +820,15 @@ class SynthvalPodTask(BaseOperator):
         """Where a deferred pod task resumes (`KubernetesPodOperator.trigger_reentry`)."""
         return self.pod_operator().trigger_reentry(context, event)
 
+    def finish_job(self, context: Any, event: dict[str, Any]) -> Any:
+        """Where a deferred training Job resumes (`synthval_jobs.SynthvalJobMixin.finish_job`): its Job
+        operator, even if the settings that chose it (a Kueue queue) changed while the Job ran."""
+        if not hasattr(self._pod_operator, "finish_job"):
+            from synthval_pods import pod_operator
+
+            self._pod_operator = pod_operator(self, load_settings(), as_job=True)
+        return self._pod_operator.finish_job(context, event)
+
     def on_kill(self) -> None:
         if self._pod_operator is not None:
             self._pod_operator.on_kill()
@@ -788,12 +838,14 @@ class SynthvalPodTask(BaseOperator):
 # The factory
 
 
-def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpus: Any = 0,
+def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpus: Any = 0, nodes: Any = None,
                   tb_log_dir: str | None = None, usim_token: bool = False, **kwargs: Any) -> BaseOperator:
     """Return the task that runs ``argv`` (``["synthval", step, ...]``, argv items) on the set backend.
 
     ``gpus`` (a number or template) applies to train/fine-tune/evaluate; with more than one, torchrun
-    starts one process per GPU. ``tb_log_dir`` feeds the TensorBoard link. ``usim_token`` gives the
+    starts one process per GPU. ``nodes`` (train/fine-tune; a number or template) above 1 runs the
+    step on that many pods of ``gpus`` GPUs each, as one Indexed Job (dags/synthval_jobs.py); the
+    local backend refuses it. ``tb_log_dir`` feeds the TensorBoard link. ``usim_token`` gives the
     process the Unity Simulation token: from the Kubernetes Secret (env USIM_ACCESS_TOKEN via
     secretKeyRef) in a pod, from the Airflow connection (a 0600 file named by USIM_ACCESS_TOKEN_FILE)
     locally. Other keyword arguments go to the operator (trigger_rule, retries, ...).
@@ -816,13 +868,18 @@ def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpu
         retry_exponential_backoff=True,
         execution_timeout=profile.timeout,
     )
+    if nodes is not None:
+        if step not in MULTINODE_STEPS:
+            raise ValueError(f"step {step!r} runs on one node; nodes applies to {', '.join(MULTINODE_STEPS)}")
+        common["nodes"] = nodes
     common.update(kwargs)
     links: tuple[BaseOperatorLink, ...] = (TensorBoardLink(),) if tb_log_dir else ()
     if settings.backend == "local":
         op: BaseOperator = SynthvalLocalOperator(**common)
     else:
         op = SynthvalPodTask(**common)
-        links += (GKEPodLink(),) if settings.backend == "gke" else ()
+        if settings.backend == "gke":
+            links += (GKEPodLink(), GKEJobLink()) if step in MULTINODE_STEPS else (GKEPodLink(),)
     if links:
         op.operator_extra_links = links
     return op

@@ -273,20 +273,26 @@ POD_LAUNCHER_RULES = {
     "pods/log": {"get"},
     "pods/exec": {"create", "get"},
     "events": {"list", "watch"},
+    # the KubernetesJobOperator of multi-node training (dags/synthval_jobs.py)
+    "services": {"create"},
+    "batch/jobs": {"create", "get", "list", "delete"},
+    "batch/jobs/status": {"get"},
 }
 
 
 def rbac_problems(role: dict) -> list[str]:
-    """The Role grants the KubernetesPodOperator's needs in the core API group and nothing more."""
+    """The Role grants the pod and Job operators' needs (core and batch API groups) and nothing more."""
     problems = []
     granted: dict[str, set[str]] = {}
     for rule in role.get("rules", []):
-        if rule.get("apiGroups") != [""]:
-            problems.append(f"rule outside the core API group: {rule}")
+        groups = rule.get("apiGroups")
+        if groups not in ([""], ["batch"]):
+            problems.append(f"rule outside the core and batch API groups: {rule}")
         if rule.get("resourceNames") or rule.get("nonResourceURLs"):
             problems.append(f"unexpected rule fields: {rule}")
+        prefix = "batch/" if groups == ["batch"] else ""
         for resource in rule.get("resources", []):
-            granted.setdefault(resource, set()).update(rule.get("verbs", []))
+            granted.setdefault(prefix + resource, set()).update(rule.get("verbs", []))
     for resource, verbs in granted.items():
         extra = verbs - POD_LAUNCHER_RULES.get(resource, set())
         if extra or "*" in verbs:
@@ -311,9 +317,11 @@ def test_rbac_checker_rejects_too_much_and_too_little():
     role = yaml.safe_load(yaml.safe_dump(_find("Role")))
     role["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})
     role["rules"][0]["verbs"] = ["*"]
-    role["rules"] = [r for r in role["rules"] if r["resources"] != ["pods/exec"]]
+    role["rules"] = [r for r in role["rules"] if r["resources"] not in (["pods/exec"], ["jobs/status"])]
+    role["rules"].append({"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["create"]})
     problems = "\n".join(rbac_problems(role))
     assert "secrets" in problems and "pods: more than needed" in problems and "pods/exec: missing" in problems
+    assert "batch/cronjobs: more than needed" in problems and "batch/jobs/status: missing" in problems
 
 
 def helm_values() -> dict:
@@ -347,7 +355,7 @@ def values_problems(values: dict) -> list[str]:
     if ("ServiceAccount", worker_sa, "airflow") not in subjects:
         problems.append(f"RoleBinding does not bind the workers' service account {worker_sa}")
     triggerer_sa = values.get("triggerer", {}).get("serviceAccount", {}).get("name")
-    if ("ServiceAccount", triggerer_sa, "airflow") not in subjects:  # pod tasks are deferrable
+    if ("ServiceAccount", triggerer_sa, "airflow") not in subjects:  # pod and Job tasks are deferrable
         problems.append(f"RoleBinding does not bind the triggerer's service account {triggerer_sa}")
     if values.get("images", {}).get("airflow", {}).get("tag") != env.get("SYNTHVAL_IMAGE_TAG"):
         problems.append("the Airflow image and the task pods are not tagged from the same setting")

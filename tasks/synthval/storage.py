@@ -285,8 +285,9 @@ def check_output(uri: str, *, folder: bool, what: str = "") -> None:
     Local only (a bucket's permissions show on the first write). An existing output of the wrong kind
     (a file where a folder goes, or the reverse) is refused; otherwise a probe file is created and
     removed in the output folder, or in its nearest existing ancestor: a read-only or full disk, or a
-    file in the way, shows here rather than after hours of training. A device or FIFO output (an XCom
-    file /dev/stdout) is not probed: writing to it is not free.
+    file in the way, shows here rather than after hours of training. An output written in place (a
+    device, a FIFO, a file mounted on its own: `_written_in_place`) is not probed: writing to it is not
+    free, and its folder (/dev for Kubernetes' termination log) need not be writable.
     """
     if not is_local(uri):
         return
@@ -297,7 +298,9 @@ def check_output(uri: str, *, folder: bool, what: str = "") -> None:
             raise OutputError(f"{label}: is a file, not a folder; remove it or choose another folder")
         if not folder and os.path.isdir(path):
             raise OutputError(f"{label}: is a folder, not a file")
-        if not folder and not os.path.isfile(path):
+        if not folder and _written_in_place(path):
+            if not os.access(path, os.W_OK):
+                raise OutputError(f"{label}: cannot be written (permission denied)")
             return
     probe_in = path if folder and os.path.isdir(path) else os.path.dirname(path)
     while not os.path.exists(probe_in):
@@ -325,9 +328,7 @@ def atomic_output(uri: str) -> Iterator[str]:
     """
     if is_local(uri):
         final = local_path(uri)
-        if os.path.exists(final) and not os.path.isfile(final) and not os.path.isdir(final):
-            # A device or FIFO (--xcom-file /dev/null, a pipe): write through; renaming over it would
-            # replace the device node with a plain file.
+        if _written_in_place(final):
             with _output_errors(uri, only_write_errnos=True):
                 yield final
             return
@@ -352,6 +353,25 @@ def atomic_output(uri: str) -> Iterator[str]:
         tmp = os.path.join(tmpdir, "object")
         yield tmp
         fs.put_file(tmp, path)
+
+
+def _written_in_place(path: str) -> bool:
+    """Whether a local output is written through rather than renamed into place: a device or FIFO
+    (--xcom-file /dev/null, a pipe), where a rename would replace the node with a plain file, or a file
+    mounted on its own, such as Kubernetes' /dev/termination-log, where a rename fails (EBUSY)."""
+    return os.path.exists(path) and not os.path.isdir(path) and (not os.path.isfile(path) or _is_mount(path))
+
+
+def _is_mount(path: str) -> bool:
+    """Whether `path` is a mount point (Linux's mount table; False where there is none)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            points = {line.split()[4] for line in f if len(line.split()) > 4}
+    except OSError:
+        return False
+    # mountinfo escapes space, tab, newline and backslash in octal
+    escaped = os.path.realpath(path).translate({32: "\\040", 9: "\\011", 10: "\\012", 92: "\\134"})
+    return escaped in points
 
 
 def write_bytes(uri: str, data: bytes) -> None:
