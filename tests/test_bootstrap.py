@@ -151,6 +151,58 @@ def test_percentile_interval_ignores_undefined_replicates():
     assert np.isnan(low[1]) and np.isnan(high[1])
 
 
+def test_bias_corrected_interval_undoes_a_median_shift():
+    """Replicates N(estimate + b, s): the corrected interval is estimate - b -+ 1.96 s (Efron's BC), the
+    plain one estimate + b -+ 1.96 s; replicates centred on the estimate get the plain one."""
+    estimate, b, s = 0.30, 0.02, 0.05
+    shifted = estimate + b + s * np.random.default_rng(0).standard_normal(200_000)
+    low, high = percentile_interval(shifted, 0.95, estimate)
+    assert low[0] == pytest.approx(estimate - b - 1.96 * s, abs=0.002)
+    assert high[0] == pytest.approx(estimate - b + 1.96 * s, abs=0.002)
+    plain_low, plain_high = percentile_interval(shifted, 0.95)
+    assert plain_low[0] == pytest.approx(estimate + b - 1.96 * s, abs=0.002)
+    centred = shifted - b
+    assert np.allclose(percentile_interval(centred, 0.95, estimate), percentile_interval(centred, 0.95), atol=0.002)
+    # every replicate above the estimate: a finite, lower interval, not NaN
+    low, high = percentile_interval(np.linspace(0.4, 0.5, 100), 0.95, 0.3)
+    assert 0.4 <= low[0] < high[0] < 0.45
+
+
+def _one_box_detector_case(n_images: int, seed: int):
+    """One true box per image; the detector finds it (60%) or boxes empty space, with a random score,
+    and sometimes adds a false alarm: a test set drawn from a population whose AP is known."""
+    rng = np.random.default_rng(seed)
+    records, predictions = [], []
+    for i in range(n_images):
+        box = [20.0, 20.0, 60.0, 60.0]
+        records.append(ImageRecord(i, f"{i}.png", 128, 128, np.array([box], dtype=np.float32),
+                                   np.array([1], dtype=np.int64)))
+        boxes = [box if rng.random() < 0.6 else [80.0, 80.0, 120.0, 120.0]]
+        scores = [rng.uniform(0.2, 1.0)]
+        if rng.random() < 0.5:
+            boxes.append([0.0, 0.0, 10.0, 10.0])
+            scores.append(rng.uniform(0.0, 0.9))
+        predictions.append({"image_id": i, "boxes": np.array(boxes), "scores": np.array(scores),
+                            "labels": np.ones(len(boxes), dtype=np.int64)})
+    return DatasetIndex("memory", "coco", {1: "thing"}, records), predictions
+
+
+def test_map_interval_covers_the_population_ap_better_than_plain_percentiles():
+    """AP's interpolated precision is a running maximum, so resampled AP runs high (about 57% of
+    replicates above the estimate here) and the plain percentile interval of 30 images covers the
+    population's AP in only ~87% of test sets; the bias-corrected one in ~92%. Measured over 200
+    test sets against the AP of 10,000 images from the same detector."""
+    truth = CocoBootstrap(matches_of(*_one_box_detector_case(10_000, seed=999)).matches).estimate()[0]
+    corrected = plain = 0
+    seeds = 200
+    for seed in range(seeds):
+        result = CocoBootstrap(matches_of(*_one_box_detector_case(30, seed)).matches).run(replicates=400, seed=seed)
+        corrected += result.low["mAP"] <= truth <= result.high["mAP"]
+        low, high = percentile_interval(result.replicates[:, result.names.index("mAP")], 0.95)
+        plain += low[0] <= truth <= high[0]
+    assert corrected / seeds >= 0.88 and corrected - plain >= 0.02 * seeds, (corrected / seeds, plain / seeds)
+
+
 def test_interval_covers_the_true_mean_at_about_the_stated_rate():
     """Bernoulli(0.3) means of 100 items: the 95% interval covers 0.3 in 90-99% of 200 seeds."""
     p, n, hits = 0.3, 100, 0

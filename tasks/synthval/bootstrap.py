@@ -2,8 +2,11 @@
 
 A test set of a few hundred images measures mAP with an error of a few points, and two models often
 differ by less than that. The bootstrap puts a number on it: draw the test images with replacement,
-score each draw, and read the 2.5th and 97.5th percentiles of the replicate scores (the percentile
-interval). A draw is a vector of weights, how many times each image was drawn, so a replicate never
+score each draw, and read the interval off the replicate scores. The interval is Efron's bias-corrected
+percentile interval: AP takes a running maximum of precision (COCO's interpolation), so resampled AP
+runs high, and the plain 2.5th-97.5th percentiles sit above the estimate (a 24-image test set's mAP
+0.339 got [0.291, 0.417]). The correction reads the percentiles shifted by how far the replicates'
+median is off the estimate; with no such bias it is the plain percentile interval. A draw is a vector of weights, how many times each image was drawn, so a replicate never
 copies data: every statistic here takes a (replicates, images) weight matrix and returns one row of
 values per replicate. Weights of all ones give the plain, unresampled value.
 
@@ -24,6 +27,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -67,7 +71,7 @@ class BootstrapResult:
         names = self.names if names is None else names
         return {
             "confidence": self.confidence, "replicates": int(self.replicates.shape[0]), "seed": self.seed,
-            "num_images": self.num_items, "method": "percentile bootstrap over test images",
+            "num_images": self.num_items, "method": "bias-corrected percentile bootstrap over test images",
             "values": {n: {"value": _none(self.estimate[n]), "low": _none(self.low[n]), "high": _none(self.high[n])}
                        for n in names},
         }
@@ -96,25 +100,42 @@ def resample_weights(num_items: int, replicates: int, seed: int) -> np.ndarray:
     return weights
 
 
-def percentile_interval(values: np.ndarray, confidence: float = DEFAULT_CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper percentile bounds over axis 0, ignoring NaN (NaN where a column is all NaN)."""
+def percentile_interval(values: np.ndarray, confidence: float = DEFAULT_CONFIDENCE,
+                        estimate: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds over axis 0, ignoring NaN (NaN where a column is all NaN).
+
+    With ``estimate`` (one per column), the bias-corrected percentiles (Efron's BC): z0 is the normal
+    quantile of the share of replicates below the estimate (ties count half), and the bounds are the
+    Phi(2 z0 -+ z) quantiles instead of Phi(-+z). Without it, the plain percentiles.
+    """
     alpha = (1.0 - confidence) / 2.0
     values = np.asarray(values, dtype=np.float64)
     if values.ndim == 1:
         values = values[:, None]
-    low = np.full(values.shape[1], np.nan)
-    high = np.full(values.shape[1], np.nan)
-    ok = np.isfinite(values).any(axis=0)
-    if ok.any():
-        low[ok] = np.nanquantile(values[:, ok], alpha, axis=0)
-        high[ok] = np.nanquantile(values[:, ok], 1.0 - alpha, axis=0)
+    columns = values.shape[1]
+    low_q, high_q = np.full(columns, alpha), np.full(columns, 1.0 - alpha)
+    if estimate is not None:
+        estimate = np.broadcast_to(np.asarray(estimate, dtype=np.float64), (columns,))
+        defined = np.isfinite(values).sum(axis=0)
+        below = (values < estimate).sum(axis=0) + 0.5 * (values == estimate).sum(axis=0)
+        normal = NormalDist()
+        z = normal.inv_cdf(1.0 - alpha)
+        for j in np.flatnonzero(np.isfinite(estimate) & (defined > 0)):
+            # all replicates on one side: as far as `defined` replicates can tell, not an infinite shift
+            share = min(max(below[j] / defined[j], 0.5 / defined[j]), 1.0 - 0.5 / defined[j])
+            z0 = normal.inv_cdf(float(share))
+            low_q[j], high_q[j] = normal.cdf(2 * z0 - z), normal.cdf(2 * z0 + z)
+    low = np.full(columns, np.nan)
+    high = np.full(columns, np.nan)
+    for j in np.flatnonzero(np.isfinite(values).any(axis=0)):
+        low[j], high[j] = np.nanquantile(values[:, j], [low_q[j], high_q[j]])
     return low, high
 
 
 def bootstrap(statistic: Statistic, num_items: int, names: Sequence[str], replicates: int = DEFAULT_REPLICATES,
               seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE,
               chunk: int = 100, estimate: Sequence[float] | None = None) -> BootstrapResult:
-    """Percentile bootstrap of `statistic` over `num_items` items.
+    """Bias-corrected percentile bootstrap of `statistic` over `num_items` items.
 
     `statistic(weights)` takes a (b, num_items) weight matrix and returns (b, len(names)) values (NaN
     where undefined). The estimate is `estimate` if given (the exact unresampled values), else the
@@ -132,7 +153,7 @@ def bootstrap(statistic: Statistic, num_items: int, names: Sequence[str], replic
     rows = [np.asarray(statistic(weights[i:i + chunk]), dtype=np.float64).reshape(-1, len(names))
             for i in range(0, replicates, chunk)]
     values = np.concatenate(rows, axis=0)
-    low, high = percentile_interval(values, confidence)
+    low, high = percentile_interval(values, confidence, estimate)
     return BootstrapResult(
         names=names, estimate=dict(zip(names, estimate.tolist())), low=dict(zip(names, low.tolist())),
         high=dict(zip(names, high.tolist())), replicates=values, confidence=confidence, seed=seed,
@@ -173,8 +194,9 @@ def paired_difference(a: BootstrapResult, b: BootstrapResult, name: str) -> Diff
     if a.seed != b.seed or a.num_items != b.num_items or a.replicates.shape[0] != b.replicates.shape[0]:
         raise ValueError("a paired difference needs bootstraps with the same seed, images and replicates")
     diff = a.replicates[:, a.names.index(name)] - b.replicates[:, b.names.index(name)]
-    low, high = percentile_interval(diff, a.confidence)
-    return Difference(name, a.estimate[name] - b.estimate[name], float(low[0]), float(high[0]))
+    value = a.estimate[name] - b.estimate[name]
+    low, high = percentile_interval(diff, a.confidence, value)
+    return Difference(name, value, float(low[0]), float(high[0]))
 
 
 def independent_difference(a: BootstrapResult, b: BootstrapResult, name: str) -> Difference:
@@ -186,8 +208,9 @@ def independent_difference(a: BootstrapResult, b: BootstrapResult, name: str) ->
     rng = np.random.default_rng(a.seed + 7919)
     # Independent draws: decouple b's rows from a's by a random permutation.
     diff = a.replicates[:n, a.names.index(name)] - b.replicates[rng.permutation(n), b.names.index(name)]
-    low, high = percentile_interval(diff, a.confidence)
-    return Difference(name, a.estimate[name] - b.estimate[name], float(low[0]), float(high[0]))
+    value = a.estimate[name] - b.estimate[name]
+    low, high = percentile_interval(diff, a.confidence, value)
+    return Difference(name, value, float(low[0]), float(high[0]))
 
 
 # --- COCO ---------------------------------------------------------------------------------------------
