@@ -17,18 +17,20 @@ airflow dags trigger evaluate_the_model --conf '{"checkpoint": "gs://bucket/runs
 
 from airflow.sdk import Param
 
+from synthval_argv import Computed, Flag
 from synthval_params import (
     PUBLISHED_MODELS,
     URI_PATTERN,
     compute_params,
     dataset_param,
+    evaluation_config,
     output_params,
     overrides_param,
     recipe_dag,
     test_split_param,
 )
+from synthval_settings import load_settings
 from synthval_steps import evaluate_step, fetch_step, publish_step
-from synthval_tasks import Computed, Flag, evaluation_config, load_settings
 
 settings = load_settings()
 

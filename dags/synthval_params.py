@@ -2,12 +2,12 @@
 
 Params are JSON-schema typed and grouped by ``section``; Airflow validates a run's conf against them
 before any task runs (`airflow dags trigger --conf` fails naming the field). Defaults come from the
-deployment settings (`synthval_tasks.load_settings`), so the same DAG runs the generated demo data on
+deployment settings (`synthval_settings.load_settings`), so the same DAG runs the generated demo data on
 CPU locally and the seed's datasets on GPUs in a cluster.
 
 Every string param that reaches a command line is constrained here (an enum, a pattern) so a typo or
 a hostile value is refused at trigger, and whatever passes still becomes exactly one argument (the
-DAGs render templates as strings, never as native objects; see `synthval_tasks`).
+DAGs render templates as strings, never as native objects; see `synthval_argv`).
 
 """
 
@@ -20,7 +20,9 @@ from typing import Any
 
 from airflow.sdk import DAG, Param
 
-from synthval_tasks import MACROS, load_settings
+from synthval_argv import format_arg, set_flags
+from synthval_macros import MACROS
+from synthval_settings import load_settings
 
 # Mirrors synthval.config.MODEL_NAMES and PRESETS (a contract test keeps them equal; DAG files must not
 # import synthval).
@@ -238,3 +240,41 @@ def recipe_dag(dag_id: str, doc_md: str | None, params: dict[str, Param], tags: 
         user_defined_macros=dict(MACROS),
         default_args={"owner": "synthval", "retry_delay": timedelta(minutes=1)},
     )
+
+
+
+def config_flags(params: Any, prefix: str = "") -> list[str]:
+    """The training config flags from the DAG params: preset, model, epochs, lr, batch size, overrides.
+
+    With ``prefix="finetune_"`` the fine-tune params (``finetune_epochs`` ...) are used; an empty
+    fine-tune epochs or learning rate leaves the preset's fine-tuning value (`synthval finetune`
+    lowers the rate), never the training one. ``finetune_overrides`` come after ``overrides``.
+    """
+
+    def pick(name: str) -> Any:
+        if not prefix:
+            return params.get(name)
+        value = params.get(prefix + name)
+        own_only = name in ("epochs", "learning_rate")
+        return value if value not in (None, "") or own_only else params.get(name)
+
+    overrides = list(params.get("overrides") or []) + (list(params.get(prefix + "overrides") or []) if prefix else [])
+    return [f"--preset={format_arg(params['preset'])}", *set_flags(
+        overrides, model__name=pick("model"), epochs=pick("epochs"), optimizer__lr=pick("learning_rate"),
+        data__batch_size=pick("batch_size"))]
+
+
+def training_config(context: Any) -> list[str]:
+    """`config_flags` of a run's params (a `Computed` item of train steps)."""
+    return config_flags(context["params"])
+
+
+def finetune_config(context: Any) -> list[str]:
+    """`config_flags` of a run's fine-tuning params (a `Computed` item of fine-tune steps)."""
+    return config_flags(context["params"], prefix="finetune_")
+
+
+def evaluation_config(context: Any) -> list[str]:
+    """``--set`` flags of a run's evaluation params (batch_size, overrides)."""
+    params = context["params"]
+    return set_flags(params.get("overrides"), batch_size=params.get("batch_size"))
