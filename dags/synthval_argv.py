@@ -119,10 +119,10 @@ def param_flags(flag: str, value: Any) -> list[str]:
     return [f"{flag}={format_arg(v)}" for v in (value if isinstance(value, list) else [value])]
 
 
-def set_flags(overrides: Any = (), **keys: Any) -> list[str]:
-    """``--set=key=value`` for each set keyword (dots as ``__``), then for each "key=value" override."""
-    flags = [f"--set={key.replace('__', '.')}={format_arg(value)}"
-             for key, value in keys.items() if value is not None and value != ""]
+def set_flags(keys: dict[str, Any], overrides: Any = ()) -> list[str]:
+    """``--set=key=value`` for each set value of ``keys`` (dotted config keys), then for each "key=value"
+    override."""
+    flags = [f"--set={key}={format_arg(value)}" for key, value in keys.items() if value is not None and value != ""]
     return flags + [f"--set={format_arg(override)}" for override in overrides or ()]
 
 
