@@ -125,9 +125,3 @@ def set_flags(keys: dict[str, Any], overrides: Any = ()) -> list[str]:
     flags = [f"--set={key}={format_arg(value)}" for key, value in keys.items() if value is not None and value != ""]
     return flags + [f"--set={format_arg(override)}" for override in overrides or ()]
 
-
-def rendered_command(task: Any) -> list[str]:
-    """A rendered task's command line; before rendering there is none to run."""
-    if isinstance(task.argv, Argv):
-        raise RuntimeError(f"task {task.task_id!r}: its command line exists only once its templates are rendered")
-    return list(task.argv)

@@ -16,11 +16,9 @@ import subprocess
 import tempfile
 from typing import Any
 
-from airflow.sdk import BaseOperator
-
-from synthval_argv import Argv, rendered_command
 from synthval_conf import check_conf
 from synthval_launch import RESULTS_DB_ENV, USIM_API_ENV, USIM_TOKEN_FILE_ENV, XCOM_FILE_ENV, launch_command
+from synthval_operator import SynthvalStepOperator
 from synthval_settings import load_settings
 
 # What a local step's process gets of the worker's environment: what any process needs to run, find its
@@ -57,7 +55,7 @@ def step_environment(step: str, environ: Any = None) -> dict[str, str]:
 
 
 
-class SynthvalLocalOperator(BaseOperator):
+class SynthvalLocalOperator(SynthvalStepOperator):
     """Run one ``synthval <step>`` command as a child process of the worker.
 
     The process gets `step_environment` plus ``SYNTHVAL_XCOM_FILE`` (a temporary file) and, for the
@@ -66,24 +64,11 @@ class SynthvalLocalOperator(BaseOperator):
     terminated. Exit code 2 (bad input or config) fails without retrying.
     """
 
-    template_fields = ("argv", "gpus", "nodes", "tb_log_dir")
-    template_fields_renderers = {"argv": "py"}
     ui_color = "#e8f1fb"
 
-    def __init__(self, *, step: str, argv: Argv, gpus: Any = 0, nodes: Any = 1, tb_log_dir: str | None = None,
-                 usim_token: bool = False, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.step = step
-        self.argv = argv
-        self.gpus = gpus
-        self.nodes = nodes
-        self.tb_log_dir = tb_log_dir
-        self.usim_token = usim_token
         self._proc: subprocess.Popen | None = None
-
-    def command(self) -> list[str]:
-        """The rendered command line, as `synthval ...` (the same for every backend)."""
-        return rendered_command(self)
 
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowException, AirflowFailException

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import BaseOperator
-
-from synthval_argv import Argv, rendered_command
 from synthval_conf import check_conf
+from synthval_operator import SynthvalStepOperator
 from synthval_profiles import MULTINODE_STEPS
 from synthval_settings import Settings, load_settings
 
@@ -38,7 +36,7 @@ def provider_operator(task: Any, settings: Settings, *, as_job: bool | None = No
     return synthval_pods.pod_operator(settings, pod_arguments)
 
 
-class SynthvalPodTask(BaseOperator):
+class SynthvalPodTask(SynthvalStepOperator):
     """Run one ``synthval <step>`` command as a pod of the training image (kubernetes or gke backend).
 
     Light while DAGs are parsed: the provider's operator is built by `provider_operator` from the
@@ -48,27 +46,15 @@ class SynthvalPodTask(BaseOperator):
     `KubernetesJobOperator` counterpart running an Indexed Job (dags/synthval_jobs.py).
     """
 
-    template_fields = ("argv", "gpus", "nodes", "tb_log_dir", "storage_gib", "image_tag")
-    template_fields_renderers = {"argv": "py"}
+    template_fields = (*SynthvalStepOperator.template_fields, "storage_gib", "image_tag")
     ui_color = "#e3f4e1"
 
-    def __init__(self, *, step: str, argv: Argv, gpus: Any = 0, nodes: Any = 1, tb_log_dir: str | None = None,
-                 storage_gib: Any = "{{ params.storage_gib }}", image_tag: Any = "{{ params.image_tag }}",
-                 usim_token: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, storage_gib: Any = "{{ params.storage_gib }}", image_tag: Any = "{{ params.image_tag }}",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.step = step
-        self.argv = argv
-        self.gpus = gpus
-        self.nodes = nodes
-        self.tb_log_dir = tb_log_dir
         self.storage_gib = storage_gib
         self.image_tag = image_tag
-        self.usim_token = usim_token
         self._pod_operator: Any = None
-
-    def command(self) -> list[str]:
-        """The rendered command line, as `synthval ...` (the same for every backend)."""
-        return rendered_command(self)
 
     def pod_operator(self) -> Any:
         """The provider's pod or Job operator for this rendered task (built once)."""

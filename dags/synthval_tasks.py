@@ -19,18 +19,19 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk import BaseOperatorLink
 
 from synthval_argv import Argv
 from synthval_links import GKEJobLink, GKEPodLink, TensorBoardLink
 from synthval_local import SynthvalLocalOperator
+from synthval_operator import SynthvalStepOperator
 from synthval_pod_task import SynthvalPodTask
 from synthval_profiles import MULTINODE_STEPS, step_profile
 from synthval_settings import load_settings
 
 
 def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpus: Any = 0, nodes: Any = None,
-                  tb_log_dir: str | None = None, usim_token: bool = False, **kwargs: Any) -> BaseOperator:
+                  tb_log_dir: str | None = None, usim_token: bool = False, **kwargs: Any) -> SynthvalStepOperator:
     """Return the task that runs ``argv`` (``["synthval", step, ...]``, argv items) on the set backend.
 
     ``gpus`` (a number or template) applies to train/fine-tune/evaluate; with more than one, torchrun
@@ -66,7 +67,7 @@ def synthval_task(step: str, argv: list[Any], *, task_id: str | None = None, gpu
     common.update(kwargs)
     links: tuple[BaseOperatorLink, ...] = (TensorBoardLink(),) if tb_log_dir else ()
     if settings.backend == "local":
-        op: BaseOperator = SynthvalLocalOperator(**common)
+        op: SynthvalStepOperator = SynthvalLocalOperator(**common)
     else:
         op = SynthvalPodTask(**common)
         if settings.backend == "gke":
