@@ -100,7 +100,7 @@ def test_every_training_task_renders_a_valid_job_service_and_pod_for_2_nodes_of_
     from test_deploy import command_problems
 
     import synthval_jobs
-    from synthval_launch import launch_command
+    from synthval_launch import Rendezvous, launch_command
     from synthval_profiles import step_profile
 
     backend, dags, settings, _ = env
@@ -154,7 +154,7 @@ def test_every_training_task_renders_a_valid_job_service_and_pod_for_2_nodes_of_
         endpoint = f"{name}-0.{name}.synthval.svc.cluster.local:29400"
         argv = rendered.command()
         assert main["command"] + main["args"] == launch_command(
-            argv, GPUS, local=False, nodes=NODES, rendezvous=synthval_jobs.Rendezvous(
+            argv, GPUS, local=False, nodes=NODES, rendezvous=Rendezvous(
                 endpoint, name, join_timeout_s=1800, max_restarts=synthval_jobs.MAX_RESTARTS))
         assert main["command"] + main["args"][:16] == [
             "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
