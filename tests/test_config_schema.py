@@ -28,7 +28,8 @@ def test_the_checked_in_schema_is_the_generated_one(tmp_path):
     assert json.loads((tmp_path / "result.json").read_text()) == {"schema_uri": str(out)}
     assert out.read_text(encoding="utf-8") == config_schema_text()
     assert SCHEMA_FILE.read_text(encoding="utf-8") == config_schema_text(), (
-        "dags/synthval_config_schema.json is stale: run `synthval config-schema --out dags/synthval_config_schema.json`")
+        "dags/synthval_config_schema.json is stale: "
+        "run `synthval config-schema --out dags/synthval_config_schema.json`")
 
 
 def test_without_out_it_prints_only_the_schema(capsys):
