@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tasks"))
 sys.path.insert(0, str(ROOT / "dags"))
 
 from synthval_jobs import NODE_ENV  # noqa: E402
-from synthval_tasks import Rendezvous, launch_command  # noqa: E402
+from synthval_launch import Rendezvous, launch_command  # noqa: E402
 
 BATCH = 2
 EPOCHS_400K = 10  # the seed's faster_rcnn_synthetic.yaml

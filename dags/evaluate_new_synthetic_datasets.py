@@ -45,6 +45,8 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, AssetOrTimeSchedule, CronTriggerTimetable, Param, task, task_group
 
+from synthval_argv import Computed, Flag, ParamFlag
+from synthval_macros import MACROS, run_slug
 from synthval_params import (
     URI_PATTERN,
     compute_params,
@@ -55,8 +57,9 @@ from synthval_params import (
     test_split_param,
     training_params,
 )
+from synthval_settings import load_settings
 from synthval_steps import REAL_DATA, evaluate_step, publish_step, train_step
-from synthval_tasks import MACROS, Computed, Flag, ParamFlag, load_settings, run_slug, synthval_task
+from synthval_tasks import synthval_task
 
 DAG_ID = "evaluate_new_synthetic_datasets"
 settings = load_settings()

@@ -17,18 +17,22 @@ airflow dags trigger evaluate_the_model --conf '{"checkpoint": "gs://bucket/runs
 
 from airflow.sdk import Param
 
+from synthval_argv import Computed, Flag
 from synthval_params import (
+    EVALUATION_PARAM_KEYS,
     PUBLISHED_MODELS,
     URI_PATTERN,
     compute_params,
+    config_param,
     dataset_param,
+    evaluation_config,
     output_params,
     overrides_param,
     recipe_dag,
     test_split_param,
 )
+from synthval_settings import load_settings
 from synthval_steps import evaluate_step, fetch_step, publish_step
-from synthval_tasks import Computed, Flag, evaluation_config, load_settings
 
 settings = load_settings()
 
@@ -44,8 +48,8 @@ with recipe_dag(
         ),
         "real_dataset": dataset_param("real", settings.default_real),
         **test_split_param(),
-        "batch_size": Param(None, type=["null", "integer"], minimum=1, section="Evaluation",
-                            title="Batch size", description="Images per batch (empty: the default)."),
+        "batch_size": config_param("evaluate", EVALUATION_PARAM_KEYS["batch_size"], section="Evaluation",
+                                   title="Batch size", description="Images per batch (empty: the default)."),
         "overrides": overrides_param(
             "Evaluation", "Evaluation config overrides as key=value (`--set`), e.g. draw_score_thresh=0.3."),
         **output_params(),

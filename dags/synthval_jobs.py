@@ -1,9 +1,9 @@
 """Training on several nodes: an Indexed Job of `nodes` pods with a headless Service, run by the
 cncf-kubernetes provider's KubernetesJobOperator and deferred, so no Airflow worker waits on it.
 
-A train or fine-tune task of the pod backends (`synthval_tasks.SynthvalPodTask`) runs today's single
+A train or fine-tune task of the pod backends (`synthval_pod_task.SynthvalPodTask`) runs today's single
 pod when its run asks for one node (and no Kueue queue is set); with `nodes` > 1 it runs a Job instead,
-chosen when the task runs (`synthval_pods.runs_as_job`), by `job_operator`:
+chosen when the task runs (`synthval_pod_task.runs_as_job`), by `job_operator`:
 
 - **Pods**: each is the step's own pod (`synthval_pods.pod_arguments`: image, per-node GPUs, CPU and
   memory, node pool, volumes, secrets; no XCom sidecar), one per node, `completionMode: Indexed`,
@@ -48,7 +48,7 @@ chosen when the task runs (`synthval_pods.runs_as_job`), by `job_operator`:
 Deferred, the task resumes on the parsed `SynthvalPodTask`, whose `finish_job` hands the trigger's
 event to this operator, built again from the rendered task.
 
-Imported only when such a task runs (or a test renders one), by `synthval_pods.pod_operator`; the GKE
+Imported only when such a task runs (or a test renders one), by `synthval_pod_task.provider_operator`; the GKE
 Job operator's class is made on first use (`_gke_job_operator_class`), so that nothing imports the Google
 provider on the kubernetes backend.
 """
@@ -64,8 +64,9 @@ from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
 from kubernetes.client import models as k8s
 from kubernetes.client.rest import ApiException
 
+from synthval_launch import XCOM_FILE_ENV, Rendezvous, launch_command
 from synthval_pods import BAD_INPUT_EXIT_CODE, cluster_connection, exit_code, terminated_state
-from synthval_tasks import XCOM_FILE_ENV, Rendezvous, Settings, launch_command, load_settings
+from synthval_settings import Settings, load_settings
 
 RDZV_PORT = 29400  # torchrun's default c10d port
 MAX_RESTARTS = 2  # whole-group restarts by torchrun within one Job
@@ -357,7 +358,7 @@ def _gke_job_operator_class() -> type:
 
 
 def job_operator(task: Any, settings: Settings, pod_arguments: dict[str, Any]) -> KubernetesJobOperator:
-    """The Job operator that runs the rendered `synthval_tasks.SynthvalPodTask` ``task``: its pod
+    """The Job operator that runs the rendered `synthval_pod_task.SynthvalPodTask` ``task``: its pod
     (``pod_arguments``, `synthval_pods.pod_arguments`), one per node, with no XCom sidecar (rank 0's
     result goes to the termination message)."""
     nodes = int(task.nodes or 1)

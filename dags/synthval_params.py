@@ -1,31 +1,42 @@
-"""The Params every synthval DAG shares, and `recipe_dag`, the DAG defaults.
+"""The Params every synthval DAG shares, how they become config flags, and `recipe_dag`, the DAG defaults.
 
 Params are JSON-schema typed and grouped by ``section``; Airflow validates a run's conf against them
 before any task runs (`airflow dags trigger --conf` fails naming the field). Defaults come from the
-deployment settings (`synthval_tasks.load_settings`), so the same DAG runs the generated demo data on
+deployment settings (`synthval_settings.load_settings`), so the same DAG runs the generated demo data on
 CPU locally and the seed's datasets on GPUs in a cluster.
+
+A param that sets a config key (`config_param`) takes its type, enum and range from the config's own
+JSON schema, ``synthval_config_schema.json`` beside this file, which `synthval config-schema` generates
+from tasks/synthval/config.py (a test keeps the two equal): the limits are written once, and a DAG
+needs neither the synthval package nor torch to be parsed.
 
 Every string param that reaches a command line is constrained here (an enum, a pattern) so a typo or
 a hostile value is refused at trigger, and whatever passes still becomes exactly one argument (the
-DAGs render templates as strings, never as native objects; see `synthval_tasks`).
+DAGs render templates as strings, never as native objects; see `synthval_argv`).
 
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG, Param
 
-from synthval_tasks import MACROS, load_settings
+from synthval_argv import format_arg, set_flags
+from synthval_macros import MACROS
+from synthval_settings import load_settings
 
-# Mirrors synthval.config.MODEL_NAMES and PRESETS (a contract test keeps them equal; DAG files must not
-# import synthval).
-MODEL_NAMES = ("resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fpn", "mobilenet_v3_large_320_fpn", "tiny")
-PRESETS = ("seed-synthetic", "seed-real", "seed-finetune", "seed-unity-simulation", "modern", "gpu", "cpu-demo")
+CONFIG_SCHEMA_PATH = Path(__file__).with_name("synthval_config_schema.json")
+# The params that set one config key each (`config_param`), passed as `--set=<key>=<value>`.
+TRAINING_PARAM_KEYS = {"model": "model.name", "epochs": "epochs", "learning_rate": "optimizer.lr",
+                       "batch_size": "data.batch_size"}
+EVALUATION_PARAM_KEYS = {"batch_size": "batch_size"}
 # The seed's published checkpoints; `synthval` resolves the names (synthval.fetch.NAMED_SOURCES).
 PUBLISHED_MODELS = ("real-world-760", "synthetic-400k", "synthetic-and-real-76", "synthetic-and-real-380",
                     "synthetic-and-real-760")
@@ -44,6 +55,27 @@ OVERRIDE_PATTERN = rf"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*={_TEXT}
 
 def _nullable(kind: str | list[str]) -> list[str]:
     return ["null", *([kind] if isinstance(kind, str) else kind)]
+
+
+@functools.cache
+def config_schema() -> dict[str, Any]:
+    """The configs' JSON schema (`synthval config-schema`), read once per process."""
+    return json.loads(CONFIG_SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def config_param(config: str, key: str, **kwargs: Any) -> Param:
+    """An optional param that sets ``key`` ("optimizer.lr") of the ``config`` ("train" or "evaluate"):
+    the config's type, enum and range, or null (empty in the form) for the preset's value. The schema
+    records the key as ``config_key`` ("train.optimizer.lr")."""
+    field = config_schema()["$defs"][config]
+    for part in key.split("."):
+        field = field["properties"][part]
+    kinds = field["type"] if isinstance(field["type"], list) else [field["type"]]
+    limits = {k: field[k] for k in ("minimum", "maximum", "exclusiveMinimum") if k in field}
+    if "enum" in field:
+        limits["enum"] = [None, *(v for v in field["enum"] if v is not None)]
+    return Param(None, type=_nullable([k for k in kinds if k != "null"]), config_key=f"{config}.{key}",
+                 **limits, **kwargs)
 
 
 def dataset_param(role: str, default: str) -> Param:
@@ -92,37 +124,37 @@ def training_params(*, finetune: bool = False, pod_preset: str = "seed-synthetic
     settings = load_settings()
     params = {
         "preset": Param(
-            pod_preset if settings.is_pod_backend else settings.default_preset, type="string", enum=list(PRESETS),
-            section="Training",
+            pod_preset if settings.is_pod_backend else settings.default_preset, type="string",
+            enum=config_schema()["$defs"]["preset"]["enum"], config_key="preset", section="Training",
             description="Named recipe: seed-synthetic, seed-real, seed-finetune, seed-unity-simulation (the seed's "
                         "recipes, comparable with its published numbers), modern (torchvision's reference recipe, "
                         "for the best number), cpu-demo (small images, tiny model). `synthval finetune` applies the "
                         "preset's fine-tuning variant (a seed preset fine-tunes as the seed did).",
         ),
-        "model": Param(
-            None, type=_nullable("string"), enum=[None, *MODEL_NAMES], section="Training",
+        "model": config_param(
+            "train", TRAINING_PARAM_KEYS["model"], section="Training",
             # The trigger form shows an enum's values as they are, `null` included, unless told otherwise.
             values_display={"null": "(the preset's)"},
             description="Detector architecture (empty: the preset's).",
         ),
-        "epochs": Param(None, type=_nullable("integer"), minimum=1, section="Training",
-                        description="Training epochs (empty: the preset's)."),
-        "learning_rate": Param(None, type=_nullable("number"), exclusiveMinimum=0, section="Training",
-                               title="Learning rate", description="Peak learning rate (empty: the preset's)."),
-        "batch_size": Param(None, type=_nullable("integer"), minimum=1, section="Training",
-                            title="Batch size", description="Images per batch and process (empty: the preset's)."),
+        "epochs": config_param("train", TRAINING_PARAM_KEYS["epochs"], section="Training",
+                               description="Training epochs (empty: the preset's)."),
+        "learning_rate": config_param("train", TRAINING_PARAM_KEYS["learning_rate"], section="Training",
+                                      title="Learning rate", description="Peak learning rate (empty: the preset's)."),
+        "batch_size": config_param("train", TRAINING_PARAM_KEYS["batch_size"], section="Training", title="Batch size",
+                                   description="Images per batch and process (empty: the preset's)."),
         "overrides": overrides_param(
             "Training", "Config overrides as key=value, each passed as `--set key=value`, e.g. max_steps=100, "
             "model.min_size=512, schedule.name=cosine."),
     }
     if finetune:
         params.update({
-            "finetune_epochs": Param(None, type=_nullable("integer"), minimum=1, section="Fine-tuning",
-                                     description="Fine-tuning epochs (empty: the preset's fine-tuning value)."),
-            "finetune_learning_rate": Param(None, type=_nullable("number"), exclusiveMinimum=0,
-                                            section="Fine-tuning",
-                                            description="Fine-tuning learning rate (empty: the preset's fine-tuning "
-                                                        "value, well below the training rate)."),
+            "finetune_epochs": config_param("train", TRAINING_PARAM_KEYS["epochs"], section="Fine-tuning",
+                                            description="Fine-tuning epochs (empty: the preset's fine-tuning value)."),
+            "finetune_learning_rate": config_param(
+                "train", TRAINING_PARAM_KEYS["learning_rate"], section="Fine-tuning",
+                description="Fine-tuning learning rate (empty: the preset's fine-tuning value, well below the "
+                            "training rate)."),
             "finetune_overrides": overrides_param(
                 "Fine-tuning", "Overrides for fine-tuning only, applied after `overrides`."),
         })
@@ -135,8 +167,8 @@ def real_split_params(section: str = "Datasets") -> dict[str, Param]:
             "train", type="string", enum=list(REAL_SPLITS), section=section, title="Real training split",
             description="GroceriesReal split to train on: train_small (~76 images), train_medium (~380), train (760).",
         ),
-        "real_count": Param(
-            None, type=_nullable("integer"), minimum=1, section=section, title="Real image count",
+        "real_count": config_param(  # the steps' --max-images
+            "train", "data.max_images", section=section, title="Real image count",
             description="Use only this many images of the split (empty: all of it).",
         ),
     }
@@ -238,3 +270,39 @@ def recipe_dag(dag_id: str, doc_md: str | None, params: dict[str, Param], tags: 
         user_defined_macros=dict(MACROS),
         default_args={"owner": "synthval", "retry_delay": timedelta(minutes=1)},
     )
+
+
+def config_flags(params: Any, prefix: str = "") -> list[str]:
+    """The training config flags from the DAG params: preset, model, epochs, lr, batch size, overrides.
+
+    With ``prefix="finetune_"`` the fine-tune params (``finetune_epochs`` ...) are used; an empty
+    fine-tune epochs or learning rate leaves the preset's fine-tuning value (`synthval finetune`
+    lowers the rate), never the training one. ``finetune_overrides`` come after ``overrides``.
+    """
+
+    def pick(name: str) -> Any:
+        if not prefix:
+            return params.get(name)
+        value = params.get(prefix + name)
+        own_only = name in ("epochs", "learning_rate")
+        return value if value not in (None, "") or own_only else params.get(name)
+
+    overrides = list(params.get("overrides") or []) + (list(params.get(prefix + "overrides") or []) if prefix else [])
+    keys = {key: pick(name) for name, key in TRAINING_PARAM_KEYS.items()}
+    return [f"--preset={format_arg(params['preset'])}", *set_flags(keys, overrides)]
+
+
+def training_config(context: Any) -> list[str]:
+    """`config_flags` of a run's params (a `Computed` item of train steps)."""
+    return config_flags(context["params"])
+
+
+def finetune_config(context: Any) -> list[str]:
+    """`config_flags` of a run's fine-tuning params (a `Computed` item of fine-tune steps)."""
+    return config_flags(context["params"], prefix="finetune_")
+
+
+def evaluation_config(context: Any) -> list[str]:
+    """``--set`` flags of a run's evaluation params (batch_size, overrides)."""
+    params = context["params"]
+    return set_flags({key: params.get(name) for name, key in EVALUATION_PARAM_KEYS.items()}, params.get("overrides"))

@@ -1,11 +1,11 @@
-"""The pod backends of `synthval_tasks.synthval_task`: one pod shape, two provider operators.
+"""The pod of a synthval step, and the two provider operators that run it (kubernetes and gke backends).
 
 `SynthvalPodOperator` (a KubernetesPodOperator) runs the step in the cluster Airflow reaches through
 its Kubernetes connection; `SynthvalGKEPodOperator` (a GKEStartPodOperator) builds the same pod and
 authenticates to a GKE cluster through a Google Cloud connection, for an Airflow outside it.
 
 The pod: the training image at a pinned tag, the step's `synthval` command (torchrun for more than
-one GPU), CPU/memory requests per step (memory limited, CPU not: see `synthval_tasks.StepProfile`),
+one GPU), CPU/memory requests per step (memory limited, CPU not: see `synthval_profiles.StepProfile`),
 and for GPU steps the GPU node pool, the nvidia.com/gpu toleration and limit and a memory-backed
 /dev/shm; scratch space (TMPDIR) on a generic ephemeral volume sized by the `storage_gib` param;
 secrets only by secretKeyRef; the result JSON through the XCom sidecar; the pod deleted whatever the
@@ -17,10 +17,10 @@ into the task log every `LOG_INTERVAL_S`, and a worker picks the task up again o
 to read its result and clean up.
 
 A training step that runs on several nodes (or under a Kueue queue) runs as an Indexed Job of this same
-pod instead (`runs_as_job`; dags/synthval_jobs.py builds it from `pod_arguments`).
+pod instead (`synthval_pod_task.runs_as_job`; dags/synthval_jobs.py builds it from `pod_arguments`).
 
-Imported only when a pod task runs (or a test renders one): the provider and the Kubernetes client
-cost seconds to import, which DAG parsing must not pay (`synthval_tasks.SynthvalPodTask`).
+Imported only when a pod task runs (or a test renders one), by `synthval_pod_task.provider_operator`:
+the provider and the Kubernetes client cost seconds to import, which DAG parsing must not pay.
 """
 
 from __future__ import annotations
@@ -32,14 +32,9 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
 
-from synthval_tasks import (
-    MULTINODE_STEPS,
-    RESULTS_DB_ENV,
-    RESULTS_STORE_STEPS,
-    USIM_TOKEN_ENV,
-    Settings,
-    step_profile,
-)
+from synthval_launch import RESULTS_DB_ENV, USIM_TOKEN_ENV, launch_command
+from synthval_profiles import RESULTS_STORE_STEPS, step_profile
+from synthval_settings import Settings
 
 BAD_INPUT_EXIT_CODE = 2  # synthval's exit code for bad input or usage (tasks/synthval/cli.py)
 TRAINING_IMAGE_UID = 10001
@@ -152,23 +147,11 @@ def volumes(settings: Settings, gpus: int, storage_gib: int) -> tuple[list[k8s.V
     return vols, mounts
 
 
-def runs_as_job(task: Any, settings: Settings) -> bool:
-    """Whether the rendered ``task`` runs as an Indexed Job (dags/synthval_jobs.py) rather than a pod: a
-    training step of a run with ``nodes`` > 1, or any training step when a Kueue queue admits them."""
-    return task.step in MULTINODE_STEPS and (int(task.nodes or 1) > 1 or bool(settings.kueue_queue))
-
-
-def pod_operator(task: Any, settings: Settings, *, as_job: bool | None = None) -> KubernetesPodOperator:
-    """The provider operator that runs the rendered `synthval_tasks.SynthvalPodTask` ``task``: its pod,
-    or, when it `runs_as_job` (or ``as_job``), the Job operator of such pods (`synthval_jobs.job_operator`)."""
-    kwargs = pod_arguments(task, settings)
-    if runs_as_job(task, settings) if as_job is None else as_job:
-        from synthval_jobs import job_operator
-
-        return job_operator(task, settings, kwargs)
+def pod_operator(settings: Settings, pod_arguments: dict[str, Any]) -> KubernetesPodOperator:
+    """The provider's pod operator of a step (`pod_arguments`) in the cluster the settings name."""
     if settings.backend == "gke":
-        return _gke_operator_class()(**cluster_connection(settings), **kwargs)
-    return SynthvalPodOperator(**cluster_connection(settings), **kwargs)
+        return _gke_operator_class()(**cluster_connection(settings), **pod_arguments)
+    return SynthvalPodOperator(**cluster_connection(settings), **pod_arguments)
 
 
 def cluster_connection(settings: Settings) -> dict[str, Any]:
@@ -182,8 +165,6 @@ def cluster_connection(settings: Settings) -> dict[str, Any]:
 
 def pod_arguments(task: Any, settings: Settings) -> dict[str, Any]:
     """The pod operator's arguments for the rendered ``task``: its pod, how it is watched and cleaned up."""
-    from synthval_tasks import launch_command
-
     argv = task.command()  # fails on a task whose templates are not rendered
     step = task.step
     profile = step_profile(step)

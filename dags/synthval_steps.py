@@ -1,7 +1,7 @@
 """The recipe steps every synthval DAG is built from: fetch, train / finetune, evaluate, publish.
 
 Each function returns one `synthval_task` whose command line is spelled out here once, so a recipe
-file only says which data and checkpoints flow where. Arguments are argv items (`synthval_tasks`):
+file only says which data and checkpoints flow where. Arguments are argv items (`synthval_argv`):
 templates rendered per run, each to exactly one argument; URIs arrive from upstream XComs, never data.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from synthval_tasks import Computed, Flag, ParamFlag, finetune_config, synthval_task, training_config
+from synthval_argv import Computed, Flag, ParamFlag
+from synthval_params import finetune_config, training_config
+from synthval_tasks import synthval_task
 
 REAL_DATA = "{{ upstream('fetch_real', 'dataset_uri') }}"
 ONE_GPU = "{{ [params.gpus, 1] | min }}"  # inference gains nothing from more GPUs

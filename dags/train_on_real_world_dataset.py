@@ -15,6 +15,7 @@ airflow dags trigger train_on_real_world_dataset --conf '{"real_split": "train_s
 ```
 """
 
+from synthval_argv import Flag
 from synthval_params import (
     compute_params,
     dataset_param,
@@ -25,6 +26,7 @@ from synthval_params import (
     test_split_param,
     training_params,
 )
+from synthval_settings import load_settings
 from synthval_steps import (
     REAL_DATA,
     REAL_SPLIT_FLAGS,
@@ -34,7 +36,6 @@ from synthval_steps import (
     publish_step,
     train_step,
 )
-from synthval_tasks import Flag, load_settings
 
 settings = load_settings()
 

@@ -18,6 +18,7 @@ airflow dags trigger train_on_synthdet_sample --conf '{"synthetic_dataset": "gs:
 ```
 """
 
+from synthval_argv import Flag
 from synthval_params import (
     compute_params,
     dataset_param,
@@ -27,6 +28,7 @@ from synthval_params import (
     test_split_param,
     training_params,
 )
+from synthval_settings import load_settings
 from synthval_steps import (
     SYNTHETIC_DATA,
     SYNTHETIC_SPLIT_FLAGS,
@@ -36,7 +38,6 @@ from synthval_steps import (
     publish_step,
     train_step,
 )
-from synthval_tasks import Flag, load_settings
 
 settings = load_settings()
 

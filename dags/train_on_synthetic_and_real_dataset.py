@@ -26,6 +26,8 @@ airflow dags trigger train_on_synthetic_and_real_dataset \\
 
 from airflow.sdk import Param, task
 
+from synthval_argv import Computed, Flag
+from synthval_conf import check_conf
 from synthval_params import (
     PUBLISHED_MODELS,
     URI_PATTERN,
@@ -39,6 +41,7 @@ from synthval_params import (
     test_split_param,
     training_params,
 )
+from synthval_settings import load_settings
 from synthval_steps import (
     REAL_DATA,
     REAL_SPLIT_FLAGS,
@@ -51,7 +54,6 @@ from synthval_steps import (
     publish_step,
     train_step,
 )
-from synthval_tasks import Computed, Flag, check_conf, load_settings
 
 settings = load_settings()
 

@@ -24,6 +24,7 @@ airflow dags trigger train_on_synthetic_dataset_unity_simulation \\
 
 from airflow.sdk import Param
 
+from synthval_argv import Flag
 from synthval_params import (
     compute_params,
     dataset_param,
@@ -33,6 +34,7 @@ from synthval_params import (
     test_split_param,
     training_params,
 )
+from synthval_settings import load_settings
 from synthval_steps import (
     SYNTHETIC_DATA,
     SYNTHETIC_SPLIT_FLAGS,
@@ -42,7 +44,6 @@ from synthval_steps import (
     publish_step,
     train_step,
 )
-from synthval_tasks import Flag, load_settings
 
 settings = load_settings()
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"

@@ -1,7 +1,7 @@
 """Airflow plugin: a "TensorBoard" entry in the Airflow UI's navigation, next to the per-task links.
 
 Each synthval train, fine-tune and evaluate task carries a "TensorBoard" extra link to its own log
-dir (`synthval_tasks.TensorBoardLink`, attached by the task factory). Airflow 3 resolves an operator's
+dir (`synthval_links.TensorBoardLink`, attached by the task factory). Airflow 3 resolves an operator's
 links on the worker when the task ends, with its templates rendered, and the UI reads the stored URL;
 so the per-task link needs no plugin registration, and registering it here would make the API
 server call it with the unrendered operator. What a plugin adds is a way in for people who want the

@@ -43,18 +43,18 @@ def backend_dags(request):
     from test_dags import DAGS
     from test_pods import CLUSTER_SETTINGS
 
-    import synthval_tasks
+    import synthval_settings
 
     settings = {"data_root": "/srv/synthval"} if request.param == "local" else CLUSTER_SETTINGS
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SYNTHVAL_BACKEND", request.param)
         for name, value in settings.items():
             mp.setenv(f"SYNTHVAL_{name.upper()}", value)
-        synthval_tasks.load_settings.cache_clear()
+        synthval_settings.load_settings.cache_clear()
         bag = DagBag(dag_folder=str(DAGS), safe_mode=False, load_op_links=False)
         assert not bag.import_errors, bag.import_errors
         yield request.param, {d: bag.dags[d] for d in DAG_IDS}, settings
-        synthval_tasks.load_settings.cache_clear()
+        synthval_settings.load_settings.cache_clear()
 
 
 def string_params(dag: Any) -> list[tuple[str, bool]]:
@@ -141,13 +141,13 @@ def _env(dag: Any) -> Any:
 def test_every_string_param_is_one_argument_or_refused(backend_dags, monkeypatch):
     from synthval.cli import get_parser
 
-    import synthval_tasks
+    import synthval_settings
 
     backend, dags, settings = backend_dags
     for name, value in settings.items():
         monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
     monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     parser = get_parser()
     checked = refused = 0
     for dag_id, dag in dags.items():

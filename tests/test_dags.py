@@ -100,18 +100,18 @@ def load_dags(monkeypatch: pytest.MonkeyPatch, backend: str = "local", **setting
     """Parse dags/ with these settings (env SYNTHVAL_<NAME>); return the DAGs by id."""
     from airflow.dag_processing.dagbag import DagBag
 
-    import synthval_tasks
+    import synthval_settings
 
     for key in [k for k in os.environ if k.startswith("SYNTHVAL_") and k != "SYNTHVAL_TEST_AIRFLOW_HOME"]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
     for name, value in settings.items():
         monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     try:
         bag = DagBag(dag_folder=str(DAGS), safe_mode=False)
     finally:
-        synthval_tasks.load_settings.cache_clear()
+        synthval_settings.load_settings.cache_clear()
     assert bag.import_errors == {}, bag.import_errors  # every file in dags/, recipes or not
     assert DAG_IDS <= set(bag.dags), sorted(bag.dags)
     # The recipes of issue 3; other DAGs in the folder have their own tests.
@@ -329,13 +329,9 @@ def test_two_runs_never_share_an_output_folder(local_dags):
     assert not dirs(argv) & dirs(other.command())
 
 
-def test_dag_enums_match_the_cli(local_dags):
-    from synthval import config
-
+def test_published_model_names_are_named_sources(local_dags):
     import synthval_params
 
-    assert set(synthval_params.MODEL_NAMES) == set(config.MODEL_NAMES)
-    assert set(synthval_params.PRESETS) == set(config.PRESETS)
     try:
         from synthval.fetch import NAMED_SOURCES
     except ImportError:
@@ -418,23 +414,23 @@ def test_trigger_cli_rejects_bad_conf_and_creates_no_run(airflow_db, tmp_path):
 
 
 def test_settings_come_from_env_else_the_variable(monkeypatch):
-    import synthval_tasks
+    import synthval_settings
 
     for key in [k for k in os.environ if k.startswith("SYNTHVAL_") and k != "SYNTHVAL_TEST_AIRFLOW_HOME"]:
         monkeypatch.delenv(key)
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     # No SYNTHVAL_BACKEND in env: the Variable (here through Airflow's own env form of a Variable).
     monkeypatch.setenv("AIRFLOW_VAR_SYNTHVAL_SETTINGS", json.dumps(
         {"backend": "kubernetes", "data_root": "gs://b/r/", "image_tag": "1.2.3", "gpu_accelerator": "nvidia-l4",
          "results_db_secret": "synthval-results-db"}))
-    s = synthval_tasks.load_settings()
+    s = synthval_settings.load_settings()
     assert (s.backend, s.data_root, s.image_tag, s.gpu_accelerator) == ("kubernetes", "gs://b/r", "1.2.3", "nvidia-l4")
     assert (s.default_synthetic, s.default_real, s.default_preset, s.default_gpus) == (
         "synthdet-sample", "groceries-real", "gpu", 1)
     # SYNTHVAL_BACKEND in env: env only, the Variable is not read.
     monkeypatch.setenv("SYNTHVAL_BACKEND", "local")
-    synthval_tasks.load_settings.cache_clear()
-    s = synthval_tasks.load_settings()
+    synthval_settings.load_settings.cache_clear()
+    s = synthval_settings.load_settings()
     assert s.backend == "local" and s.data_root == os.path.expanduser("~/synthval-data")
     assert s.default_synthetic.startswith("generate://synthetic") and s.default_preset == "cpu-demo"
     for bad, message in (({"SYNTHVAL_BACKEND": "slurm"}, "SYNTHVAL_BACKEND"),
@@ -444,15 +440,16 @@ def test_settings_come_from_env_else_the_variable(monkeypatch):
         with monkeypatch.context() as mp:
             for k, v in bad.items():
                 mp.setenv(k, v)
-            synthval_tasks.load_settings.cache_clear()
-            with pytest.raises(synthval_tasks.SettingsError, match=message):
-                synthval_tasks.load_settings()
-    synthval_tasks.load_settings.cache_clear()
+            synthval_settings.load_settings.cache_clear()
+            with pytest.raises(synthval_settings.SettingsError, match=message):
+                synthval_settings.load_settings()
+    synthval_settings.load_settings.cache_clear()
 
 
 def test_tensorboard_link_points_at_the_task_log_dir(monkeypatch):
-    import synthval_tasks
-    from synthval_tasks import Settings, tensorboard_url
+    import synthval_links
+    from synthval_links import tensorboard_url
+    from synthval_settings import Settings
 
     log_dir = "gs://b/synthval/train_on_synthdet_sample/manual__2026-11-24T14-20-42/tensorboard/train"
     served = Settings(backend="kubernetes", tensorboard_url="http://tb.example:6006/")
@@ -463,9 +460,9 @@ def test_tensorboard_link_points_at_the_task_log_dir(monkeypatch):
         "https://console.cloud.google.com/storage/browser/" + log_dir[5:])
     assert tensorboard_url("/data/tb/train", settings=Settings()) == ""  # no file:// link: a browser opens none
     assert tensorboard_url("{{ tb_log_dir('train') }}", settings=Settings()) == ""
-    link = synthval_tasks.TensorBoardLink()
+    link = synthval_links.TensorBoardLink()
     op = type("Op", (), {"tb_log_dir": "/data/tb/train"})()
-    monkeypatch.setattr(synthval_tasks, "load_settings", lambda: Settings())
+    monkeypatch.setattr(synthval_links, "load_settings", lambda: Settings())
     assert link.get_link(op, ti_key=None) == ""
 
 

@@ -12,15 +12,19 @@ from pathlib import Path
 import pytest
 import test_dags  # noqa: F401 - sets up the throwaway AIRFLOW_HOME and the DAG folder on sys.path
 
-import synthval_tasks
-from synthval_tasks import SynthvalLocalOperator, format_arg, launch_command
+import synthval_local
+from synthval_argv import format_arg
+from synthval_conf import check_conf
+from synthval_launch import launch_command
+from synthval_local import SynthvalLocalOperator
+from synthval_params import config_flags
 
 FAKE_TOKEN = "usim-FAKE-token-8d0a55"
 
 
 def python_step(monkeypatch, code: str) -> None:
     """Make the operator launch ``python -c code`` instead of the synthval command."""
-    monkeypatch.setattr(synthval_tasks, "launch_command", lambda argv, gpus, local: [sys.executable, "-c", code])
+    monkeypatch.setattr(synthval_local, "launch_command", lambda argv, gpus, local: [sys.executable, "-c", code])
 
 
 class RecordingLog:
@@ -175,8 +179,8 @@ def test_number_formatting_and_config_flags():
     for not_one in (None, [1], {"a": 1}):
         with pytest.raises(TypeError):
             format_arg(not_one)
-    assert synthval_tasks.config_flags({"preset": "gpu", "model": None, "epochs": 3, "learning_rate": 2e-5,
-                                        "batch_size": None, "overrides": ["max_steps=5"]}) == [
+    assert config_flags({"preset": "gpu", "model": None, "epochs": 3, "learning_rate": 2e-5,
+                         "batch_size": None, "overrides": ["max_steps=5"]}) == [
         "--preset=gpu", "--set=epochs=3", "--set=optimizer.lr=0.00002", "--set=max_steps=5"]
 
 
@@ -227,4 +231,4 @@ def test_unknown_conf_key_fails_before_the_step_runs(monkeypatch):
     with pytest.raises(AirflowFailException, match=r"conf key 'epoch' is not a param of probe \(did you mean "
                                                    r"'epochs'\?\); nothing was run. Its params are: epochs"):
         operator().execute({"dag": dag, "dag_run": run})
-    synthval_tasks.check_conf({"dag": dag, "dag_run": type("Run", (), {"conf": {"epochs": 3}})()})
+    check_conf({"dag": dag, "dag_run": type("Run", (), {"conf": {"epochs": 3}})()})

@@ -48,7 +48,7 @@ def cluster(request, tmp_path_factory):
 
 @pytest.fixture
 def env(cluster, monkeypatch):
-    import synthval_tasks
+    import synthval_settings
 
     backend, dags, settings, kubeconfig = cluster
     monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT",
@@ -56,9 +56,9 @@ def env(cluster, monkeypatch):
     monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
     for name, value in settings.items():
         monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     yield cluster
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
 
 
 def sanitized(obj: Any) -> dict:
@@ -71,10 +71,10 @@ def build_job(dag: Any, task: Any, conf: dict[str, Any]) -> tuple[Any, dict, dic
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
     import synthval_jobs
-    import synthval_tasks
+    import synthval_settings
 
     task = render(dag, task, {**REQUIRED_CONF.get(dag.dag_id, {}), **conf})
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     operator = task.pod_operator()
     assert type(operator).__name__ in ("SynthvalJobOperator", "SynthvalGKEJobOperator")
     if type(operator).__name__ == "SynthvalGKEJobOperator":
@@ -100,7 +100,8 @@ def test_every_training_task_renders_a_valid_job_service_and_pod_for_2_nodes_of_
     from test_deploy import command_problems
 
     import synthval_jobs
-    from synthval_tasks import launch_command, step_profile
+    from synthval_launch import Rendezvous, launch_command
+    from synthval_profiles import step_profile
 
     backend, dags, settings, _ = env
     seen = set()
@@ -153,7 +154,7 @@ def test_every_training_task_renders_a_valid_job_service_and_pod_for_2_nodes_of_
         endpoint = f"{name}-0.{name}.synthval.svc.cluster.local:29400"
         argv = rendered.command()
         assert main["command"] + main["args"] == launch_command(
-            argv, GPUS, local=False, nodes=NODES, rendezvous=synthval_jobs.Rendezvous(
+            argv, GPUS, local=False, nodes=NODES, rendezvous=Rendezvous(
                 endpoint, name, join_timeout_s=1800, max_restarts=synthval_jobs.MAX_RESTARTS))
         assert main["command"] + main["args"][:16] == [
             "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
@@ -333,7 +334,8 @@ def test_nodes_param_sits_beside_gpus_in_every_training_dag(local_dags, cluster)
 def test_local_backend_refuses_several_nodes_clearly():
     from airflow.sdk.exceptions import AirflowFailException
 
-    from synthval_tasks import Argv, SynthvalLocalOperator
+    from synthval_argv import Argv
+    from synthval_local import SynthvalLocalOperator
 
     op = SynthvalLocalOperator(task_id="train", step="train", argv=Argv(["synthval", "train"]), nodes=2)
     with pytest.raises(AirflowFailException, match=r"nodes=2: the local backend .* SYNTHVAL_BACKEND=kubernetes or gke"):
@@ -513,10 +515,10 @@ def connected(task: Any, backend: str) -> Any:
         return task
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-    import synthval_pods
-    import synthval_tasks
+    import synthval_settings
+    from synthval_pod_task import provider_operator
 
-    operator = synthval_pods.pod_operator(task, synthval_tasks.load_settings(), as_job=True)
+    operator = provider_operator(task, synthval_settings.load_settings(), as_job=True)
     operator.__dict__["hook"] = KubernetesHook()
     operator.__dict__["cluster_info"] = ("https://10.0.0.2", "Y2E=")
     task._pod_operator = operator

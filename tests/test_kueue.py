@@ -256,7 +256,7 @@ def training_pods(tmp_path_factory) -> dict[tuple[int, int], list[dict]]:
     from test_dags import load_dags
     from test_jobs import KUBECONFIG, build_job
 
-    import synthval_tasks
+    import synthval_settings
 
     kubeconfig = tmp_path_factory.mktemp("kube") / "config"
     kubeconfig.write_text(KUBECONFIG)
@@ -276,7 +276,7 @@ def training_pods(tmp_path_factory) -> dict[tuple[int, int], list[dict]]:
             _, job, _, pod = build_job(dag, dag.task_dict["train"], {"nodes": nodes, "gpus": gpus})
             assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "synthval-training"
             shapes[(nodes, gpus)] = [pod] * job["spec"]["parallelism"]
-        synthval_tasks.load_settings.cache_clear()
+        synthval_settings.load_settings.cache_clear()
     return shapes
 
 

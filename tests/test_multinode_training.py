@@ -42,7 +42,7 @@ from test_train import TINY, make_coco
 import test_dags  # noqa: F401 - puts dags/ on sys.path
 from synthval.checkpoint import list_checkpoints, load_checkpoint
 from synthval_jobs import NODE_ENV
-from synthval_tasks import Rendezvous, launch_command
+from synthval_launch import Rendezvous, launch_command
 
 pytestmark = pytest.mark.slow
 

@@ -37,13 +37,13 @@ def parsed(request):
 
 @pytest.fixture
 def backend(parsed, monkeypatch):
-    import synthval_tasks
+    import synthval_settings
 
     # Present in the worker's environment and in a connection: neither may reach a pod spec.
     monkeypatch.setenv("USIM_ACCESS_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("AIRFLOW_CONN_USIM_DEFAULT", json.dumps({"conn_type": "generic", "password": FAKE_TOKEN}))
     yield parsed
-    synthval_tasks.load_settings.cache_clear()  # settings cached from this test's environment
+    synthval_settings.load_settings.cache_clear()  # settings cached from this test's environment
 
 
 def build_pod(dag: Any, task: Any, conf: dict[str, Any]) -> dict[str, Any]:
@@ -51,10 +51,10 @@ def build_pod(dag: Any, task: Any, conf: dict[str, Any]) -> dict[str, Any]:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
     from kubernetes.client import ApiClient
 
-    import synthval_tasks
+    import synthval_settings
 
     task = render(dag, task, conf)
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     operator = task.pod_operator()
     if type(operator).__name__ == "SynthvalGKEPodOperator":
         # The GKE hook asks the GKE API for the cluster endpoint; the pod itself does not depend on it.
@@ -65,13 +65,13 @@ def build_pod(dag: Any, task: Any, conf: dict[str, Any]) -> dict[str, Any]:
 
 def use_settings(monkeypatch, backend: str) -> None:
     """The deployment's settings, as a worker that runs a pod task reads them."""
-    import synthval_tasks
+    import synthval_settings
 
     settings = GKE_SETTINGS if backend == "gke" else CLUSTER_SETTINGS
     for name, value in settings.items():
         monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
     monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
 
 
 def all_pods(dags: dict[str, Any], conf: dict[str, Any], monkeypatch, backend: str):

@@ -27,21 +27,21 @@ TRAINING_STEPS = {  # (dag, task) -> the seed preset its step resolves to on the
 
 @pytest.fixture(scope="module")
 def pod_dags():
-    import synthval_tasks
+    import synthval_settings
 
     with pytest.MonkeyPatch.context() as mp:
         dags = load_dags(mp, "kubernetes", **POD_SETTINGS)
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     return dags
 
 
 @pytest.fixture(scope="module")
 def local_recipe_dags():
-    import synthval_tasks
+    import synthval_settings
 
     with pytest.MonkeyPatch.context() as mp:
         dags = load_dags(mp, "local", data_root="/tmp/synthval-test-root")
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     return dags
 
 

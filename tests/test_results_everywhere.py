@@ -29,18 +29,18 @@ def parse_all(monkeypatch: pytest.MonkeyPatch, backend: str, **settings: str) ->
     """Every DAG file of dags/ parsed with these settings, as Airflow's dag processor does."""
     from airflow.dag_processing.dagbag import DagBag
 
-    import synthval_tasks
+    import synthval_settings
 
     for key in [k for k in os.environ if k.startswith("SYNTHVAL_") and k != "SYNTHVAL_TEST_AIRFLOW_HOME"]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
     for name, value in settings.items():
         monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
-    synthval_tasks.load_settings.cache_clear()
+    synthval_settings.load_settings.cache_clear()
     try:
         return DagBag(dag_folder=str(DAGS), safe_mode=False)
     finally:
-        synthval_tasks.load_settings.cache_clear()
+        synthval_settings.load_settings.cache_clear()
 
 
 def _resolved(value: Any) -> Any:
@@ -48,7 +48,7 @@ def _resolved(value: Any) -> Any:
     is expanded at run time) replaced by placeholders."""
     from airflow.sdk.definitions._internal.expandinput import MappedArgument
 
-    from synthval_tasks import Argv, Flag
+    from synthval_argv import Argv, Flag
 
     if isinstance(value, MappedArgument):
         return "gs://mapped-placeholder/value"

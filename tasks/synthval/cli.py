@@ -160,6 +160,11 @@ def get_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("version", help="print the version; a no-op step for measuring orchestration")
     _add_common(p)
+
+    p = sub.add_parser("config-schema", help="the JSON schema of the configs, from which the DAG Params are built")
+    p.add_argument("--out", default=None, metavar="URI",
+                   help="where to write it (dags/synthval_config_schema.json in a checkout; default: print it)")
+    _add_common(p)
     return parser
 
 
@@ -247,7 +252,22 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         return _run_results_command(args)
     if args.command == "version":
         return {"version": __version__}
+    if args.command == "config-schema":
+        return _write_config_schema(args.out)
     raise UsageError(f"unknown command {args.command!r}")
+
+
+def _write_config_schema(out_uri: str | None) -> dict[str, Any]:
+    from synthval.config import config_schema_text
+
+    text = config_schema_text()
+    if out_uri is None:
+        sys.stdout.write(text)
+        return {}
+    from synthval import storage
+
+    storage.write_text(out_uri, text)
+    return {"schema_uri": out_uri}
 
 
 # --- reports: report, compare, stats (issue 6) -------------------------------------------------------
@@ -419,7 +439,7 @@ OUTPUT_FOLDERS = {
     "stats": ("out",),
 }
 OUTPUT_FILES_OR_FOLDERS = ("report", "compare")  # --out: an .html file, or a folder for the page
-OUTPUT_FILES = ("leaderboard",)  # --out: the table
+OUTPUT_FILES = ("leaderboard", "config-schema")  # --out: the table, the schema
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -480,8 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_outputs(args)
         result = run_command(args)
-        # `leaderboard` without --out prints the board to stdout; a result line after it would break its CSV/JSON.
-        write_xcom(result, args.xcom_file, echo=not (args.command == "leaderboard" and args.out is None))
+        # `leaderboard` and `config-schema` without --out print their output to stdout; a result line after it
+        # would break its CSV/JSON.
+        write_xcom(result, args.xcom_file, echo=not (args.command in OUTPUT_FILES and args.out is None))
     except SynthvalError as exc:
         # One line, whatever the message quotes (a YAML parser's report spans several).
         print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)

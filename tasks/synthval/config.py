@@ -4,11 +4,16 @@ A config is a tree of dataclasses. It is built from a YAML file (or preset) plus
 overrides; an unknown key, a wrong type or a value out of range raises ConfigError naming the dotted
 key, the value and what would be accepted. The resolved config is stored in every checkpoint and
 every metrics file as a plain dict.
+
+Types, enums (`Literal`) and ranges (field metadata: `positive`, `fraction`; any other number must not
+be negative) are written here once: `validate` enforces them, and `config_schema` publishes them as a
+JSON schema (`synthval config-schema`), from which the DAGs build their Params.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -21,6 +26,23 @@ import yaml
 from synthval.errors import ConfigError
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+# Ranges as JSON schema keywords, in the metadata of a dataclass field; a number without one must not be
+# negative. `validate` checks them and `config_schema` publishes them.
+POSITIVE = {"exclusiveMinimum": 0}
+FRACTION = {"minimum": 0, "maximum": 1}  # probabilities and fractions: outside [0, 1] they mean nothing
+NON_NEGATIVE = {"minimum": 0}
+
+
+def positive(default: Any) -> Any:
+    """A config field whose value (when set) must be greater than 0: counts, sizes, rates."""
+    return field(default=default, metadata=POSITIVE)
+
+
+def fraction(default: Any) -> Any:
+    """A config field whose value must lie in [0, 1]."""
+    return field(default=default, metadata=FRACTION)
+
 
 MODEL_NAMES = (
     "resnet50_fpn",
@@ -48,27 +70,27 @@ class ModelConfig:
     backbone_norm: Literal["frozen", "batch"] | None = None
     # FrozenBatchNorm2d's eps: torchvision before 0.8, which the seed trained with, used 0 (pytorch/vision#2933).
     frozen_bn_eps: float = 1e-5
-    min_size: int = 800
-    max_size: int = 1333
+    min_size: int = positive(800)
+    max_size: int = positive(1333)
     # Box-head knobs: on CPU the heads, not the backbone, decide speed (RoIAlign + 6272x1024 matmul).
-    roi_pool_size: int = 7
-    box_head_dim: int = 1024
-    box_batch_size_per_image: int = 512
-    rpn_batch_size_per_image: int = 256
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    box_score_thresh: float = 0.05
-    box_detections_per_img: int = 100
+    roi_pool_size: int = positive(7)
+    box_head_dim: int = positive(1024)
+    box_batch_size_per_image: int = positive(512)
+    rpn_batch_size_per_image: int = positive(256)
+    rpn_pre_nms_top_n_train: int = positive(2000)
+    rpn_post_nms_top_n_train: int = positive(2000)
+    rpn_pre_nms_top_n_test: int = positive(1000)
+    rpn_post_nms_top_n_test: int = positive(1000)
+    box_score_thresh: float = fraction(0.05)
+    box_detections_per_img: int = positive(100)
 
 
 @dataclass
 class OptimizerConfig:
     # adam: torch.optim.Adam (the seed's); adamw: decoupled weight decay; sgd: with momentum.
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.02
-    momentum: float = 0.9
+    lr: float = positive(0.02)
+    momentum: float = fraction(0.9)
     weight_decay: float = 1e-4
 
 
@@ -83,10 +105,10 @@ class ScheduleConfig:
 
     name: Literal["step", "cosine", "constant"] = "step"
     warmup_steps: int = 500
-    warmup_factor: float = 0.001
-    warmup_reference_steps: int | None = None
+    warmup_factor: float = fraction(0.001)
+    warmup_reference_steps: int | None = positive(None)
     milestones: list[int] = field(default_factory=lambda: [8, 11])
-    gamma: float = 0.1
+    gamma: float = fraction(0.1)
 
 
 @dataclass
@@ -95,17 +117,17 @@ class DataConfig:
     split: str | None = None
     val_split: str | None = None
     # Images per batch in each process.
-    batch_size: int = 4
+    batch_size: int = positive(4)
     # Images per optimizer step over all processes; None: batch_size x processes x grad_accum_steps.
     # When set, gradient accumulation is derived from it (see `accumulation_steps`): 1 GPU and 8 GPUs
     # then take the same optimizer steps on the same number of images.
-    effective_batch_size: int | None = None
+    effective_batch_size: int | None = positive(None)
     num_workers: int = 2
     aspect_ratio_group_factor: int = 3
-    hflip_prob: float = 0.5
+    hflip_prob: float = fraction(0.5)
     photometric: bool = True
     # Use at most this many training images (deterministic for `seed`); None: all of the split.
-    max_images: int | None = None
+    max_images: int | None = positive(None)
 
 
 @dataclass
@@ -114,18 +136,18 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    epochs: int = 12
+    epochs: int = positive(12)
     # Stop after this many optimizer steps in all (None: run every epoch); for smoke tests and demos.
-    max_steps: int | None = None
+    max_steps: int | None = positive(None)
     # Batches per process summed into one optimizer step; derived when data.effective_batch_size is set.
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = positive(1)
     # Mixed precision on CUDA: "auto" picks bf16 where supported, else fp16; ignored on CPU.
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     checkpoint_every_steps: int = 0
     # Keep only the newest N checkpoints in the checkpoint dir (0: keep every one).
     keep_checkpoints: int = 2
-    log_every_steps: int = 20
-    val_every_epochs: int = 1
+    log_every_steps: int = positive(20)
+    val_every_epochs: int = positive(1)
     seed: int = 0
     device: str = "auto"
 
@@ -134,13 +156,13 @@ class TrainConfig:
 class EvalConfig:
     # None: the dataset's own "test" split where it defines splits (GroceriesReal), else every image.
     split: str | None = None
-    batch_size: int = 8
+    batch_size: int = positive(8)
     num_workers: int = 2
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     device: str = "auto"
     # Boxes drawn on the few TensorBoard sample images.
-    draw_score_thresh: float = 0.5
-    num_sample_images: int = 4
+    draw_score_thresh: float = fraction(0.5)
+    num_sample_images: int = positive(4)
     # 95% bootstrap intervals in metrics.json from this many resamples of the test images (0: none).
     bootstrap_replicates: int = 1000
 
@@ -377,17 +399,8 @@ def load_config(
     return config
 
 
-_POSITIVE = {"lr", "batch_size", "effective_batch_size", "epochs", "grad_accum_steps", "min_size", "max_size",
-             "roi_pool_size", "box_head_dim", "box_batch_size_per_image", "max_steps", "max_images",
-             "log_every_steps", "val_every_epochs", "warmup_reference_steps", "rpn_batch_size_per_image",
-             "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
-             "rpn_post_nms_top_n_test", "box_detections_per_img", "num_sample_images"}
-# Probabilities and fractions: outside [0, 1] they mean nothing (a flip "probability" of 1.5).
-_UNIT_INTERVAL = {"hflip_prob", "box_score_thresh", "draw_score_thresh", "warmup_factor", "momentum", "gamma"}
-
-
 def validate(config: Any, prefix: str = "") -> None:
-    """Range checks that types alone cannot express: finite numbers, positive counts, probabilities in [0, 1]."""
+    """Range checks that types alone cannot express: finite numbers within each field's range."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         key = f"{prefix}{f.name}"
@@ -395,22 +408,96 @@ def validate(config: Any, prefix: str = "") -> None:
             validate(value, prefix=f"{key}.")
         elif isinstance(value, list):
             for i, item in enumerate(value):
-                _check_number(f.name, f"{key}[{i}]", item)
+                _check_number(f"{key}[{i}]", item, bounds(f))
         else:
-            _check_number(f.name, key, value)
+            _check_number(key, value, bounds(f))
 
 
-def _check_number(name: str, key: str, value: Any) -> None:
+def bounds(f: dataclasses.Field) -> dict[str, Any]:
+    """The range of a config field's numbers, as JSON schema keywords."""
+    return dict(f.metadata) or NON_NEGATIVE
+
+
+def _check_number(key: str, value: Any, limits: dict[str, Any]) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if not math.isfinite(value):
         raise ConfigError(f"{key}: {value!r} is not a finite number")
-    if name in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{key}: {value!r} must be between 0 and 1")
-    if name in _POSITIVE and value <= 0:
-        raise ConfigError(f"{key}: {value!r} must be greater than 0")
-    if value < 0:
-        raise ConfigError(f"{key}: {value!r} must not be negative")
+    low, high, above = limits.get("minimum"), limits.get("maximum"), limits.get("exclusiveMinimum")
+    if low is not None and high is not None and not low <= value <= high:
+        raise ConfigError(f"{key}: {value!r} must be between {low} and {high}")
+    if above is not None and value <= above:
+        raise ConfigError(f"{key}: {value!r} must be greater than {above}")
+    if low is not None and value < low:
+        raise ConfigError(f"{key}: {value!r} " + ("must not be negative" if low == 0 else f"must be at least {low}"))
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: {value!r} must be at most {high}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The JSON schema of the configs, for the DAG Params (dags/synthval_config_schema.json)
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def _type_schema(tp: Any, limits: dict[str, Any]) -> dict[str, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [t for t in typing.get_args(tp) if t is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"no JSON schema for {tp!r}")
+        schema = _type_schema(options[0], limits)
+        schema["type"] = [schema["type"], "null"]
+        if "enum" in schema:
+            schema["enum"] = [*schema["enum"], None]
+        return schema
+    if origin is Literal:
+        values = list(typing.get_args(tp))
+        return {"type": _JSON_TYPES[type(values[0])], "enum": values}
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        return {"type": "array", "items": _type_schema(item_tp, limits)}
+    if dataclasses.is_dataclass(tp):
+        return _object_schema(tp)
+    schema: dict[str, Any] = {"type": _JSON_TYPES[tp]}
+    if tp in (int, float):
+        schema.update(limits)
+        if tp is int and "exclusiveMinimum" in schema:
+            # The same limit for whole numbers, in the form a form's number field shows.
+            schema["minimum"] = math.floor(schema.pop("exclusiveMinimum")) + 1
+    return schema
+
+
+def _object_schema(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    properties = {}
+    for f in dataclasses.fields(cls):
+        schema = _type_schema(hints[f.name], bounds(f))
+        if not dataclasses.is_dataclass(hints[f.name]):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            schema["default"] = default
+        properties[f.name] = schema
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of the training and evaluation configs and the preset names: every type, enum,
+    range and default as `load_config` accepts them (finite numbers only)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": "Generated by `synthval config-schema` from tasks/synthval/config.py; do not edit.",
+        "title": "synthval configuration",
+        "$defs": {
+            "preset": {"type": "string", "enum": list(PRESETS)},
+            "train": _object_schema(TrainConfig),
+            "evaluate": _object_schema(EvalConfig),
+        },
+    }
+
+
+def config_schema_text() -> str:
+    """`config_schema` as the checked-in file holds it: indented JSON, keys in source order, a final newline."""
+    return json.dumps(config_schema(), indent=2) + "\n"
 
 
 def accumulation_steps(config: Any, world_size: int) -> int:
