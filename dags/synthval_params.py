@@ -26,7 +26,7 @@ from synthval_tasks import MACROS, load_settings
 # import synthval).
 MODEL_NAMES = ("resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fpn", "mobilenet_v3_large_320_fpn", "tiny")
 PRESETS = ("seed-synthetic", "seed-real", "seed-finetune", "seed-unity-simulation", "modern", "gpu", "cpu-demo")
-# The seed's published checkpoints; `synthval` resolves the names (synthval.fetch.NAMED_SOURCES).
+# The seed's published checkpoints; `synthval` resolves the names (synthval.io.sources.NAMED_SOURCES).
 PUBLISHED_MODELS = ("real-world-760", "synthetic-400k", "synthetic-and-real-76", "synthetic-and-real-380",
                     "synthetic-and-real-760")
 REAL_SPLITS = ("train_small", "train_medium", "train")

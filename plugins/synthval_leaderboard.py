@@ -54,7 +54,7 @@ def store_url() -> str:
         return conn.get_uri().replace("postgres://", "postgresql+psycopg://", 1)
     except Exception:  # noqa: BLE001 - no such connection (AirflowNotFoundException) or no metadata DB
         pass
-    from synthval.results import default_url
+    from synthval.results.store import default_url
 
     root = os.environ.get("SYNTHVAL_DATA_ROOT", "").strip() or os.path.expanduser("~/synthval-data")
     return default_url(f"{root.rstrip('/')}/results")
@@ -81,7 +81,7 @@ def may_read(user: Any, recipe: str) -> bool:
 
 def readable_rows(user: Any) -> list[dict[str, Any]]:
     """The store's rows of the recipes whose DAG runs `user` may read."""
-    from synthval.results import open_store
+    from synthval.results.store import open_store
 
     rows = open_store(store_url()).rows(with_records=False)
     allowed = {recipe for recipe in {r["recipe"] for r in rows} if may_read(user, recipe)}
@@ -91,7 +91,7 @@ def readable_rows(user: Any) -> list[dict[str, Any]]:
 def _board(user: Any, recipe: str | None, sort: str, baseline: str | None, include_stale: bool,
            role: list[str] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from synthval.errors import SynthvalError
-    from synthval.leaderboard import build_leaderboard
+    from synthval.results.leaderboard import build_leaderboard
 
     rows = readable_rows(user)
     try:
@@ -135,7 +135,7 @@ def leaderboard_json(user: Any = Depends(current_user), recipe: str | None = Non
                      baseline: str | None = None, include_stale: bool = False,
                      role: list[str] | None = Query(None)) -> list[dict[str, Any]]:
     """The leaderboard entries, as `synthval leaderboard --format json` writes them, with browser links."""
-    from synthval.leaderboard import jsonable
+    from synthval.results.leaderboard import jsonable
 
     entries, _ = _board(user, recipe, sort, baseline, include_stale, role)
     return [jsonable(e) for e in entries]
@@ -144,14 +144,14 @@ def leaderboard_json(user: Any = Depends(current_user), recipe: str | None = Non
 @app.get("/api/curves")
 def curves_json(user: Any = Depends(current_user)) -> dict[str, Any]:
     """mAP by real budget per dataset (current benchmarks), and the real-only learning curves."""
-    from synthval.leaderboard import dataset_curves, real_only_curves
+    from synthval.results.leaderboard import dataset_curves, real_only_curves
 
     rows = [r for r in readable_rows(user) if not r["stale"]]
     return {"datasets": dataset_curves(rows), "real_only": real_only_curves(rows)}
 
 
 def _row(user: Any, row_id: int) -> dict[str, Any]:
-    from synthval.results import open_store
+    from synthval.results.store import open_store
 
     store = open_store(store_url())
     with store.engine.connect() as conn:
@@ -170,7 +170,7 @@ def record(row_id: int, user: Any = Depends(current_user)) -> Response:
 @app.get("/reports/{row_id}", response_class=HTMLResponse)
 def report(row_id: int, user: Any = Depends(current_user)) -> Response:
     """The run report of one row (synthval's self-contained HTML), read from where publish wrote it."""
-    from synthval import storage
+    from synthval.io import storage
     from synthval.errors import SynthvalError
 
     uri = _row(user, row_id).get("report_uri")
@@ -187,7 +187,7 @@ def report(row_id: int, user: Any = Depends(current_user)) -> Response:
 def page(user: Any = Depends(current_user), recipe: str | None = None, sort: str = "real_equiv",
          baseline: str | None = None, include_stale: bool = False) -> str:
     """The leaderboard page: the table, then the real-budget curve of each dataset."""
-    from synthval.leaderboard import dataset_curves, format_equiv, real_only_curves
+    from synthval.results.leaderboard import dataset_curves, format_equiv, real_only_curves
 
     entries, rows = _board(user, recipe, sort, baseline, include_stale, None)
     current = [r for r in rows if not r["stale"]]

@@ -337,9 +337,9 @@ def test_dag_enums_match_the_cli(local_dags):
     assert set(synthval_params.MODEL_NAMES) == set(config.MODEL_NAMES)
     assert set(synthval_params.PRESETS) == set(config.PRESETS)
     try:
-        from synthval.fetch import NAMED_SOURCES
+        from synthval.io.sources import NAMED_SOURCES
     except ImportError:
-        pytest.skip("synthval.fetch.NAMED_SOURCES not there yet")
+        pytest.skip("synthval.io.sources.NAMED_SOURCES not there yet")
     assert set(synthval_params.PUBLISHED_MODELS) <= set(NAMED_SOURCES)
 
 
@@ -536,7 +536,7 @@ def test_dags_test_synthetic_then_real_on_the_local_backend(airflow_db, tmp_path
     assert re.search(rf"Running: synthval finetune .*--init-checkpoint={re.escape(train_ckpt)}", log)
     assert re.search(rf"Running: synthval evaluate --checkpoint={re.escape(finetune_ckpt)}", log)
     assert re.search(rf"Running: synthval evaluate --checkpoint={re.escape(train_ckpt)}", log)
-    from synthval.metrics import SUMMARY_KEYS  # every key metrics.json documents
+    from synthval.scoring.coco_eval import SUMMARY_KEYS  # every key metrics.json documents
 
     assert {"mAP", "mAP50", "mAP75", "mAR100", "mean-average-precision"} <= set(SUMMARY_KEYS)
     for task_id in ("evaluate", "evaluate_synthetic"):

@@ -20,7 +20,7 @@ from test_dags import PYTHON_BIN, airflow_db  # noqa: F401 - airflow_db: the ses
 from test_leaderboard import store_url  # noqa: F401 - a store with a real-only curve and three datasets
 
 from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
-from synthval.results import open_store
+from synthval.results.store import open_store
 
 PREFIX = "/synthval-leaderboard"
 PASSWORDS = {"viewer": "viewer-pw", "admin": "admin-pw"}
@@ -237,7 +237,7 @@ def test_the_airflow_image_has_everything_the_plugin_imports():
     from pyproject_deps import requirements
 
     code = ("import sys; before = set(sys.modules)\n"
-            "import synthval.leaderboard, synthval.results, synthval.identity, synthval.storage, synthval.fetch\n"
+            "import synthval.results.leaderboard, synthval.results.store, synthval.results.identity, synthval.io.storage, synthval.io.sources\n"
             "import sqlalchemy.dialects.postgresql, psycopg, gcsfs\n"
             "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)

@@ -17,9 +17,12 @@ import pytest
 from headless_chromium import find_chromium, open_page
 from report_fixtures import evaluate_fake, generate
 
-from synthval import plots, storage
+from synthval.render import plots
+from synthval.io import storage
 from synthval.cli import main
-from synthval.report import analyze_run, load_run_inputs, run_compare, run_report
+from synthval.scoring.analysis import analyze_run, load_run_inputs
+from synthval.steps.compare import run_compare
+from synthval.steps.report import run_report
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 needs_chromium = pytest.mark.skipif(find_chromium() is None,
@@ -209,7 +212,7 @@ def test_figures_for_tensorboard(evaluation):
         assert pixels.min() < 128  # something is drawn
     inputs = load_run_inputs(evaluation["good"]["metrics_uri"])
     analysis = analyze_run(inputs, replicates=20)
-    from synthval.report import draw_outcome
+    from synthval.render.report import draw_outcome
 
     drawn = plots.image_array(draw_outcome(analysis.worst(1)[0], analysis.score_threshold))
     assert drawn.shape[2] == 3 and max(drawn.shape[:2]) == 360
@@ -217,8 +220,8 @@ def test_figures_for_tensorboard(evaluation):
 
 def test_tensorboard_images_from_in_memory_predictions(evaluation):
     """What evaluate/train log: the pictures of the evaluation's own matches of model-class predictions."""
-    from synthval.metrics import CocoEvaluator
-    from synthval.report import tensorboard_images
+    from synthval.scoring.coco_eval import CocoEvaluator
+    from synthval.render.tensorboard import tensorboard_images
 
     inputs = load_run_inputs(evaluation["good"]["metrics_uri"])
     shift = {c: c + 100 for c in inputs.index.label_names}  # pretend model classes differ from label ids
@@ -241,9 +244,9 @@ def test_tensorboard_images_from_in_memory_predictions(evaluation):
 def test_pictures_follow_coco_s_crowd_rule():
     """A detection absorbed by a crowd region is neither a TP nor an FP, and the region is never a miss:
     the report draws what was scored."""
-    from synthval.datasets.index import DatasetIndex, ImageRecord
-    from synthval.metrics import CocoEvaluator
-    from synthval.report import image_outcomes
+    from synthval.data.index import DatasetIndex, ImageRecord
+    from synthval.scoring.coco_eval import CocoEvaluator
+    from synthval.scoring.outcomes import image_outcomes
 
     xywh = np.array([[0, 0, 100, 100], [200, 0, 100, 200], [0, 300, 50, 50]], dtype=np.float64)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32)

@@ -16,10 +16,10 @@ from headless_chromium import find_chromium, open_page
 from report_fixtures import generate
 
 from synthval.cli import main
-from synthval.datasets import load_dataset
-from synthval.datasets.index import DatasetIndex, ImageRecord
-from synthval.generate import run_generate
-from synthval.stats import (compare_stats, compute_stats, jensen_shannon, load_stats, noise_floor, total_variation,
+from synthval.data import load_dataset
+from synthval.data.index import DatasetIndex, ImageRecord
+from synthval.demo.generator import generate_dataset
+from synthval.data.stats import (compare_stats, compute_stats, jensen_shannon, load_stats, noise_floor, total_variation,
                             wasserstein1)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -213,7 +213,7 @@ def test_generated_synthetic_beside_real_proxy_names_its_gaps(datasets):
 @needs_chromium
 @pytest.mark.parametrize("layout", ["perception", "solo"])
 def test_simulator_report_renders_in_headless_chromium_without_errors(datasets, tmp_path, layout):
-    data = datasets["synthetic"] if layout == "perception" else run_generate(
+    data = datasets["synthetic"] if layout == "perception" else generate_dataset(
         "synthetic", str(tmp_path / "solo"), 30, 96, 3, layout="solo")["dataset_uri"]
     assert main(["stats", "--data", data, "--name", f"synthetic ({layout})", "--compare-data", datasets["real"],
                  "--compare-name", "real-proxy", "--pixel-sample", "16", "--out", str(tmp_path / "out"),
