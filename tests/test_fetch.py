@@ -291,6 +291,26 @@ def test_links_inside_the_archive_are_kept(http_server, tmp_path):
     assert (out / "data" / "alias.txt").read_bytes() == b"A" and (out / "copy.txt").read_bytes() == b"A"
 
 
+def test_tar_members_pass_through_the_standard_librarys_data_filter(http_server, tmp_path, monkeypatch):
+    """Extraction is tarfile's own, behind its "data" filter (PEP 706); the filter sees every member and what
+    it returns is what is written (here: no setuid bit, no group or world write)."""
+    seen = []
+    real_filter = tarfile.data_filter
+
+    def spying(member, dest):
+        seen.append(member.name)
+        return real_filter(member, dest)
+
+    monkeypatch.setattr(tarfile, "data_filter", spying)
+    setuid = tar_entry("data/tool", tarfile.REGTYPE)
+    setuid.mode, setuid.size = 0o6777, 0
+    archive = tar_bytes({"data/a.txt": b"A"}, extra=[setuid, tar_entry("data/alias.txt", tarfile.SYMTYPE, "a.txt")])
+    url = http_server.serve("/filtered.tgz", archive)
+    run_fetch(url, str(tmp_path / "out"), **FAST)
+    assert seen == ["data/a.txt", "data/tool", "data/alias.txt"]
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "data" / "tool").st_mode) == 0o755
+
+
 def test_a_link_rerouted_by_a_later_link_is_caught(http_server, tmp_path):
     # "up" -> "b/.." looks inside while b does not exist; b -> "." then makes "up" the parent folder.
     archive = tar_bytes({}, extra=[tar_entry("up", tarfile.SYMTYPE, "b/.."), tar_entry("b", tarfile.SYMTYPE, ".")])

@@ -1,5 +1,10 @@
 """Safe extraction of .zip and .tar(.gz|.bz2|.xz) archives that someone else made.
 
+A tar is extracted by the standard library itself, through its "data" extraction filter
+(`tarfile.data_filter`, PEP 706), behind a filter of our own that adds what tarfile does not: the
+member and size budgets, duplicate paths, and errors that name the archive and the member. A zip,
+for which the standard library has no such filter, is written by `_Writer` under the same rules.
+
 Every member is checked before anything is written: no absolute paths, no `..`, no device files,
 FIFOs or sockets, links only to places inside the destination, no path twice (which copy would be
 meant?). Sizes are checked twice: the sizes the archive declares (all of them up front for zip,
@@ -25,7 +30,7 @@ import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -81,7 +86,7 @@ class ExtractStats:
 @dataclass
 class _Member:
     name: str
-    kind: str  # "file", "dir", "symlink", "hardlink"
+    kind: str  # "file", "dir", "symlink", "special"
     size: int
     mode: int
     link: str = ""
@@ -161,6 +166,15 @@ class _Writer:
             raise FetchError(f"{self.label}: member {name!r} lands on a path an earlier member already took; "
                              f"refusing the archive (duplicate members)")
 
+    def check_vacant(self, rel: str, name: str, folder: bool) -> None:
+        """Where a tar member goes: its parent folders may not pass through a link leading out, and a file
+        or link may not land on anything already there (nor a folder on a link)."""
+        path = os.path.join(self._parent(rel, name), rel.rsplit("/", 1)[-1])
+        if folder and os.path.islink(path):
+            raise FetchError(f"{self.label}: member {name!r} is a folder where the archive made a link")
+        if not folder:
+            self._vacant(path, name)
+
     # --- members ------------------------------------------------------------------------------
     def mkdir(self, rel: str, name: str) -> None:
         parent = self._parent(rel, name)
@@ -186,7 +200,7 @@ class _Writer:
                                      f"declares; refusing the archive")
                 self._add_bytes(name, len(chunk))
                 out.write(chunk)
-                self._progress()
+                self.progress()
         if written < declared:
             raise FetchError(f"{self.label}: member {name!r} holds {written} of the {declared} bytes it declares "
                              f"(the archive is cut short); refusing the archive")
@@ -195,6 +209,14 @@ class _Writer:
         self.stats.files += 1
 
     def symlink(self, rel: str, name: str, target: str) -> None:
+        self.check_symlink(rel, name, target)
+        path = os.path.join(self._parent(rel, name), rel.rsplit("/", 1)[-1])
+        self._vacant(path, name)
+        os.symlink(target, path)
+        self.stats.files += 1
+
+    def check_symlink(self, rel: str, name: str, target: str) -> None:
+        """A link may lead only to a place inside the destination, as the path reads and as it resolves now."""
         if not target or "\x00" in target or target.startswith("/") or _DRIVE.match(target):
             raise FetchError(f"{self.label}: member {name!r} is a link to {target!r}, outside the destination; "
                              f"refusing the archive")
@@ -207,13 +229,9 @@ class _Writer:
         if not self._inside(os.path.realpath(os.path.join(parent, target))):
             raise FetchError(f"{self.label}: member {name!r} is a link to {target!r}, outside the destination; "
                              f"refusing the archive")
-        path = os.path.join(parent, rel.rsplit("/", 1)[-1])
-        self._vacant(path, name)
-        os.symlink(target, path)
-        self.stats.files += 1
 
-    def hardlink(self, rel: str, name: str, target_name: str) -> None:
-        """A tar hard link names an earlier member; it becomes a copy of that file."""
+    def check_hardlink(self, name: str, target_name: str) -> None:
+        """A tar hard link must name a regular file extracted before it, inside the destination."""
         try:
             target_rel = safe_member_path(target_name, self.label)
         except FetchError:
@@ -223,9 +241,6 @@ class _Writer:
                 or not self._inside(os.path.realpath(source))):
             raise FetchError(f"{self.label}: member {name!r} is a hard link to {target_name!r}, which is not a "
                              f"file extracted before it inside the destination; refusing the archive")
-        size = os.path.getsize(source)
-        with open(source, "rb") as src:
-            self.write(rel, name, src, size, os.stat(source).st_mode)
 
     def check_links(self) -> None:
         """Links are checked as they are made; a later link can still re-route an earlier one, so look again."""
@@ -237,7 +252,7 @@ class _Writer:
                     raise FetchError(f"{self.label}: member {rel!r} ends up as a link leading outside the "
                                      f"destination; refusing the archive")
 
-    def _progress(self) -> None:
+    def progress(self) -> None:
         now = time.monotonic()
         if now - self._last_log >= PROGRESS_INTERVAL_S:
             self._last_log = now
@@ -331,16 +346,21 @@ def _extract_tar(path: str, writer: _Writer) -> None:
     # each member is written, so a compressed tar is read once rather than twice.
     stream = _TarStream(path)
     last = None
+    checked = _tar_filter(writer)
     try:
         with tarfile.open(fileobj=stream, mode="r:") as tf:  # type: ignore[arg-type]
             while (info := tf.next()) is not None:
                 last = info.name
                 tf.members.clear()  # read once as a stream: do not keep every header of a huge archive
                 try:
-                    _extract_tar_member(tf, info, writer)
+                    tf.extract(info, writer.root, filter=checked)
                 except (tarfile.TarError, EOFError, zlib.error) as exc:
                     raise FetchError(f"{writer.label}: member {info.name!r} (number {writer.members}) is cut "
                                      f"short or corrupt ({exc}); refusing the archive") from exc
+                if not info.isdir() and safe_member_path(info.name, writer.label) is not None:
+                    writer.stats.files += 1
+                    writer.stats.bytes += info.size if info.isreg() else 0
+                    writer.progress()
     finally:
         stream.close()
     if not stream.ended_properly:
@@ -349,30 +369,33 @@ def _extract_tar(path: str, writer: _Writer) -> None:
                          f"the archive is cut short; refusing it")
 
 
-def _extract_tar_member(tf: tarfile.TarFile, info: tarfile.TarInfo, writer: _Writer) -> None:
-    writer.count_member(info.name)
-    if not (info.isdir() or info.isreg() or info.issym() or info.islnk()):
-        raise FetchError(f"{writer.label}: member {info.name!r} is a device file, FIFO or socket; "
-                         f"refusing the archive")
-    rel = safe_member_path(info.name, writer.label)
-    if info.isreg():
-        writer.declare(info.name, info.size)
-    if rel is None:
-        return
-    if not info.isdir():
-        writer.claim(rel, info.name)
-    if info.isdir():
-        writer.mkdir(rel, info.name)
-    elif info.issym():
-        writer.symlink(rel, info.name, info.linkname)
-    elif info.islnk():
-        writer.hardlink(rel, info.name, info.linkname)
-    else:
-        src = tf.extractfile(info)
-        if src is None:
-            raise FetchError(f"{writer.label}: member {info.name!r} cannot be read")
-        with src:
-            writer.write(rel, info.name, src, info.size, info.mode)
+def _tar_filter(writer: _Writer) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]:
+    """tarfile's "data" filter behind our own checks and budgets; None (skip) for the root entry "./"."""
+
+    def check(info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+        writer.count_member(info.name)
+        if not (info.isdir() or info.isreg() or info.issym() or info.islnk()):
+            raise FetchError(f"{writer.label}: member {info.name!r} is a device file, FIFO or socket; "
+                             f"refusing the archive")
+        rel = safe_member_path(info.name, writer.label)
+        if info.isreg():
+            writer.declare(info.name, info.size)
+        if rel is None:
+            return None
+        if not info.isdir():
+            writer.claim(rel, info.name)
+        writer.check_vacant(rel, info.name, folder=info.isdir())
+        if info.issym():
+            writer.check_symlink(rel, info.name, info.linkname)
+        elif info.islnk():
+            writer.check_hardlink(info.name, info.linkname)
+        try:
+            return tarfile.data_filter(info, dest)
+        except tarfile.FilterError as exc:
+            raise FetchError(f"{writer.label}: member {info.name!r} is refused by tarfile's data filter "
+                             f"({exc}); refusing the archive") from exc
+
+    return check
 
 
 def extract_archive(archive_path: str, dest_dir: str, *, max_bytes: int,
