@@ -264,3 +264,20 @@ def test_pictures_follow_coco_s_crowd_rule():
     assert (outcome.tp, outcome.fp, outcome.miss, outcome.confused) == (1, 2, 1, 1)
     assert kinds == ["FP", "FP", "MISS", "TP"]
     assert confusion == {"dog": {"person": 1}}
+
+
+def test_hostile_names_in_a_comparison_are_shown_as_text():
+    from synthval.render.report import render_compare_report
+    from synthval.scoring.analysis import CompareEntry
+
+    hostile = '<script>alert("x")</script>'
+    metrics = {"mAP": 0.5, "mAP50": 0.7, "num_images": 3, "per_class": {hostile: {"AP50": 0.7}}}
+    entries = [CompareEntry(hostile, f"/runs/{hostile}/metrics.json", metrics),
+               CompareEntry("plain", "/runs/plain/metrics.json", metrics)]
+    differences = [{"a": hostile, "b": "plain", "metric": "mAP", "difference": 0.0, "low": None, "high": None,
+                    "significant": False, "method": "no predictions: untested"}]
+    page = render_compare_report(entries, differences)
+    shown = page.split('<script type="application/json"')[0]  # the inert JSON is checked apart
+    assert "<script>alert" not in shown and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
+    data = json.loads(re.search(r'<script type="application/json" id="synthval-data">(.*?)</script>', page).group(1))
+    assert data["results"][0]["name"] == hostile  # the inert JSON keeps the name whole, and cannot close its element

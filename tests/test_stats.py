@@ -229,3 +229,22 @@ def test_simulator_report_renders_in_headless_chromium_without_errors(datasets, 
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / f"stats_simulator_{layout}_report.png")
     shutil.copyfile(page, ARTIFACTS / f"stats_simulator_{layout}_report.html")
+
+
+HOSTILE = '<img src=x onerror="alert(1)">&amp;'
+
+
+def test_hostile_label_and_dataset_names_are_shown_as_text_in_the_stats_page():
+    """The templates escape every value: a label or dataset name is text, never markup."""
+    from synthval.render.report import write_stats_report
+
+    rng = np.random.default_rng(3)
+    index = _index(rng.normal(20, 3, 40))
+    index.label_names[1] = HOSTILE
+    a = compute_stats(index, name=HOSTILE)
+    b = compute_stats(_index(rng.normal(30, 3, 40)), name="real")
+    page = write_stats_report([a, b], compare_stats(a, b), {})
+    shown = page.split('<script type="application/json"')[0]  # the inert JSON is checked apart
+    assert HOSTILE not in shown and "<img src=x" not in shown
+    assert '&lt;img src=x onerror=&#34;alert(1)&#34;&gt;&amp;amp;' in page
+    assert page.count("<script") == 1  # the inert JSON block, nothing else

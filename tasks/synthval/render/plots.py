@@ -55,7 +55,7 @@ def image_array(image: Any) -> np.ndarray:
 # --- evaluation charts -------------------------------------------------------------------------------
 
 
-def _class_order(per_class: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def class_order(per_class: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Classes by AP, best first; classes with no box in the test set (AP null) last."""
     return sorted(per_class, key=lambda n: (per_class[n].get("AP") is None, -(per_class[n].get("AP") or 0.0), n))
 
@@ -67,7 +67,7 @@ def per_class_ap_figure(metrics: Mapping[str, Any], intervals: Mapping[str, Any]
     "AP50/<label>". Classes with no box in the test set are marked n/a.
     """
     per_class = metrics.get("per_class") or {}
-    names = _class_order(per_class)
+    names = class_order(per_class)
     fig = _figure(8.0, max(2.2, 0.28 * len(names) + 1.2))
     ax = fig.add_subplot()
     if not names:
@@ -106,7 +106,7 @@ def pr_curves_figure(metrics: Mapping[str, Any], max_legend: int = 12) -> Any:
     fig = _figure(7.0, 5.0)
     ax = fig.add_subplot()
     per_class = metrics.get("per_class") or {}
-    ordered = [n for n in _class_order(per_class) if n in curves] + [n for n in curves if n not in per_class]
+    ordered = [n for n in class_order(per_class) if n in curves] + [n for n in curves if n not in per_class]
     cmap = _cmap("tab20")
     for i, name in enumerate(ordered):
         curve = curves[name]
