@@ -21,16 +21,9 @@ from torch import nn
 from synthval.detection import distributed
 from synthval.config import TrainConfig
 from synthval.errors import TrainingDivergedError
+from synthval.humanize import format_duration
 
 log = logging.getLogger(__name__)
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

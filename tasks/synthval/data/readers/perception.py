@@ -142,14 +142,20 @@ def read_perception(root: str, bbox_definition_id: str | None = None) -> RawInde
     for k, path in enumerate(files):
         progress.update(k)
         rel = os.path.relpath(path, root)
-        doc = read_json_file(path)
-        captures = doc.get("captures") if isinstance(doc, dict) else None
-        if not isinstance(captures, list):
-            raise DatasetError(f"{path}: expected an object with a 'captures' list")
+        captures = _captures_in(path)
         if base is None:
             base = _image_base(root, dataset_dir, captures)
         _read_captures(builder, captures, rel, base, def_id)
     return builder.build(os.path.abspath(root), "perception", label_names)
+
+
+def _captures_in(path: str) -> list:
+    """The `captures` list of one captures_*.json; DatasetError naming the file when it has none."""
+    doc = read_json_file(path)
+    captures = doc.get("captures") if isinstance(doc, dict) else None
+    if not isinstance(captures, list):
+        raise DatasetError(f"{path}: expected an object with a 'captures' list")
+    return captures
 
 
 def _read_captures(builder: RawIndexBuilder, captures: list, rel: str, base: str, def_id: str) -> None:
@@ -244,10 +250,7 @@ def read_perception_metrics(root: str, bbox_definition_id: str | None = None) ->
     by_sequence: dict[str, list[int]] = {}
     base: str | None = None
     for path in files:
-        doc = read_json_file(path)
-        captures = doc.get("captures") if isinstance(doc, dict) else None
-        if not isinstance(captures, list):
-            raise DatasetError(f"{path}: expected an object with a 'captures' list")
+        captures = _captures_in(path)
         if base is None:
             base = _image_base(root, dataset_dir, captures)
         for ci, capture in enumerate(captures):
