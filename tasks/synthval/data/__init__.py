@@ -1,7 +1,8 @@
-"""Dataset readers: Perception 0.0.1, SOLO, COCO and GroceriesReal into one `DatasetIndex`.
+"""Datasets: Perception 0.0.1, SOLO, COCO and GroceriesReal (`readers/`) into one `DatasetIndex`, its splits,
+labels matched by name, the torch `Dataset`, and what the simulator measured beside the boxes.
 
-`load_dataset` is the entry point (`load_ground_truth` reads the annotations alone, for scoring); `LabelSpace`/`match_labels` line model classes up with a dataset's
-labels by name; `DetectionDataset` and `build_batch_sampler` feed an index to torch. The torch names are
+`load_dataset` is the entry point (`load_ground_truth` reads the annotations alone, for scoring);
+`LabelSpace`/`match_labels` line model classes up with a dataset's labels by name; `DetectionDataset` and `build_batch_sampler` feed an index to torch. The torch names are
 imported on first use, so reading an index does not import torch.
 """
 

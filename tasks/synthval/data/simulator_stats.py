@@ -1,4 +1,4 @@
-"""Statistics of what the simulator measured (a `datasets.simulator.SimulatorMetrics`) over one dataset index.
+"""Statistics of what the simulator measured (a `data.simulator.SimulatorMetrics`) over one dataset index.
 
 Per box: its visible pixels (RenderedObjectInfo, found by image and instance id) and its visible
 fraction, visible pixels / box area: near 1 for an object seen whole that fills its box, lower for one

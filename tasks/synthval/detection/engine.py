@@ -1,4 +1,4 @@
-"""The training step loop and batched prediction. No file I/O: `train.py` does the wiring.
+"""The training step loop and batched prediction. No file I/O: `steps/train.py` does the wiring.
 
 A "step" is one optimizer step; with gradient accumulation it takes `grad_accum_steps` batches.
 """

@@ -202,7 +202,7 @@ PIXEL_FIGURES = {"brightness": "mean image brightness (sampled images)",
 
 
 def stats_figures(datasets: Sequence[Any]) -> dict[str, Any]:
-    """The statistics plots of one or more `stats.DatasetStats`, overlaid: {file stem: Figure}.
+    """The statistics plots of one or more `data.stats.DatasetStats`, overlaid: {file stem: Figure}.
 
     Stems: objects_per_label, objects_per_image, box_size, aspect_ratio, position_heatmap,
     box_size_per_label; with pixel statistics brightness, contrast, warmth; with simulator metrics

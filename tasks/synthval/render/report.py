@@ -322,12 +322,12 @@ def _summary_rows(datasets: Sequence[Any]) -> list[tuple[str, list[Any]]]:
 
 
 def stats_summary_html(datasets: Sequence[Any]) -> str:
-    """A table of one or more `stats.DatasetStats` side by side."""
+    """A table of one or more `data.stats.DatasetStats` side by side."""
     return _macro("stats.html", "summary", [d.name for d in datasets], _summary_rows(datasets))
 
 
 def gaps_html(distances: Mapping[str, Any]) -> str:
-    """The largest gaps of `stats.compare_stats`, one plain sentence each, largest first."""
+    """The largest gaps of `data.stats.compare_stats`, one plain sentence each, largest first."""
     return _macro("stats.html", "gaps", distances)
 
 
@@ -336,7 +336,7 @@ def _one_d_rows(distances: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def distances_html(distances: Mapping[str, Any]) -> str:
-    """The domain-gap table of `stats.compare_stats`, with what the distances mean."""
+    """The domain-gap table of `data.stats.compare_stats`, with what the distances mean."""
     return _macro("stats.html", "distances_table", distances, _one_d_rows(distances))
 
 
@@ -407,7 +407,7 @@ def _visible_cell(values: Any) -> dict[str, Any] | None:
 
 def write_stats_report(datasets: Sequence[Any], distances: Mapping[str, Any] | None, pngs: Mapping[str, bytes],
                        title: str = "synthval dataset statistics") -> str:
-    """The statistics page (one or two `stats.DatasetStats`, their distances, the plots' PNG bytes) as HTML.
+    """The statistics page (one or two `data.stats.DatasetStats`, their distances, the plots' PNG bytes) as HTML.
 
     Order: the largest gaps in words, the summary, what could not be measured, the distances, the
     distributions, per label, what the simulator measured, positions, labels.

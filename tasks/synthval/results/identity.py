@@ -7,7 +7,7 @@ A result is one (model, protocol). The model is identified by what it is, never 
   a cleared DAG run evaluates the very same checkpoint (`train --resume auto` returns the finished one), a
   deterministic re-training writes the same records again: both update their row; two different
   checkpoints never share one.
-- a published model name (`synthetic-400k`, ... from `fetch.NAMED_SOURCES`): the name (`name`), whose
+- a published model name (`synthetic-400k`, ... from `io.sources.NAMED_SOURCES`): the name (`name`), whose
   content its publisher fixed; nothing is downloaded to identify it.
 - a COCO results file scored without a model: SHA-256 of that file (`predictions-sha256`).
 - a file that can no longer be read: its URI (`uri`), with a warning.

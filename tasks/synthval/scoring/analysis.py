@@ -35,7 +35,7 @@ DEFAULT_GALLERY_SIZE = 6
 class RunInputs:
     """What a run report is made from: metrics.json, the test set's index and the scored predictions.
 
-    `results` is the predictions file (`metrics.load_coco_results`: index image ids, test-set label
+    `results` is the predictions file (`coco_eval.load_coco_results`: index image ids, test-set label
     ids), or None when none could be found (the report then has no intervals and no gallery).
     """
 

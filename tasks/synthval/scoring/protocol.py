@@ -8,7 +8,7 @@ says nothing about that, so every fingerprint here is of *content*:
   its id, size, file bytes (hashed in 1 MiB chunks on several threads, never decoded) and its boxes (float32 bytes)
   with their label names, in a canonical order (the order a file lists them in is no part of the set). Components (`images_sha256`, `annotations_sha256`, `label_map_sha256`) say
   which part changed between two test sets.
-- `benchmark_fingerprint`: the test set and the metric protocol (`metrics.METRIC_PROTOCOL`, which names
+- `benchmark_fingerprint`: the test set and the metric protocol (`coco_eval.METRIC_PROTOCOL`, which names
   the IoU thresholds, COCO max detections and area ranges). This is what discovery can know before a
   model exists; a recipe's results on another benchmark are stale.
 - `protocol_fingerprint`: the benchmark plus every evaluation setting that changes numbers: the scoring

@@ -9,7 +9,7 @@ Labels: the test set's labels are scored; model classes are matched to them by n
 which names none, by id: its class k is the test set's label id k). Test labels the model cannot predict
 stay in (AP 0 where they have boxes: the truth for that model) and a warning names them; detections of
 model classes the test set lacks are not scored, and a warning and `metrics.json`'s "unscored_detections"
-count them per class. `metrics.json` holds `synthval.scoring.coco_eval`' result
+count them per class. `metrics.json` holds `synthval.scoring.coco_eval`'s result
 dict plus provenance (see `scoring.provenance`), "intervals" (`BootstrapResult.to_dict()`: 95% percentile
 bootstrap intervals over the test images of mAP, mAP50, mAP75, mAR100 and per-class AP / AP50, from
 `config.bootstrap_replicates` resamples; null when 0), and "inference": {"device": "cpu" | "cuda" |
