@@ -34,6 +34,7 @@ import jinja2
 import numpy as np
 
 from synthval import __version__
+from synthval.humanize import format_interval, format_number
 from synthval.io import storage
 from synthval.scoring.analysis import (DEFAULT_GALLERY_SIZE, CompareEntry, RunAnalysis, analyze_run, load_run_inputs,
                                        test_set_key)
@@ -62,20 +63,6 @@ def draw_outcome(outcome: ImageOutcome, score_threshold: float, display_size: in
 
 
 # --- templates ---------------------------------------------------------------------------------------
-
-
-def format_number(value: Any, digits: int = 3) -> str:
-    """`value` with `digits` decimals; "n/a" for None, NaN and infinities."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def format_interval(low: Any, high: Any) -> str:
-    """`[low, high]` with 3 decimals; "n/a" unless both ends are finite."""
-    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
-        return "n/a"
-    return f"[{low:.3f}, {high:.3f}]"
 
 
 def _significant(value: Any, digits: int) -> str:

@@ -8,7 +8,8 @@ from typing import Any
 
 from synthval.errors import ConfigError, SynthvalError
 from synthval.io import storage
-from synthval.render.report import COMPARE_FILE, format_interval, format_number, render_compare_report, report_file_uri
+from synthval.humanize import format_interval, format_number
+from synthval.render.report import COMPARE_FILE, render_compare_report, report_file_uri
 from synthval.scoring.analysis import (CompareEntry, RunInputs, load_run_inputs, resolve_result, score_results,
                                        test_set_key, with_predictions)
 from synthval.scoring.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, DEFAULT_SEED, CocoBootstrap,

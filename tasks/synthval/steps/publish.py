@@ -1,54 +1,21 @@
-"""`run_publish`: turn one evaluation's metrics.json into a versioned result record under a results URI.
-
-The record is what a leaderboard reads: the metrics summary and per-class AP, and everything needed to
-say where they come from, which model they are of, and whether two results are comparable. Layout
-(schema_version 2):
-
-    schema_version, record_id, created_at (UTC, ISO 8601)
-    recipe, run_id, real_budget, datasets {role: URI} (synthetic, real, model; names stay names),
-    checkpoint_uri
-    model {id, basis, uri, role, dataset}: which model this is, by content, and what it was trained
-          on (synthval.results.identity)
-    metrics {mAP, mAP50, mAP75, mAP_small, mAP_medium, mAP_large, mAR1, mAR10, mAR100, mAR_small,
-             mAR_medium, mAR_large, mean-average-precision, mean-average-precision-iou50,
-             mean-average-recall}  (each in [0, 1] or null: no ground truth to score)
-    per_class {label name: {AP, AP50, num_gt}}, label_match {shared, only_in_model, only_in_data}
-    num_images, num_gt, num_predictions
-    test_set {data_uri, split, format, num_images, num_boxes, image_ids_sha256, sha256, images_sha256,
-              annotations_sha256, label_map_sha256}
-    protocol (the metric protocol's name), protocol_fingerprint, protocol_facts, benchmark_fingerprint:
-             results with equal protocol fingerprints were scored on the same content the same way
-             (synthval.scoring.protocol); compare only those
-    evaluation {metrics_uri, predictions_uri, source_predictions_uri, checkpoint_uri, created_at,
-                synthval_version, inference}
-    eval_config, checkpoint {step, epoch, model, synthval_version, source_format, num_classes, config}
-    synthval_version (of the publisher)
-    report_uri: the self-contained HTML run report (beside metrics.json), or null
-
-Schema 1 (synthval 0.1.0) had no model, benchmark or protocol facts, and a protocol fingerprint of the
-test set's path. The record is written atomically to `<results_uri>/<record_id>.json`; the record id
-is derived from (recipe, model, protocol, run id), so a retried publish overwrites its own record, and
-the results store keeps one row per (model, protocol) whatever the run.
+"""`synthval publish`: one evaluation's metrics.json as a versioned result record under a results URI
+(`synthval.results.record` says what a record holds), its HTML run report beside metrics.json, and its
+row in the results store.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
-import re
 from typing import Any
 
-from synthval import __version__
+from synthval.errors import ConfigError, SynthvalError
+from synthval.humanize import format_number
 from synthval.io import storage
-from synthval.errors import ConfigError, DatasetError
-from synthval.results.identity import model_identity, model_role, normalize_uri
-from synthval.scoring.coco_eval import METRICS_SCHEMA_VERSION, SUMMARY_KEYS
-from synthval.scoring.protocol import benchmark_fingerprint, protocol_facts, sha256_of
+from synthval.render.report import REPORT_FILE, sibling_uri, write_run_report
+from synthval.results.identity import model_role, normalize_uri
+from synthval.results.record import build_record, check_metrics
 
 log = logging.getLogger(__name__)
-
-RECORD_SCHEMA_VERSION = 2
-REQUIRED_FIELDS = ("schema_version", "test_set", "config", "per_class", "label_match", *SUMMARY_KEYS)
 
 
 def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | None, datasets: dict[str, str],
@@ -76,47 +43,9 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
     if checkpoint_uri and evaluated_checkpoint and checkpoint_uri != evaluated_checkpoint:
         log.warning("--checkpoint %s differs from the checkpoint %s evaluated; recording both, identifying "
                     "the model by the evaluated one", checkpoint_uri, evaluated_checkpoint)
-    scored_file = metrics.get("source_predictions_uri")
-    model = model_identity(evaluated_checkpoint or (None if scored_file else checkpoint_uri), scored_file)
-    model.update(role=role, dataset=dataset or model["uri"])
-    facts = protocol_facts(metrics, metrics_uri)
-    fingerprint = sha256_of(facts)
-    record_id = make_record_id(recipe, model["id"], fingerprint, run_id)
-    record = {
-        "schema_version": RECORD_SCHEMA_VERSION,
-        "record_id": record_id,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "recipe": recipe,
-        "run_id": run_id,
-        "real_budget": real_budget,
-        "datasets": datasets,
-        "checkpoint_uri": checkpoint_uri or evaluated_checkpoint,
-        "model": model,
-        "metrics": {key: metrics[key] for key in SUMMARY_KEYS},
-        "per_class": {name: {k: row.get(k) for k in ("AP", "AP50", "num_gt")}
-                      for name, row in metrics["per_class"].items()},
-        "label_match": metrics["label_match"],
-        "num_images": metrics.get("num_images"),
-        "num_gt": metrics.get("num_gt"),
-        "num_predictions": metrics.get("num_predictions"),
-        "test_set": metrics["test_set"],
-        "protocol": metrics.get("protocol"),
-        "protocol_fingerprint": fingerprint,
-        "protocol_facts": facts,
-        "benchmark_fingerprint": benchmark_fingerprint(metrics, metrics_uri),
-        "evaluation": {
-            "metrics_uri": metrics_uri,
-            "predictions_uri": metrics.get("predictions_uri"),
-            "source_predictions_uri": metrics.get("source_predictions_uri"),
-            "checkpoint_uri": evaluated_checkpoint,
-            "created_at": metrics.get("created_at"),
-            "synthval_version": metrics.get("synthval_version"),
-            "inference": metrics.get("inference"),
-        },
-        "eval_config": metrics["config"],
-        "checkpoint": metrics.get("checkpoint"),
-        "synthval_version": __version__,
-    }
+    record = build_record(metrics, metrics_uri, recipe=recipe, run_id=run_id, datasets=datasets,
+                          checkpoint_uri=checkpoint_uri, real_budget=real_budget, role=role, dataset=dataset)
+    record_id, model, fingerprint = record["record_id"], record["model"], record["protocol_fingerprint"]
     result_uri = storage.join_uri(results_uri, f"{record_id}.json")
     record["report_uri"] = write_report(metrics_uri, record_id) if report else None  # issue 6
     storage.write_json(result_uri, record)
@@ -124,7 +53,7 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
         from synthval.results.store import open_store
 
         open_store(store_url).upsert(record, result_uri)
-    summary = ", ".join(f"{k} {_fmt(record['metrics'][k])}" for k in ("mAP", "mAP50", "mAR100"))
+    summary = ", ".join(f"{k} {format_number(record['metrics'][k])}" for k in ("mAP", "mAP50", "mAR100"))
     log.info("published %s (%s; %s model %s, protocol %s)", result_uri, summary, role, model["id"][:12],
              fingerprint[:12])
     return {"result_uri": result_uri, "record_id": record_id, "report_uri": record["report_uri"],
@@ -134,9 +63,6 @@ def run_publish(metrics_uri: str, results_uri: str, recipe: str, run_id: str | N
 def write_report(metrics_uri: str, record_id: str) -> str | None:
     """The run report of the evaluation at `metrics_uri`, written beside it as report.html; None (and a
     warning) if the test set or predictions it needs cannot be read."""
-    from synthval.errors import SynthvalError
-    from synthval.render.report import REPORT_FILE, sibling_uri, write_run_report
-
     report_uri = sibling_uri(metrics_uri, REPORT_FILE)
     try:
         write_run_report(metrics_uri, report_uri)
@@ -144,37 +70,3 @@ def write_report(metrics_uri: str, record_id: str) -> str | None:
         log.warning("no run report for %s: %s", record_id, exc)
         return None
     return report_uri
-
-
-def check_metrics(metrics: Any, uri: str) -> None:
-    """Raise DatasetError naming `uri` and the field unless `metrics` is a metrics.json this version reads."""
-    if not isinstance(metrics, dict):
-        raise DatasetError(f"{uri}: expected the JSON object synthval evaluate writes, got {type(metrics).__name__}")
-    missing = [key for key in REQUIRED_FIELDS if key not in metrics]
-    if missing:
-        raise DatasetError(f"{uri}: missing field {missing[0]!r}; is this a metrics.json written by synthval evaluate?")
-    version = metrics["schema_version"]
-    if not isinstance(version, int) or version > METRICS_SCHEMA_VERSION:
-        raise DatasetError(f"{uri}: field 'schema_version' {version!r}: this synthval ({__version__}) reads "
-                           f"metrics up to schema version {METRICS_SCHEMA_VERSION}")
-    for key in SUMMARY_KEYS:
-        value = metrics[key]
-        if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-            raise DatasetError(f"{uri}: field {key!r} is {value!r}; expected a number in [0, 1] or null")
-    test_set = metrics["test_set"]
-    for key in ("data_uri", "split", "image_ids_sha256", "sha256"):
-        if not isinstance(test_set, dict) or key not in test_set:
-            raise DatasetError(f"{uri}: missing field 'test_set.{key}'"
-                               + ("; evaluate again with this synthval, which fingerprints the test set's content"
-                                  if key == "sha256" else ""))
-
-
-def make_record_id(recipe: str, model_id: str, fingerprint: str, run_id: str | None) -> str:
-    """`<recipe>-<20 hex digits>`, the same for the same inputs: a retry overwrites its own record."""
-    digest = sha256_of({"recipe": recipe, "model": model_id, "protocol": fingerprint, "run_id": run_id})
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", recipe.strip()).strip("._")[:80] or "recipe"
-    return f"{slug}-{digest[:20]}"
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
