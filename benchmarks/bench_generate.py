@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from synthval.generate import run_generate
-from synthval.procedural import render_scene
+from synthval.demo.generator import generate_dataset
+from synthval.demo.procedural import render_scene
 
 CASES = (("synthetic", "perception"), ("synthetic", "solo"), ("real-proxy", "perception"))
 
@@ -38,7 +38,7 @@ def main() -> None:
             draw = _rates(args.images, wall, cpu)
             with tempfile.TemporaryDirectory() as tmp:
                 wall, cpu = time.perf_counter(), time.process_time()
-                run_generate(kind, os.path.join(tmp, "d"), args.images, size, 0, layout)
+                generate_dataset(kind, os.path.join(tmp, "d"), args.images, size, 0, layout)
                 whole = _rates(args.images, wall, cpu)
             print(f"{kind:<11} {layout if kind == 'synthetic' else 'groceries':<11} {size:>5} {draw:>17} {whole:>21}")
 

@@ -176,13 +176,13 @@ def pandas_index(root: str) -> list:
 
 
 def synthval_index(root: str):
-    from synthval.datasets import load_dataset
+    from synthval.data import load_dataset
 
     return load_dataset(root, format="perception")
 
 
 def metrics_pass(root: str):
-    from synthval.stats import load_simulator_metrics
+    from synthval.data.stats import load_simulator_metrics
 
     return load_simulator_metrics(root, "perception")
 
@@ -196,7 +196,7 @@ def run_one(name: str, root: str, repeat: int) -> dict:
     import numpy  # noqa: F401  (imports are not what we measure)
     import pandas  # noqa: F401
 
-    import synthval.datasets  # noqa: F401
+    import synthval.data  # noqa: F401
 
     times, cpu, count = [], [], 0
     for _ in range(repeat):

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tasks"))
 
-from synthval import distributed  # noqa: E402
+from synthval.detection import distributed  # noqa: E402
 from synthval.config import PRESETS, ModelConfig, TrainConfig, from_dict  # noqa: E402
-from synthval.engine import build_optimizer  # noqa: E402
-from synthval.model import build_model  # noqa: E402
+from synthval.detection.engine import build_optimizer  # noqa: E402
+from synthval.detection.model import build_model  # noqa: E402
 
 NUM_CLASSES = 11  # ten procedural grocery classes + background
 

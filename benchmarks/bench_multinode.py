@@ -120,7 +120,7 @@ def measured_scaling(steps: int, images: int) -> dict[str, float]:
 
 def trainable_parameters() -> int:
     from synthval.config import ModelConfig
-    from synthval.model import build_model
+    from synthval.detection.model import build_model
 
     model = build_model(ModelConfig(name="resnet50_fpn"), num_classes=64, load_backbone_weights=False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -163,7 +163,7 @@ def main() -> int:
     print(f"  2 nodes x 1 process / 1 node x 2 (the rendezvous's own cost): {rates['2x1'] / rates['1x2']:.2f}x")
 
     params = trainable_parameters()
-    print(f"MEASURED: resnet50_fpn as synthval.model builds it (64 classes, no pretrained backbone: every layer "
+    print(f"MEASURED: resnet50_fpn as synthval.detection.model builds it (64 classes, no pretrained backbone: every layer "
           f"trainable) has {params / 1e6:.1f} M trainable "
           f"parameters, {4 * params / 1e6:.0f} MB of float32 gradients per all-reduce")
     print(f"ASSUMED: {args.gpu_rate:g} images/s per L4 GPU (resnet50_fpn, 800 px, bf16), {PER_GPU_BATCH} images "

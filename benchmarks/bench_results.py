@@ -52,7 +52,7 @@ def real_record(work: Path) -> tuple[dict[str, Any], str]:
     from test_publish import write_coco
 
     from synthval.cli import main
-    from synthval.publish import run_publish
+    from synthval.steps.publish import run_publish
 
     data = write_coco(work / "real")
     doc = json.loads((data / "annotations" / "instances.json").read_text())
@@ -81,8 +81,8 @@ def plan(rows: int) -> list[tuple[str, str, int | None, int]]:
 
 
 def new_store_rows(record: dict[str, Any], rows: int) -> list[dict[str, Any]]:
-    from synthval.protocol import sha256_of
-    from synthval.results import row_from_record
+    from synthval.scoring.protocol import sha256_of
+    from synthval.results.store import row_from_record
 
     built = []
     for n, (recipe, role, budget, i) in enumerate(plan(rows)):
@@ -162,9 +162,9 @@ def main() -> int:
     print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs; {args.rows} rows, median of {args.repeats}")
 
-    from synthval.leaderboard import build_leaderboard, format_table, to_json
-    from synthval.publish import run_publish
-    from synthval.results import open_store
+    from synthval.results.leaderboard import build_leaderboard, format_table, to_json
+    from synthval.steps.publish import run_publish
+    from synthval.results.store import open_store
 
     with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
         work = Path(tmp)

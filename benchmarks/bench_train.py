@@ -48,11 +48,11 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tasks"))
 
-from synthval import distributed  # noqa: E402
+from synthval.detection import distributed  # noqa: E402
 from synthval.config import TrainConfig, load_config  # noqa: E402
-from synthval.datasets import DetectionDataset, LabelSpace, build_batch_sampler, collate_detection, load_dataset  # noqa: E402
-from synthval.engine import build_optimizer, train_one_epoch  # noqa: E402
-from synthval.model import build_model, load_model_state  # noqa: E402
+from synthval.data import DetectionDataset, LabelSpace, build_batch_sampler, collate_detection, load_dataset  # noqa: E402
+from synthval.detection.engine import build_optimizer, train_one_epoch  # noqa: E402
+from synthval.detection.model import build_model, load_model_state  # noqa: E402
 
 NUM_LABELS = 10
 

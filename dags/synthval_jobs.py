@@ -19,7 +19,7 @@ chosen when the task runs (`synthval_pod_task.runs_as_job`), by `job_operator`:
   Pod 0 hosts the rendezvous store: it recognises the endpoint as itself through /etc/hosts (the
   kubelet writes the pod's full name there), so it does not wait for DNS.
 - **Same numbers on any shape**: every process reads its own shard (batch i of an epoch goes to rank
-  i % world size, synthval.train); the world size is nodes x gpus, and the recipe's
+  i % world size, synthval.steps.train); the world size is nodes x gpus, and the recipe's
   `data.effective_batch_size` fixes the gradient accumulation from it (`synthval.config.accumulation_steps`).
 - **Failures restart the whole group from the last checkpoint**: when a worker fails, its agent
   restarts every worker of the group (torchrun's elastic restart, up to MAX_RESTARTS times), and each

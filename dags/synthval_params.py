@@ -37,7 +37,7 @@ CONFIG_SCHEMA_PATH = Path(__file__).with_name("synthval_config_schema.json")
 TRAINING_PARAM_KEYS = {"model": "model.name", "epochs": "epochs", "learning_rate": "optimizer.lr",
                        "batch_size": "data.batch_size"}
 EVALUATION_PARAM_KEYS = {"batch_size": "batch_size"}
-# The seed's published checkpoints; `synthval` resolves the names (synthval.fetch.NAMED_SOURCES).
+# The seed's published checkpoints; `synthval` resolves the names (synthval.io.sources.NAMED_SOURCES).
 PUBLISHED_MODELS = ("real-world-760", "synthetic-400k", "synthetic-and-real-76", "synthetic-and-real-380",
                     "synthetic-and-real-760")
 REAL_SPLITS = ("train_small", "train_medium", "train")

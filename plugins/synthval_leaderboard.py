@@ -22,7 +22,6 @@ cannot break the API server and other Airflow processes do not pay for the impor
 
 from __future__ import annotations
 
-import html
 import math
 import os
 from typing import Any
@@ -35,6 +34,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 URL_PREFIX = "/synthval-leaderboard"
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 CONN_ID = "synthval_results_db"
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 # A run report is synthval's own self-contained HTML; served from the Airflow origin it still gets no
@@ -54,7 +54,7 @@ def store_url() -> str:
         return conn.get_uri().replace("postgres://", "postgresql+psycopg://", 1)
     except Exception:  # noqa: BLE001 - no such connection (AirflowNotFoundException) or no metadata DB
         pass
-    from synthval.results import default_url
+    from synthval.results.store import default_url
 
     root = os.environ.get("SYNTHVAL_DATA_ROOT", "").strip() or os.path.expanduser("~/synthval-data")
     return default_url(f"{root.rstrip('/')}/results")
@@ -81,7 +81,7 @@ def may_read(user: Any, recipe: str) -> bool:
 
 def readable_rows(user: Any) -> list[dict[str, Any]]:
     """The store's rows of the recipes whose DAG runs `user` may read."""
-    from synthval.results import open_store
+    from synthval.results.store import open_store
 
     rows = open_store(store_url()).rows(with_records=False)
     allowed = {recipe for recipe in {r["recipe"] for r in rows} if may_read(user, recipe)}
@@ -91,7 +91,7 @@ def readable_rows(user: Any) -> list[dict[str, Any]]:
 def _board(user: Any, recipe: str | None, sort: str, baseline: str | None, include_stale: bool,
            role: list[str] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from synthval.errors import SynthvalError
-    from synthval.leaderboard import build_leaderboard
+    from synthval.results.leaderboard import build_leaderboard
 
     rows = readable_rows(user)
     try:
@@ -135,7 +135,7 @@ def leaderboard_json(user: Any = Depends(current_user), recipe: str | None = Non
                      baseline: str | None = None, include_stale: bool = False,
                      role: list[str] | None = Query(None)) -> list[dict[str, Any]]:
     """The leaderboard entries, as `synthval leaderboard --format json` writes them, with browser links."""
-    from synthval.leaderboard import jsonable
+    from synthval.results.leaderboard import jsonable
 
     entries, _ = _board(user, recipe, sort, baseline, include_stale, role)
     return [jsonable(e) for e in entries]
@@ -144,14 +144,14 @@ def leaderboard_json(user: Any = Depends(current_user), recipe: str | None = Non
 @app.get("/api/curves")
 def curves_json(user: Any = Depends(current_user)) -> dict[str, Any]:
     """mAP by real budget per dataset (current benchmarks), and the real-only learning curves."""
-    from synthval.leaderboard import dataset_curves, real_only_curves
+    from synthval.results.leaderboard import dataset_curves, real_only_curves
 
     rows = [r for r in readable_rows(user) if not r["stale"]]
     return {"datasets": dataset_curves(rows), "real_only": real_only_curves(rows)}
 
 
 def _row(user: Any, row_id: int) -> dict[str, Any]:
-    from synthval.results import open_store
+    from synthval.results.store import open_store
 
     store = open_store(store_url())
     with store.engine.connect() as conn:
@@ -170,7 +170,7 @@ def record(row_id: int, user: Any = Depends(current_user)) -> Response:
 @app.get("/reports/{row_id}", response_class=HTMLResponse)
 def report(row_id: int, user: Any = Depends(current_user)) -> Response:
     """The run report of one row (synthval's self-contained HTML), read from where publish wrote it."""
-    from synthval import storage
+    from synthval.io import storage
     from synthval.errors import SynthvalError
 
     uri = _row(user, row_id).get("report_uri")
@@ -187,7 +187,7 @@ def report(row_id: int, user: Any = Depends(current_user)) -> Response:
 def page(user: Any = Depends(current_user), recipe: str | None = None, sort: str = "real_equiv",
          baseline: str | None = None, include_stale: bool = False) -> str:
     """The leaderboard page: the table, then the real-budget curve of each dataset."""
-    from synthval.leaderboard import dataset_curves, format_equiv, real_only_curves
+    from synthval.results.leaderboard import dataset_curves, format_equiv, real_only_curves
 
     entries, rows = _board(user, recipe, sort, baseline, include_stale, None)
     current = [r for r in rows if not r["stale"]]
@@ -195,82 +195,35 @@ def page(user: Any = Depends(current_user), recipe: str | None = None, sort: str
     return _html(entries, curves, real_only, baseline, format_equiv)
 
 
-def _num(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return ""
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def _link(href: str | None, text: str) -> str:
-    if not href:
-        return ""
-    return f'<a href="{html.escape(href)}" target="_top">{html.escape(text)}</a>'
-
-
-def _svg(points: list[dict[str, Any]], reference: list[dict[str, Any]] | None, color: str) -> str:
-    """mAP against real images (log scale) for one dataset, over the real-only curve (grey)."""
+def _chart(dataset: str, points: list[dict[str, Any]], reference: list[dict[str, Any]] | None,
+           color: str) -> dict[str, Any]:
+    """Geometry of one dataset's mAP-by-real-images chart (log scale), over the real-only curve (grey)."""
     width, height, pad = 320, 180, 34
     series = list(points) + list(reference or [])
     top_budget = max([p["budget"] for p in series] + [1])
     top_map = max([p["mAP"] for p in series] + [0.05])
 
-    def xy(budget: float, value: float) -> tuple[float, float]:
-        x = pad + (width - 2 * pad) * math.log1p(budget) / math.log1p(top_budget)
-        y = height - pad - (height - 2 * pad) * value / top_map
-        return round(x, 1), round(y, 1)
+    def placed(p: dict[str, Any]) -> dict[str, Any]:
+        x = pad + (width - 2 * pad) * math.log1p(p["budget"]) / math.log1p(top_budget)
+        y = height - pad - (height - 2 * pad) * p["mAP"] / top_map
+        return {"x": round(x, 1), "y": round(y, 1), "budget": p["budget"], "mAP": p["mAP"]}
 
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>',
-             f'<text x="{width / 2}" y="{height - 6}" font-size="10" text-anchor="middle">real images</text>',
-             f'<text x="4" y="{pad - 8}" font-size="10">mAP (max {top_map:.3f})</text>']
-    for line, stroke in ((reference, "#999"), (points, color)):
-        if not line:
-            continue
-        coords = " ".join(f"{x},{y}" for x, y in (xy(p["budget"], p["mAP"]) for p in line))
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{stroke}" stroke-width="2"/>')
-        for p in line:
-            x, y = xy(p["budget"], p["mAP"])
-            parts.append(f'<circle cx="{x}" cy="{y}" r="3" fill="{stroke}"><title>{p["budget"]} real images: '
-                         f'mAP {p["mAP"]:.3f}</title></circle>')
-            parts.append(f'<text x="{x}" y="{height - pad + 12}" font-size="9" text-anchor="middle">{p["budget"]}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    lines = [{"stroke": stroke, "points": [placed(p) for p in line]}
+             for line, stroke in ((reference, "#999"), (points, color)) if line]
+    return {"dataset": dataset, "width": width, "height": height, "pad": pad, "top_map": top_map, "lines": lines}
 
 
 def _html(entries: list[dict[str, Any]], curves: dict[str, Any], real_only: dict[str, Any], baseline: str | None,
           format_equiv: Any) -> str:
-    head = ["#", "dataset", "recipe", "real images", "mAP", "mAP@.5", "mAR@100", "real-image equivalent [95%]"]
-    head += ["&Delta;mAP", "&Delta;mAP@.5", "&Delta;mAR@100"] if baseline else []
-    head += ["when", "run", "TensorBoard", "report", "record"]
-    lines = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
-    for i, e in enumerate(entries, 1):
-        cells = [str(i), html.escape(e["dataset"]) + (" <em>(stale)</em>" if e["stale"] else ""),
-                 html.escape(e["recipe"]), "" if e["real_budget"] is None else str(e["real_budget"]),
-                 _num(e["mAP"]), _num(e["mAP50"]), _num(e["mAR100"]), html.escape(format_equiv(e))]
-        if baseline:
-            cells += [_num(e["delta_mAP"], True), _num(e["delta_mAP50"], True), _num(e["delta_mAR100"], True)]
-        cells += [html.escape((e["when"] or "")[:19].replace("T", " ")), _link(e["run_link"], "run"),
-                  _link(e["tensorboard"], "logs"), _link(e["report"], "report"), _link(e["link"], "record")]
-        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    charts = []
-    for i, (dataset, curve) in enumerate(sorted(curves.items())):
-        if curve["role"] != "synthetic":
-            continue
-        reference = real_only.get(curve["protocol"])
-        charts.append(f'<figure><figcaption>{html.escape(dataset)}</figcaption>'
-                      f'{_svg(curve["points"], reference, COLORS[i % len(COLORS)])}</figure>')
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>synthval leaderboard</title><style>"
-        "body{font-family:system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left}figure{display:inline-block;"
-        "margin:0 1em 1em 0}figcaption{font-size:12px;max-width:320px;word-break:break-all}</style></head><body>"
-        "<h1>Synthetic datasets, valued on real images</h1>"
-        "<p>Real-image equivalent: how many real images a model trained on real images only needs to reach "
-        "the same mAP on the same test set (95% bootstrap interval). Grey curve: real-only models.</p>"
-        f"<table>{''.join(lines)}</table><h2>mAP by real budget</h2>{''.join(charts) or '<p>No curves yet.</p>'}"
-        "</body></html>"
-    )
+    """The page, from templates/synthval_leaderboard.html (Jinja2, autoescaped: names are data)."""
+    import jinja2
+
+    charts = [_chart(dataset, curve["points"], real_only.get(curve["protocol"]), COLORS[i % len(COLORS)])
+              for i, (dataset, curve) in enumerate(sorted(curves.items())) if curve["role"] == "synthetic"]
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template("synthval_leaderboard.html").render(
+        entries=[{**e, "equivalent": format_equiv(e)} for e in entries], charts=charts, baseline=baseline)
 
 
 class SynthvalLeaderboardPlugin(AirflowPlugin):

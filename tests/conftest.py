@@ -4,7 +4,7 @@
   requests, ETags, and failures you can inject: a connection dropped mid-body, 5xx answers before
   success, a bearer token check, a server that ignores Range. Every request is recorded.
 - `gcs_emulator`: the `gcp-storage-emulator` package in-process (one per session, in memory), a
-  fresh bucket per test, and STORAGE_EMULATOR_HOST set so gcsfs (and synthval.storage) talk to it.
+  fresh bucket per test, and STORAGE_EMULATOR_HOST set so gcsfs (and synthval.io.storage) talk to it.
   Subprocesses get the emulator from `gcs_emulator.env`.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from synthval.cli import main
-from synthval.datasets import load_dataset
+from synthval.data import load_dataset
 
 
 def fake_detections(index, seed: int = 0, miss_rate: float = 0.2, confuse_rate: float = 0.1,

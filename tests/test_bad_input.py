@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 
 from synthval.cli import main
-from synthval.generate import run_generate
+from synthval.demo.generator import generate_dataset
 
 
 @pytest.fixture(scope="module")
 def clean_real(tmp_path_factory) -> Path:
-    return Path(run_generate("real-proxy", str(tmp_path_factory.mktemp("clean") / "real"), num_images=10,
+    return Path(generate_dataset("real-proxy", str(tmp_path_factory.mktemp("clean") / "real"), num_images=10,
                              image_size=64, seed=2)["dataset_uri"])
 
 
@@ -571,7 +571,7 @@ def clean_sets(tmp_path_factory, clean_real) -> dict[str, Path]:
     from PIL import Image
 
     root = tmp_path_factory.mktemp("clean-sets")
-    synth = Path(run_generate("synthetic", str(root / "synth"), num_images=6, image_size=64, seed=3)["dataset_uri"])
+    synth = Path(generate_dataset("synthetic", str(root / "synth"), num_images=6, image_size=64, seed=3)["dataset_uri"])
     coco = root / "coco"
     (coco / "images").mkdir(parents=True)
     doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "can"}, {"id": 2, "name": "box"}]}

@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 
 from coco_reference import pycocotools_eval, random_coco, write_json
-from synthval.bootstrap import (CocoBootstrap, bootstrap, paired_difference, percentile_interval, resample_weights,
-                                weighted_mean)
-from synthval.datasets import load_ground_truth
-from synthval.datasets.index import DatasetIndex, ImageRecord
-from synthval.evaluate import coco_image_ids
-from synthval.metrics import CocoEvaluator, load_coco_results
+from synthval.scoring.bootstrap import CocoBootstrap, bootstrap, paired_difference, percentile_interval, resample_weights
+from synthval.data import load_ground_truth
+from synthval.data.index import DatasetIndex, ImageRecord
+from synthval.scoring.coco_eval import CocoEvaluator, coco_image_ids, load_coco_results
 
 LABELS = {1: "cereal", 2: "soda", 3: "tuna", 4: "jam", 7: "never_in_test"}
 
@@ -203,12 +201,20 @@ def test_map_interval_covers_the_population_ap_better_than_plain_percentiles():
     assert corrected / seeds >= 0.88 and corrected - plain >= 0.02 * seeds, (corrected / seeds, plain / seeds)
 
 
+def _mean_of(samples: np.ndarray):
+    """The bootstrap statistic "weighted mean of per-item samples": one column, one row per replicate."""
+    def statistic(weights: np.ndarray) -> np.ndarray:
+        return (weights @ samples / weights.sum(axis=1))[:, None]
+
+    return statistic
+
+
 def test_interval_covers_the_true_mean_at_about_the_stated_rate():
     """Bernoulli(0.3) means of 100 items: the 95% interval covers 0.3 in 90-99% of 200 seeds."""
     p, n, hits = 0.3, 100, 0
     for seed in range(200):
         samples = (np.random.default_rng(10_000 + seed).random(n) < p).astype(float)
-        result = bootstrap(weighted_mean(samples), n, ["mean"], replicates=500, seed=seed)
+        result = bootstrap(_mean_of(samples), n, ["mean"], replicates=500, seed=seed)
         hits += result.low["mean"] <= p <= result.high["mean"]
     assert 0.90 <= hits / 200 <= 0.99, hits / 200
 

@@ -7,18 +7,17 @@ import pytest
 import torch
 from seed_checkpoint import SEED_CONFIG, fake_yacs_installed, random_seed_state, reference_model, write_seed_estimator
 
-from synthval.checkpoint import (
-    find_latest_checkpoint,
+from synthval.detection.checkpoint import (
     list_checkpoints,
     load_checkpoint,
-    load_model_for_inference,
     prune_checkpoints,
     remove_partial_checkpoints,
     save_checkpoint,
 )
 from synthval.config import ModelConfig
 from synthval.errors import CheckpointError
-from synthval.model import build_model
+from synthval.detection.inference import load_model_for_inference
+from synthval.detection.model import build_model
 
 def test_seed_estimator_file_loads_as_the_seed_built_it_without_running_pickled_code(tmp_path):
     import zipfile
@@ -95,14 +94,14 @@ def test_not_a_checkpoint_and_missing_files_are_checkpoint_errors(tmp_path):
 @pytest.mark.parametrize("base", ["local", "memory"])
 def test_save_is_atomic_and_latest_is_found_by_listing(tmp_path, base):
     folder = str(tmp_path / "ckpt") if base == "local" else f"memory://ckpt-{os.getpid()}"
-    assert find_latest_checkpoint(folder) is None
+    assert list_checkpoints(folder) == []
     for step in (2, 10, 4):
         save_checkpoint(f"{folder}/checkpoint-{step}.pt", {"step": step, "w": torch.full((2,), float(step))})
     if base == "local":
         (tmp_path / "ckpt" / ".checkpoint-12.pt.abc.tmp").write_bytes(b"half")  # a write cut short
         assert sorted(os.listdir(tmp_path / "ckpt")) == [".checkpoint-12.pt.abc.tmp", "checkpoint-10.pt",
                                                           "checkpoint-2.pt", "checkpoint-4.pt"]
-    latest = find_latest_checkpoint(folder)
+    latest = list_checkpoints(folder)[-1][1]
     assert latest.endswith("checkpoint-10.pt")
     remove_partial_checkpoints(folder)
     if base == "local":
@@ -114,7 +113,7 @@ def test_save_is_atomic_and_latest_is_found_by_listing(tmp_path, base):
 
 def test_synthval_checkpoint_gives_back_model_and_label_space(tmp_path):
     from synthval import __version__
-    from synthval.checkpoint import FORMAT, FORMAT_VERSION
+    from synthval.detection.checkpoint import FORMAT, FORMAT_VERSION
     from synthval.config import TrainConfig, load_config, to_dict
 
     config = load_config(TrainConfig, preset="cpu-demo")
@@ -140,7 +139,7 @@ def test_imagenet_structured_checkpoint_loads_without_downloading(tmp_path, monk
         raise AssertionError("tried to download")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    from synthval.checkpoint import FORMAT, FORMAT_VERSION
+    from synthval.detection.checkpoint import FORMAT, FORMAT_VERSION
 
     config = ModelConfig(name="mobilenet_v3_large_320_fpn", weights_backbone="imagenet")
     model = build_model(config, num_classes=3, load_backbone_weights=False)

@@ -333,9 +333,9 @@ def test_published_model_names_are_named_sources(local_dags):
     import synthval_params
 
     try:
-        from synthval.fetch import NAMED_SOURCES
+        from synthval.io.sources import NAMED_SOURCES
     except ImportError:
-        pytest.skip("synthval.fetch.NAMED_SOURCES not there yet")
+        pytest.skip("synthval.io.sources.NAMED_SOURCES not there yet")
     assert set(synthval_params.PUBLISHED_MODELS) <= set(NAMED_SOURCES)
 
 
@@ -533,7 +533,7 @@ def test_dags_test_synthetic_then_real_on_the_local_backend(airflow_db, tmp_path
     assert re.search(rf"Running: synthval finetune .*--init-checkpoint={re.escape(train_ckpt)}", log)
     assert re.search(rf"Running: synthval evaluate --checkpoint={re.escape(finetune_ckpt)}", log)
     assert re.search(rf"Running: synthval evaluate --checkpoint={re.escape(train_ckpt)}", log)
-    from synthval.metrics import SUMMARY_KEYS  # every key metrics.json documents
+    from synthval.scoring.coco_eval import SUMMARY_KEYS  # every key metrics.json documents
 
     assert {"mAP", "mAP50", "mAP75", "mAR100", "mean-average-precision"} <= set(SUMMARY_KEYS)
     for task_id in ("evaluate", "evaluate_synthetic"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from synthval.datasets import detect_format, load_dataset
+from synthval.data import detect_format, load_dataset
 from synthval.errors import DatasetError
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

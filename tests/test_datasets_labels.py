@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from synthval.datasets import DatasetIndex, LabelSpace, match_labels
+from synthval.data import DatasetIndex, LabelSpace, match_labels
 
 
 def index_with(label_names):
@@ -60,7 +60,7 @@ def test_seed_split_is_scikit_learn_s_train_test_split_with_random_state_47(n):
     """datasets/synthetic.py of the seed: train_test_split(catalog, train_size=0.9, random_state=47)."""
     from sklearn.model_selection import train_test_split
 
-    from synthval.datasets.splits import seed_partition
+    from synthval.data.splits import seed_partition
 
     train, val = train_test_split(np.arange(n), train_size=0.9, random_state=47)
     ours = seed_partition(n)
@@ -68,7 +68,7 @@ def test_seed_split_is_scikit_learn_s_train_test_split_with_random_state_47(n):
 
 
 def test_blank_and_repeated_labels_are_refused_naming_the_entry():
-    from synthval.datasets.labels import add_label
+    from synthval.data.labels import add_label
     from synthval.errors import DatasetError
 
     names: dict[int, str] = {}

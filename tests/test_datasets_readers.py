@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthval.datasets import detect_format, load_dataset
-from synthval.datasets.loader import image_size
-from synthval.datasets.perception import SYNTHDET_BBOX_DEFINITION_ID
+from synthval.data import detect_format, load_dataset
+from synthval.data.loader import image_size
+from synthval.data.readers.perception import SYNTHDET_BBOX_DEFINITION_ID
 from synthval.errors import ConfigError, DatasetError
 
 SPEC = [{"label_id": 1, "label_name": "cereal"}, {"label_id": 2, "label_name": "milk"},
@@ -213,7 +213,7 @@ def test_coco_file_and_folder(tmp_path):
 
 
 def test_coco_without_sizes_reads_headers_and_keeps_crowd_area_and_ignore(tmp_path):
-    from synthval.datasets import DetectionDataset, load_ground_truth
+    from synthval.data import DetectionDataset, load_ground_truth
 
     path = write_coco(tmp_path / "data.json", [("a.png", 40, 30, [(1, 0, 0, 5, 5), (7, 1, 1, 5, 5), (2, 0.5, 1, 3, 4)])],
                       sizes_in_json=False)
@@ -527,11 +527,11 @@ def test_tiny_dataset_has_no_test_split(tmp_path):
 
 
 def test_default_split_is_the_datasets_own_test_split_else_everything(tmp_path):
-    from synthval.datasets import default_split
-    from synthval.generate import run_generate
+    from synthval.data import default_split
+    from synthval.demo.generator import generate_dataset
 
-    real = run_generate("real-proxy", str(tmp_path / "real"), num_images=10, image_size=64)["dataset_uri"]
-    synthetic = run_generate("synthetic", str(tmp_path / "syn"), num_images=4, image_size=64)["dataset_uri"]
+    real = generate_dataset("real-proxy", str(tmp_path / "real"), num_images=10, image_size=64)["dataset_uri"]
+    synthetic = generate_dataset("synthetic", str(tmp_path / "syn"), num_images=4, image_size=64)["dataset_uri"]
     assert default_split(real, "auto", None) == "test"
     assert default_split(synthetic, "auto", None) == "all"
     assert default_split(synthetic, "auto", "val") == "val"

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from synthval.datasets import (
+from synthval.data import (
     DatasetIndex,
     DetectionDataset,
     GroupedBatchSampler,
@@ -15,7 +15,7 @@ from synthval.datasets import (
     build_batch_sampler,
     collate_detection,
 )
-from synthval.datasets.torch_dataset import aspect_ratio_groups
+from synthval.data.torch_dataset import aspect_ratio_groups
 from synthval.errors import DatasetError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_results import evaluate, publish_args
 
-from synthval import storage
+from synthval.io import storage
 from synthval.cli import main
 
 RECIPE = "evaluate_new_synthetic_datasets"
@@ -87,7 +87,7 @@ def test_a_custom_marker_and_a_changed_protocol(tmp_path, store):
     assert main(["discover", "--recipe", RECIPE, "--test-data", str(tmp_path / "real"), "--split", "train",
                  "--real-dataset", "/data/real", "--root", str(root), *marker, "--xcom-file", str(xcom)]) == 0
     assert json.loads(xcom.read_text())["new_datasets"] == [str(root / "done")]
-    from synthval.results import open_store
+    from synthval.results.store import open_store
 
     store_rows = open_store(f"sqlite:///{tmp_path / 'results.db'}").rows()
     assert [r["stale"] for r in store_rows] == [True]  # kept, marked stale

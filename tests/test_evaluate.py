@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from synthval.cli import main
-from synthval.datasets import load_dataset
-from synthval.metrics import SUMMARY, SUMMARY_KEYS
+from synthval.data import load_dataset
+from synthval.scoring.coco_eval import SUMMARY, SUMMARY_KEYS
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "coco"
 
@@ -108,9 +108,9 @@ def test_pycocotools_agrees_on_the_fixture(coco_dir, tmp_path):
 
 
 def test_results_on_a_groceries_layout_use_index_ids(tmp_path):
-    from synthval.generate import run_generate
+    from synthval.demo.generator import generate_dataset
 
-    data = run_generate("real-proxy", str(tmp_path / "real"), num_images=30, image_size=64, seed=1)["dataset_uri"]
+    data = generate_dataset("real-proxy", str(tmp_path / "real"), num_images=30, image_size=64, seed=1)["dataset_uri"]
     index = load_dataset(data, split="test")
     results = [{"image_id": r.image_id, "category_id": int(label),
                 "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": 0.8}
@@ -129,7 +129,7 @@ def test_results_on_a_groceries_layout_use_index_ids(tmp_path):
     events.Reload()
     tags = events.Tags()
     assert {"eval/mAP", "eval/mAP50", "eval/mAR100"} <= set(tags["scalars"])
-    # The run report's own pictures (synthval.report.tensorboard_images), num_sample_images of each kind.
+    # The run report's own pictures (synthval.render.tensorboard.tensorboard_images), num_sample_images of each kind.
     assert {"eval/per_class_AP", "eval/pr_curves", "eval/worst/0", "eval/worst/1", "eval/best/0",
             "eval/best/1"} <= set(tags["images"])
     assert "eval/worst/2" not in tags["images"]
@@ -191,9 +191,9 @@ def test_results_file_needs_only_the_annotation_file(tmp_path):
 
 def tiny_checkpoint(path: Path, label_names: list[str]) -> str:
     from synthval import __version__
-    from synthval.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+    from synthval.detection.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
     from synthval.config import TrainConfig, load_config, to_dict
-    from synthval.model import build_model
+    from synthval.detection.model import build_model
 
     config = load_config(TrainConfig, preset="cpu-demo")
     model = build_model(config.model, num_classes=len(label_names) + 1, load_backbone_weights=False)

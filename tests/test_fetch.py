@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from synthval import fetch, storage
+from synthval.io import http, storage, usim
 from synthval.cli import main
 from synthval.errors import FetchError
-from synthval.fetch import MARKER_NAME, NAMED_SOURCES, materialize, resolve_source, run_fetch
+from synthval.io.sources import MARKER_NAME, NAMED_SOURCES, materialize, resolve_source
+from synthval.steps.fetch import run_fetch
 
 FAST = {"retry_delay": 0.001}
 SHARED_MANIFEST = Path(__file__).resolve().parents[1].parent / "shared/fixtures/perception-0.0.1/usim_manifest.csv"
@@ -166,7 +167,7 @@ def test_a_failed_run_is_resumed_by_the_next_run(http_server, tmp_path):
 
 def test_503_then_success_is_retried(http_server, tmp_path, caplog):
     url = http_server.serve("/d.zip", zip_bytes(DATASET), fail=[503, 502])
-    with caplog.at_level(logging.WARNING, logger="synthval.fetch"):
+    with caplog.at_level(logging.WARNING, logger="synthval.io.http"):
         run_fetch(url, str(tmp_path / "out"), **FAST)
     assert tree(tmp_path / "out") == DATASET
     assert len(get_requests(http_server, "/d.zip")) == 3
@@ -200,10 +201,10 @@ def test_connection_refused_names_the_uri(tmp_path):
 
 
 def test_progress_lines_carry_bytes_rate_and_eta(http_server, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(fetch, "PROGRESS_INTERVAL_S", 0.0)
-    monkeypatch.setattr(fetch, "CHUNK", 64 * 1024)
+    monkeypatch.setattr(http, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(http, "CHUNK", 64 * 1024)
     url = http_server.serve("/big.bin", os.urandom(2**20))
-    with caplog.at_level(logging.INFO, logger="synthval.fetch"):
+    with caplog.at_level(logging.INFO, logger="synthval.io.http"):
         run_fetch(url, str(tmp_path / "out"), **FAST)
     assert any("of 1.0 MiB" in m and "/s, ETA" in m for m in caplog.messages)
 
@@ -288,6 +289,26 @@ def test_links_inside_the_archive_are_kept(http_server, tmp_path):
     run_fetch(url, str(out), **FAST)
     assert os.readlink(out / "data" / "alias.txt") == "a.txt"
     assert (out / "data" / "alias.txt").read_bytes() == b"A" and (out / "copy.txt").read_bytes() == b"A"
+
+
+def test_tar_members_pass_through_the_standard_librarys_data_filter(http_server, tmp_path, monkeypatch):
+    """Extraction is tarfile's own, behind its "data" filter (PEP 706); the filter sees every member and what
+    it returns is what is written (here: no setuid bit, no group or world write)."""
+    seen = []
+    real_filter = tarfile.data_filter
+
+    def spying(member, dest):
+        seen.append(member.name)
+        return real_filter(member, dest)
+
+    monkeypatch.setattr(tarfile, "data_filter", spying)
+    setuid = tar_entry("data/tool", tarfile.REGTYPE)
+    setuid.mode, setuid.size = 0o6777, 0
+    archive = tar_bytes({"data/a.txt": b"A"}, extra=[setuid, tar_entry("data/alias.txt", tarfile.SYMTYPE, "a.txt")])
+    url = http_server.serve("/filtered.tgz", archive)
+    run_fetch(url, str(tmp_path / "out"), **FAST)
+    assert seen == ["data/a.txt", "data/tool", "data/alias.txt"]
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "data" / "tool").st_mode) == 0o755
 
 
 def test_a_link_rerouted_by_a_later_link_is_caught(http_server, tmp_path):
@@ -599,7 +620,7 @@ def test_cli_checksum_mismatch_exits_2(http_server, tmp_path, capsys):
 
 
 def test_cli_unreachable_exits_2(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(fetch, "DEFAULT_RETRY_DELAY_S", 0.001)
+    monkeypatch.setattr(http, "DEFAULT_RETRY_DELAY_S", 0.001)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -612,7 +633,7 @@ def test_cli_unreachable_exits_2(tmp_path, capsys, monkeypatch):
 
 def test_cli_usim_token_from_env_never_on_the_command_line(http_server, tmp_path, monkeypatch, capsys):
     bodies = serve_usim_run(http_server)
-    monkeypatch.setattr(fetch, "USIM_API_BASE", http_server.base_url)
+    monkeypatch.setattr(usim, "USIM_API_BASE", http_server.base_url)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     monkeypatch.setenv("USIM_ACCESS_TOKEN_FILE", str(token_file))
@@ -626,10 +647,10 @@ def test_cli_usim_token_from_env_never_on_the_command_line(http_server, tmp_path
 def test_generate_source_makes_demo_data_once(tmp_path):
     out = tmp_path / "synthetic"
     source = "generate://synthetic?num_images=4&image_size=64&seed=3"
-    first = fetch.run_fetch(source, str(out))
+    first = run_fetch(source, str(out))
     assert first["dataset_uri"] == str(out) and first["files"] == 4
     stamp = (out / "_SUCCESS").stat().st_mtime_ns
-    again = fetch.run_fetch(source, str(out))  # a retried fetch task finds the finished dataset
+    again = run_fetch(source, str(out))  # a retried fetch task finds the finished dataset
     assert again["dataset_uri"] == str(out) and (out / "_SUCCESS").stat().st_mtime_ns == stamp
 
 
@@ -640,5 +661,5 @@ def test_generate_source_makes_demo_data_once(tmp_path):
 ])
 def test_generate_source_rejects_bad_parameters(tmp_path, source, named):
     with pytest.raises(FetchError, match=named):
-        fetch.run_fetch(source, str(tmp_path / "out"))
+        run_fetch(source, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

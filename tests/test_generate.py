@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthval import generate
+from synthval.demo import generator as generate
 from synthval.cli import main
 from synthval.errors import ConfigError, DatasetError
-from synthval.generate import (REAL_LABEL_IDS, SUCCESS_FILE, SYNTHDET_BBOX_DEFINITION_ID, SYNTHETIC_LABEL_IDS,
-                               run_generate, split_indices)
-from synthval.procedural import LABEL_NAMES, render_scene
+from synthval.demo.generator import (REAL_LABEL_IDS, SUCCESS_FILE, SYNTHDET_BBOX_DEFINITION_ID, SYNTHETIC_LABEL_IDS,
+                               generate_dataset, split_indices)
+from synthval.demo.procedural import LABEL_NAMES, render_scene
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 SIZE = 96
@@ -33,7 +33,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def make(tmp_path: Path, name: str, kind: str = "synthetic", n: int = 6, seed: int = 0,
          layout: str = "perception", size: int = SIZE) -> Path:
     out = tmp_path / name
-    result = run_generate(kind, str(out), n, size, seed, layout)
+    result = generate_dataset(kind, str(out), n, size, seed, layout)
     assert result["dataset_uri"] == str(out) and result["num_images"] == n
     assert result["labels"] == len(LABEL_NAMES) == 10
     return out
@@ -195,7 +195,7 @@ def test_failure_midway_leaves_nothing_at_out(tmp_path, monkeypatch):
     monkeypatch.setattr(generate._GroceriesWriter, "add", failing_add)
     out = tmp_path / "parent" / "real"
     with pytest.raises(RuntimeError, match="disk full"):
-        run_generate("real-proxy", str(out), 8, 64, 0)
+        generate_dataset("real-proxy", str(out), 8, 64, 0)
     assert calls == [0, 1, 2, 3]
     assert not out.exists()
     assert os.listdir(tmp_path / "parent") == []  # the staging folder is gone too
@@ -205,20 +205,20 @@ def test_rerun_is_idempotent_and_refuses_to_overwrite_other_data(tmp_path):
     out = make(tmp_path, "d", n=3)
     marker = out / SUCCESS_FILE
     stamp = marker.stat().st_mtime_ns
-    again = run_generate("synthetic", str(out), 3, SIZE, 0, "perception")
+    again = generate_dataset("synthetic", str(out), 3, SIZE, 0, "perception")
     assert again["dataset_uri"] == str(out) and marker.stat().st_mtime_ns == stamp
     assert json.loads(marker.read_text())["num_boxes"] == again["num_boxes"]
     with pytest.raises(DatasetError, match="other parameters"):
-        run_generate("synthetic", str(out), 3, SIZE, 1, "perception")
+        generate_dataset("synthetic", str(out), 3, SIZE, 1, "perception")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(DatasetError, match="not empty"):
-        run_generate("synthetic", str(foreign), 3, SIZE, 0)
+        generate_dataset("synthetic", str(foreign), 3, SIZE, 0)
     assert sorted(os.listdir(foreign)) == ["notes.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    run_generate("synthetic", str(empty), 2, SIZE, 0)
+    generate_dataset("synthetic", str(empty), 2, SIZE, 0)
     assert (empty / SUCCESS_FILE).is_file()
 
 
@@ -226,7 +226,7 @@ def test_remote_uri_is_uploaded_with_success_last(tmp_path):
     fs = fsspec.filesystem("memory")
     uri = "memory://synthval-test-bucket/real"
     try:
-        result = run_generate("real-proxy", uri, 5, 64, 0)
+        result = generate_dataset("real-proxy", uri, 5, 64, 0)
         assert result["dataset_uri"] == uri
         assert fs.exists("/synthval-test-bucket/real/_SUCCESS")
         assert fs.exists("/synthval-test-bucket/real/images/IMG_0005.JPG")
@@ -234,7 +234,7 @@ def test_remote_uri_is_uploaded_with_success_last(tmp_path):
         assert fs.cat_file("/synthval-test-bucket/real/annotations.json") == (local / "annotations.json").read_bytes()
         # an upload that died before _SUCCESS is replaced on the next try
         fs.rm("/synthval-test-bucket/real/_SUCCESS")
-        run_generate("real-proxy", uri, 5, 64, 0)
+        generate_dataset("real-proxy", uri, 5, 64, 0)
         assert fs.exists("/synthval-test-bucket/real/_SUCCESS")
     finally:
         if fs.exists("/synthval-test-bucket"):
@@ -249,7 +249,7 @@ def test_bad_arguments_raise_config_error_naming_them(tmp_path, kwargs, field):
     args = {"kind": "synthetic", "out_uri": str(tmp_path / "x"), "num_images": 4, "image_size": 64, "seed": 0,
             "layout": "perception", **kwargs}
     with pytest.raises(ConfigError, match=field):
-        run_generate(**args)
+        generate_dataset(**args)
     assert not (tmp_path / "x").exists()
 
 
@@ -268,10 +268,10 @@ def test_cli_generate_writes_xcom(tmp_path):
 @pytest.mark.parametrize("kind,layout,fmt", [("synthetic", "perception", "perception"),
                                              ("synthetic", "solo", "solo"), ("real-proxy", "perception", "groceries")])
 def test_readers_read_what_generate_writes(tmp_path, kind, layout, fmt):
-    from synthval.datasets import detect_format, load_dataset
+    from synthval.data import detect_format, load_dataset
 
     out = tmp_path / "d"
-    result = run_generate(kind, str(out), 12, SIZE, 2, layout)
+    result = generate_dataset(kind, str(out), 12, SIZE, 2, layout)
     assert detect_format(str(out)) == fmt == result["format"]
     index = load_dataset(str(out))
     assert len(index) == 12 and index.num_boxes == result["num_boxes"]

@@ -11,10 +11,10 @@ from test_dags import airflow_db  # noqa: F401 - the session's migrated throwawa
 from test_publish import write_coco
 
 from synthval.cli import main
-from synthval.fetch import is_named_source
-from synthval.identity import model_role, normalize_uri
-from synthval.leaderboard import real_only_curves
-from synthval.results import open_store
+from synthval.io.sources import is_named_source
+from synthval.results.identity import model_role, normalize_uri
+from synthval.results.leaderboard import real_only_curves
+from synthval.results.store import open_store
 
 
 def write_checkpoint(path: Path, seed: int) -> str:
@@ -22,9 +22,9 @@ def write_checkpoint(path: Path, seed: int) -> str:
     import torch
 
     from synthval import __version__
-    from synthval.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+    from synthval.detection.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
     from synthval.config import TrainConfig, load_config, to_dict
-    from synthval.model import build_model
+    from synthval.detection.model import build_model
 
     config = load_config(TrainConfig, preset="cpu-demo", overrides=[f"seed={seed}"])
     torch.manual_seed(seed)
@@ -143,8 +143,9 @@ def test_published_names_stay_names(tmp_path, store, monkeypatch):
     assert normalize_uri("my-model") == str(tmp_path / "my-model")  # not a published name: a local path
 
     from synthval.config import EvalConfig
-    from synthval.datasets import load_dataset
-    from synthval.evaluate import coco_image_ids, provenance
+    from synthval.data import load_dataset
+    from synthval.scoring.coco_eval import coco_image_ids
+    from synthval.scoring.provenance import provenance
 
     write_coco(tmp_path / "real")
     index = load_dataset(str(tmp_path / "real"), split="all")

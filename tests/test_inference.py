@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from synthval import engine
+from synthval.detection import engine
 from synthval.config import PRESETS, ModelConfig, from_dict
-from synthval.model import build_model
+from synthval.detection.model import build_model
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from test_results import evaluate, publish_args
 
 from synthval.cli import main
 from synthval.errors import ConfigError
-from synthval.leaderboard import CSV_COLUMNS, build_leaderboard, real_image_equivalent, real_only_curves, to_csv
-from synthval.results import open_store
+from synthval.results.leaderboard import CSV_COLUMNS, build_leaderboard, real_only_curves, to_csv
+from synthval.scoring.equivalent import real_image_equivalent
+from synthval.results.store import open_store
 
 RECIPE = "evaluate_new_synthetic_datasets"
 CURVE = [{"budget": 0, "mAP": 0.0, "sigma": 0.0}, {"budget": 76, "mAP": 0.2, "sigma": 0.01},
@@ -176,7 +177,7 @@ def test_equivalents_are_those_of_the_replicate_by_replicate_bootstrap():
 
 
 def test_a_batch_of_equivalents_is_each_result_alone():
-    from synthval.leaderboard import real_image_equivalents
+    from synthval.scoring.equivalent import real_image_equivalents
 
     maps, sigmas = [0.0, 0.1, 0.2, 0.3, 0.35, 0.39, 0.45], [0.0, 0.01, 0.02, 0.0, 0.05, 0.01, 0.02]
     batch = real_image_equivalents(CURVE, maps * 100, sigmas * 100)  # several chunks of 256

@@ -20,7 +20,7 @@ from test_dags import PYTHON_BIN, airflow_db  # noqa: F401 - airflow_db: the ses
 from test_leaderboard import store_url  # noqa: F401 - a store with a real-only curve and three datasets
 
 from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
-from synthval.results import open_store
+from synthval.results.store import open_store
 
 PREFIX = "/synthval-leaderboard"
 PASSWORDS = {"viewer": "viewer-pw", "admin": "admin-pw"}
@@ -130,6 +130,20 @@ def test_every_link_opens_in_a_browser(api, store_url, tmp_path, monkeypatch):  
     assert {e["tensorboard"] for e in entries} == {"http://tensorboard.example:6006/?runFilter=dag%2Frun-1#timeseries"}
 
 
+def test_names_in_the_store_are_text_on_the_page(api, store_url):  # noqa: F811
+    """The page comes from a Jinja2 template with autoescape: a dataset or run named like markup shows as
+    that text, and runs no script and adds no element."""
+    hostile = '/data/<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    store = open_store(store_url)
+    with store.engine.begin() as conn:
+        conn.execute(store.results.update().where(store.results.c.dataset == "/data/synth-a").values(
+            dataset=hostile, run_id='r1"><b>bold</b>'))
+    page = api.get(PREFIX + "/", headers=token(api, "admin")).text
+    assert "<script>" not in page and "<img" not in page and "<b>" not in page
+    assert "/data/&lt;script&gt;alert(1)&lt;/script&gt;&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in page
+    assert page.count("<svg") == 3 and page.count("<figcaption>") == 3
+
+
 def test_users_see_only_recipes_whose_runs_they_may_read(api, store_url, tmp_path):  # noqa: F811
     from test_results import evaluate
 
@@ -237,7 +251,7 @@ def test_the_airflow_image_has_everything_the_plugin_imports():
     from pyproject_deps import requirements
 
     code = ("import sys; before = set(sys.modules)\n"
-            "import synthval.leaderboard, synthval.results, synthval.identity, synthval.storage, synthval.fetch\n"
+            "import synthval.results.leaderboard, synthval.results.store, synthval.results.identity, synthval.io.storage, synthval.io.sources\n"
             "import sqlalchemy.dialects.postgresql, psycopg, gcsfs\n"
             "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)

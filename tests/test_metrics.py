@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from coco_reference import pycocotools_eval, random_coco, write_json
-from synthval.datasets.index import DatasetIndex, ImageRecord
+from synthval.data.index import DatasetIndex, ImageRecord
 from synthval.errors import DatasetError, SynthvalError
-from synthval.metrics import (
+from synthval.scoring.coco_eval import (
     AREA_NAMES,
     AREA_RANGES,
     RECALL_THRESHOLDS,
@@ -176,7 +176,7 @@ def test_labels_are_matched_by_name_and_model_only_classes_dropped():
 
 
 def test_label_space_mapping_matches_the_dataset_labels_module():
-    from synthval.datasets.labels import LabelSpace
+    from synthval.data.labels import LabelSpace
 
     index = index_of(record(1, [], []))
     assert LabelSpace(("banana", "apple", "durian")).class_ids(index) == {1: 2, 2: 1}
@@ -356,8 +356,8 @@ COCO_SHAPES = [
 @pytest.mark.parametrize("shape", COCO_SHAPES)
 def test_coco_files_identical_to_pycocotools(seed, shape, tmp_path):
     """300 random COCO files and results files, read as `synthval evaluate --predictions` reads them."""
-    from synthval.datasets import load_ground_truth
-    from synthval.evaluate import coco_image_ids
+    from synthval.data import load_ground_truth
+    from synthval.scoring.coco_eval import coco_image_ids
 
     doc, results = random_coco(seed, **shape)
     index = load_ground_truth(write_json(tmp_path / "instances.json", doc))

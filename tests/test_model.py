@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from synthval.config import MODEL_NAMES, PRESETS, ModelConfig, TrainConfig, from_dict
-from synthval.engine import build_optimizer, build_scheduler, lr_factor, train_one_epoch
+from synthval.detection.engine import build_optimizer, build_scheduler, lr_factor, train_one_epoch
 from synthval.errors import CheckpointError, ConfigError
-from synthval.model import TinyBody, build_model, init_from_checkpoint
+from synthval.detection.model import TinyBody, build_model, init_from_checkpoint
 
 SMALL = {"min_size": 96, "max_size": 128}
 
@@ -167,7 +167,7 @@ def write_imagenet_file(torch_home, seed=0):
     """A random ResNet-50 classifier state dict where torchvision's cache keeps the ImageNet file."""
     import torchvision
 
-    from synthval.model import imagenet_weights_path
+    from synthval.detection.model import imagenet_weights_path
 
     torch.manual_seed(seed)
     state = torchvision.models.resnet50().state_dict()
@@ -211,7 +211,7 @@ def test_imagenet_backbone_comes_from_the_torch_cache_with_frozen_batch_norm(tmp
 
 
 def test_a_seed_checkpoint_rebuilds_the_seed_s_frozen_structure_for_fine_tuning(monkeypatch):
-    from synthval.checkpoint import describe, model_config_from
+    from synthval.detection.checkpoint import describe, model_config_from
 
     monkeypatch.setenv("TORCH_HOME", "/nonexistent")  # structure only: no ImageNet file is read
     info = describe({"model": {}, "config": {"backbone": "resnet50"}}, "FasterRCNN.estimator")
@@ -221,7 +221,7 @@ def test_a_seed_checkpoint_rebuilds_the_seed_s_frozen_structure_for_fine_tuning(
 
 
 def test_pre_0_13_torchvision_key_names_load():
-    from synthval.model import canonical_state, load_model_state
+    from synthval.detection.model import canonical_state, load_model_state
 
     model = build_model(ModelConfig(name="resnet50_fpn", **SMALL), 3)
     state = model.state_dict()
@@ -236,7 +236,7 @@ def test_pre_0_13_torchvision_key_names_load():
 
 def test_warm_up_is_scaled_to_a_short_run_and_reaches_the_peak_rate(caplog):
     from synthval.config import load_config
-    from synthval.engine import warmup_length
+    from synthval.detection.engine import warmup_length
 
     # train_small (76 images) with the modern recipe: 4 steps an epoch, 104 in all; 1000 of 190,580 steps
     # of warm-up scale to 1, and the rate peaks at 1.0 before the first milestone (epoch 16).

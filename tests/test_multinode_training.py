@@ -40,7 +40,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from test_train import TINY, make_coco
 
 import test_dags  # noqa: F401 - puts dags/ on sys.path
-from synthval.checkpoint import list_checkpoints, load_checkpoint
+from synthval.detection.checkpoint import list_checkpoints, load_checkpoint
 from synthval_jobs import NODE_ENV
 from synthval_launch import Rendezvous, launch_command
 
@@ -55,7 +55,7 @@ if os.environ.get("SYNTHVAL_PROBE_DIR") and os.environ.get("RANK") is not None:
 
     class _Probe(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "synthval.datasets.torch_dataset":
+            if name != "synthval.data.torch_dataset":
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)

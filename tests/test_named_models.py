@@ -1,5 +1,5 @@
 """Published models by name, wherever a checkpoint goes: `evaluate --checkpoint synthetic-400k` and
-`finetune --init-checkpoint synthetic-400k`, through the one source table in synthval.fetch, downloaded
+`finetune --init-checkpoint synthetic-400k`, through the one source table in synthval.io.sources, downloaded
 from a loopback HTTP server that serves a checkpoint in the seed's exact format (see seed_checkpoint.py).
 """
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from seed_checkpoint import random_seed_state, write_seed_estimator
 
-from synthval import fetch
-from synthval.checkpoint import load_checkpoint
+from synthval.io import sources
+from synthval.detection.checkpoint import load_checkpoint
 from synthval.cli import main
-from synthval.generate import REAL_LABEL_IDS, run_generate
+from synthval.demo.generator import REAL_LABEL_IDS, generate_dataset
 
 MODEL = "synthetic-400k"
 PATH = "/datasetinsights/models/Synthetic/FasterRCNN.estimator"
@@ -30,7 +30,7 @@ def seed_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("seed")
     state = random_seed_state(class_bias=SEED_CLASS_BIAS)
     write_seed_estimator(root / "FasterRCNN.estimator", state)
-    real = run_generate(kind="real-proxy", out_uri=str(root / "real"), num_images=12, image_size=64, seed=1,
+    real = generate_dataset(kind="real-proxy", out_uri=str(root / "real"), num_images=12, image_size=64, seed=1,
                         layout="perception")["dataset_uri"]
     return {"bytes": (root / "FasterRCNN.estimator").read_bytes(), "state": state, "real": real}
 
@@ -39,8 +39,8 @@ def seed_file(tmp_path_factory):
 def published(seed_file, http_server, monkeypatch, tmp_path):
     """synthetic-400k served by the loopback server, downloads cached under tmp_path."""
     url = http_server.serve(PATH, seed_file["bytes"])
-    monkeypatch.setitem(fetch.NAMED_SOURCES[MODEL], "url", url)
-    monkeypatch.setattr(fetch, "DATA_CACHE_ROOT", str(tmp_path / "cache"))
+    monkeypatch.setitem(sources.NAMED_SOURCES[MODEL], "url", url)
+    monkeypatch.setattr(sources, "DATA_CACHE_ROOT", str(tmp_path / "cache"))
     return http_server
 
 

@@ -84,7 +84,7 @@ def test_a_run_values_both_new_datasets_and_the_leaderboard_lists_them(airflow_d
     log, elapsed = dags_test(env, DAG_ID, conf)
     print(f"dags test {DAG_ID}: {elapsed:.1f} s")
 
-    from synthval.results import open_store
+    from synthval.results.store import open_store
 
     rows = open_store(db_url).rows()
     synthetic = {r["dataset"]: r for r in rows if r["dataset_role"] == "synthetic"}
@@ -129,7 +129,7 @@ def test_a_run_with_a_failed_valuation_ends_failed_and_keeps_what_was_valued(air
 
     from test_dags import PYTHON_BIN
 
-    from synthval.datasets import load_dataset
+    from synthval.data import load_dataset
 
     inbox = tmp_path / "inbox"
     (inbox / "broken" / "Dataset").mkdir(parents=True)
@@ -147,7 +147,7 @@ def test_a_run_with_a_failed_valuation_ends_failed_and_keeps_what_was_valued(air
     assert re.search(r"check_valuations.*(FAILED|state=failed)", log, re.I | re.S), log[-8000:]
     assert "param real_budgets: 1000 larger than" in log
 
-    from synthval.results import open_store
+    from synthval.results.store import open_store
 
     rows = open_store(db_url).rows()
     assert [r["dataset"] for r in rows if r["dataset_role"] != "real"] == []  # the broken dataset: no result

@@ -16,7 +16,7 @@ from PIL import Image
 from test_publish import write_coco
 
 from synthval.cli import main
-from synthval.protocol import benchmark_fingerprint, protocol_facts, protocol_fingerprint
+from synthval.scoring.protocol import benchmark_fingerprint, protocol_facts, protocol_fingerprint
 
 
 def evaluate(tmp_path: Path, data: Path, split: str = "all") -> dict:

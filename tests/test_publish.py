@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from synthval.cli import main
-from synthval.metrics import SUMMARY_KEYS
-from synthval.publish import make_record_id
+from synthval.scoring.coco_eval import SUMMARY_KEYS
+from synthval.results.record import make_record_id
 
 RECIPE = "train_on_synthetic_and_real_dataset"
 

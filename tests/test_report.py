@@ -17,9 +17,12 @@ import pytest
 from headless_chromium import find_chromium, open_page
 from report_fixtures import evaluate_fake, generate
 
-from synthval import plots, storage
+from synthval.render import plots
+from synthval.io import storage
 from synthval.cli import main
-from synthval.report import analyze_run, load_run_inputs, run_compare, run_report
+from synthval.scoring.analysis import analyze_run, load_run_inputs
+from synthval.steps.compare import run_compare
+from synthval.steps.report import run_report
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 needs_chromium = pytest.mark.skipif(find_chromium() is None,
@@ -62,7 +65,7 @@ def test_report_cli_writes_one_self_contained_page(evaluation, tmp_path):
         assert interval["value"] == metrics[key]
         assert interval["low"] <= metrics[key] <= interval["high"]
         assert f"{metrics[key]:.3f}" in page
-    assert "95% interval" in page and "percentile bootstrap over the" in page
+    assert "95% interval" in page and "bias-corrected percentile bootstrap over the" in page
     # every section, with the score threshold and the three kinds of box named
     for text in ("AP per class", "Precision-recall curves", "Class confusion", "Worst and best test images",
                  "TP: detection", "FP: detection", "MISS: true box", "score &ge; <b>0.5</b>"):
@@ -209,7 +212,7 @@ def test_figures_for_tensorboard(evaluation):
         assert pixels.min() < 128  # something is drawn
     inputs = load_run_inputs(evaluation["good"]["metrics_uri"])
     analysis = analyze_run(inputs, replicates=20)
-    from synthval.report import draw_outcome
+    from synthval.render.report import draw_outcome
 
     drawn = plots.image_array(draw_outcome(analysis.worst(1)[0], analysis.score_threshold))
     assert drawn.shape[2] == 3 and max(drawn.shape[:2]) == 360
@@ -217,8 +220,8 @@ def test_figures_for_tensorboard(evaluation):
 
 def test_tensorboard_images_from_in_memory_predictions(evaluation):
     """What evaluate/train log: the pictures of the evaluation's own matches of model-class predictions."""
-    from synthval.metrics import CocoEvaluator
-    from synthval.report import tensorboard_images
+    from synthval.scoring.coco_eval import CocoEvaluator
+    from synthval.render.tensorboard import tensorboard_images
 
     inputs = load_run_inputs(evaluation["good"]["metrics_uri"])
     shift = {c: c + 100 for c in inputs.index.label_names}  # pretend model classes differ from label ids
@@ -241,9 +244,9 @@ def test_tensorboard_images_from_in_memory_predictions(evaluation):
 def test_pictures_follow_coco_s_crowd_rule():
     """A detection absorbed by a crowd region is neither a TP nor an FP, and the region is never a miss:
     the report draws what was scored."""
-    from synthval.datasets.index import DatasetIndex, ImageRecord
-    from synthval.metrics import CocoEvaluator
-    from synthval.report import image_outcomes
+    from synthval.data.index import DatasetIndex, ImageRecord
+    from synthval.scoring.coco_eval import CocoEvaluator
+    from synthval.scoring.outcomes import image_outcomes
 
     xywh = np.array([[0, 0, 100, 100], [200, 0, 100, 200], [0, 300, 50, 50]], dtype=np.float64)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32)
@@ -261,3 +264,20 @@ def test_pictures_follow_coco_s_crowd_rule():
     assert (outcome.tp, outcome.fp, outcome.miss, outcome.confused) == (1, 2, 1, 1)
     assert kinds == ["FP", "FP", "MISS", "TP"]
     assert confusion == {"dog": {"person": 1}}
+
+
+def test_hostile_names_in_a_comparison_are_shown_as_text():
+    from synthval.render.report import render_compare_report
+    from synthval.scoring.analysis import CompareEntry
+
+    hostile = '<script>alert("x")</script>'
+    metrics = {"mAP": 0.5, "mAP50": 0.7, "num_images": 3, "per_class": {hostile: {"AP50": 0.7}}}
+    entries = [CompareEntry(hostile, f"/runs/{hostile}/metrics.json", metrics),
+               CompareEntry("plain", "/runs/plain/metrics.json", metrics)]
+    differences = [{"a": hostile, "b": "plain", "metric": "mAP", "difference": 0.0, "low": None, "high": None,
+                    "significant": False, "method": "no predictions: untested"}]
+    page = render_compare_report(entries, differences)
+    shown = page.split('<script type="application/json"')[0]  # the inert JSON is checked apart
+    assert "<script>alert" not in shown and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
+    data = json.loads(re.search(r'<script type="application/json" id="synthval-data">(.*?)</script>', page).group(1))
+    assert data["results"][0]["name"] == hostile  # the inert JSON keeps the name whole, and cannot close its element

@@ -27,7 +27,7 @@ import pytest
 from test_publish import write_coco
 
 from synthval.cli import main
-from synthval.results import SCHEMA_VERSION, StoreError, default_url, open_store, redact_url
+from synthval.results.store import SCHEMA_VERSION, StoreError, default_url, open_store, redact_url
 
 RECIPE = "evaluate_new_synthetic_datasets"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -267,7 +267,7 @@ def test_twenty_concurrent_publishes_all_land(metrics_uri, tmp_path, db_url, mon
 
 def test_bad_urls_and_records_fail_clearly(tmp_path):
     from synthval.errors import ConfigError
-    from synthval.results import row_from_record
+    from synthval.results.store import row_from_record
 
     with pytest.raises(ConfigError, match="mysql"):
         open_store("mysql://user:secret@db/results")
@@ -346,7 +346,7 @@ def test_a_store_written_by_synthval_0_1_0_is_upgraded_in_place(tmp_path, db_url
     stale = {r["record_id"]: r["stale"] for r in after if r["recipe"] == RECIPE}
     assert sorted(stale.values()) == [False, True]
     # Opening it again (another process) finds nothing to do.
-    from synthval.results import ResultsStore
+    from synthval.results.store import ResultsStore
 
     assert ResultsStore(db_url).count() == 6
 
@@ -356,12 +356,12 @@ def test_a_store_newer_than_this_synthval_is_refused(tmp_path, capsys, monkeypat
     store = open_store(url)
     with store.engine.begin() as conn:
         conn.execute(store.meta.update().values(value=str(SCHEMA_VERSION + 1)))
-    from synthval.results import ResultsStore
+    from synthval.results.store import ResultsStore
 
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
         ResultsStore(url)
     monkeypatch.setenv("SYNTHVAL_RESULTS_DB_URL", url)
     metrics = evaluate(tmp_path, "m")
-    monkeypatch.setattr("synthval.results._STORES", {})
+    monkeypatch.setattr("synthval.results.store._STORES", {})
     code = main([*publish_args(metrics, tmp_path / "results", "/data/s"), "--xcom-file", str(tmp_path / "x")])
     assert code == 1 and "upgrade synthval" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from test_dags import DAGS, REQUIRED_CONF, ROOT, UPSTREAM_XCOMS, render
 from test_pods import CLUSTER_SETTINGS, GKE_SETTINGS
 
 from synthval.cli import get_parser
-from synthval.identity import model_role
+from synthval.results.identity import model_role
 
 STORE_STEPS = {"publish", "discover", "leaderboard"}
 SECRET_REF = {"secretKeyRef": {"name": "synthval-results-db", "key": "url"}}

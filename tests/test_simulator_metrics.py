@@ -20,13 +20,13 @@ from PIL import Image
 from report_fixtures import generate
 
 from synthval.cli import main
-from synthval.datasets import load_dataset
-from synthval.datasets.perception import read_perception_metrics
-from synthval.datasets.simulator import metric_kind
-from synthval.datasets.solo import read_solo_metrics
-from synthval.generate import GENERATED, METRICS, run_generate
-from synthval.simulator_stats import NO_RENDERED_OBJECT_INFO
-from synthval.stats import compute_stats, load_stats
+from synthval.data import load_dataset
+from synthval.data.readers.perception import read_perception_metrics
+from synthval.data.simulator import metric_kind
+from synthval.data.readers.solo import read_solo_metrics
+from synthval.demo.generator import GENERATED, METRICS, generate_dataset
+from synthval.data.simulator_stats import NO_RENDERED_OBJECT_INFO
+from synthval.data.stats import compute_stats, load_stats
 
 FIXTURES = next((p / "shared" / "fixtures" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures").is_dir()), None)
@@ -172,7 +172,7 @@ def generated(tmp_path_factory):
 
 
 def _generate_solo(out: Path, n: int, seed: int) -> str:
-    return run_generate("synthetic", str(out), n, 96, seed, layout="solo")["dataset_uri"]
+    return generate_dataset("synthetic", str(out), n, 96, seed, layout="solo")["dataset_uri"]
 
 
 def perception_tables(root: Path) -> tuple[list[dict], dict[str, list[dict]]]:

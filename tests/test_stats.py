@@ -16,10 +16,10 @@ from headless_chromium import find_chromium, open_page
 from report_fixtures import generate
 
 from synthval.cli import main
-from synthval.datasets import load_dataset
-from synthval.datasets.index import DatasetIndex, ImageRecord
-from synthval.generate import run_generate
-from synthval.stats import (compare_stats, compute_stats, jensen_shannon, load_stats, noise_floor, total_variation,
+from synthval.data import load_dataset
+from synthval.data.index import DatasetIndex, ImageRecord
+from synthval.demo.generator import generate_dataset
+from synthval.data.stats import (compare_stats, compute_stats, jensen_shannon, load_stats, noise_floor, total_variation,
                             wasserstein1)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -213,7 +213,7 @@ def test_generated_synthetic_beside_real_proxy_names_its_gaps(datasets):
 @needs_chromium
 @pytest.mark.parametrize("layout", ["perception", "solo"])
 def test_simulator_report_renders_in_headless_chromium_without_errors(datasets, tmp_path, layout):
-    data = datasets["synthetic"] if layout == "perception" else run_generate(
+    data = datasets["synthetic"] if layout == "perception" else generate_dataset(
         "synthetic", str(tmp_path / "solo"), 30, 96, 3, layout="solo")["dataset_uri"]
     assert main(["stats", "--data", data, "--name", f"synthetic ({layout})", "--compare-data", datasets["real"],
                  "--compare-name", "real-proxy", "--pixel-sample", "16", "--out", str(tmp_path / "out"),
@@ -229,3 +229,22 @@ def test_simulator_report_renders_in_headless_chromium_without_errors(datasets, 
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / f"stats_simulator_{layout}_report.png")
     shutil.copyfile(page, ARTIFACTS / f"stats_simulator_{layout}_report.html")
+
+
+HOSTILE = '<img src=x onerror="alert(1)">&amp;'
+
+
+def test_hostile_label_and_dataset_names_are_shown_as_text_in_the_stats_page():
+    """The templates escape every value: a label or dataset name is text, never markup."""
+    from synthval.render.report import write_stats_report
+
+    rng = np.random.default_rng(3)
+    index = _index(rng.normal(20, 3, 40))
+    index.label_names[1] = HOSTILE
+    a = compute_stats(index, name=HOSTILE)
+    b = compute_stats(_index(rng.normal(30, 3, 40)), name="real")
+    page = write_stats_report([a, b], compare_stats(a, b), {})
+    shown = page.split('<script type="application/json"')[0]  # the inert JSON is checked apart
+    assert HOSTILE not in shown and "<img src=x" not in shown
+    assert '&lt;img src=x onerror=&#34;alert(1)&#34;&gt;&amp;amp;' in page
+    assert page.count("<script") == 1  # the inert JSON block, nothing else

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from synthval import storage
+from synthval.io import storage
 from synthval.errors import FetchError
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from synthval import train as train_module
-from synthval.checkpoint import FORMAT, list_checkpoints, load_checkpoint
+from synthval.steps import train as train_module
+from synthval.detection.checkpoint import FORMAT, list_checkpoints, load_checkpoint
 from synthval.cli import main
 from synthval.config import TrainConfig, load_config
 from synthval.errors import CheckpointError, TrainingDivergedError
-from synthval.train import run_train
+from synthval.steps.train import run_train
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 220, 40)}
 TINY = ["model.min_size=96", "model.max_size=128", "data.batch_size=4", "log_every_steps=1"]
@@ -185,7 +185,7 @@ def test_tensorboard_to_a_remote_uri_uploads_whole_event_files():
     import fsspec
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    from synthval.summaries import open_summary_writer
+    from synthval.render.tensorboard import open_summary_writer
 
     uri = f"memory://tb-{os.getpid()}/run"
     writer = open_summary_writer(uri)
@@ -244,7 +244,7 @@ def test_two_processes_with_torchrun_train_as_one_and_resume_exactly(data, tmp_p
 def _shard_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from synthval.datasets.torch_dataset import GroupedBatchSampler
+    from synthval.data.torch_dataset import GroupedBatchSampler
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -266,7 +266,7 @@ def test_each_of_two_gloo_processes_trains_its_own_batches_with_its_own_random_s
 
     mp.spawn(_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    sampler = __import__("synthval.datasets.torch_dataset", fromlist=["x"]).GroupedBatchSampler(
+    sampler = __import__("synthval.data.torch_dataset", fromlist=["x"]).GroupedBatchSampler(
         np.arange(30) % 3 == 0, batch_size=2, seed=5)
     for epoch, skip in (("0", 0), ("1", 4)):
         sampler.set_epoch(int(epoch))
@@ -406,7 +406,7 @@ def test_a_second_training_on_a_folder_is_refused_naming_the_first_and_a_dead_on
     in_flight = run / "ckpt" / ".checkpoint-7.pt.x1y2z3.tmp"  # the holder is writing its step 7
     in_flight.write_bytes(b"half a checkpoint")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom synthval.checkpoint import CheckpointDirLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom synthval.detection.checkpoint import CheckpointDirLock\n"
          "CheckpointDirLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n", str(run / "ckpt")],
         stdout=subprocess.PIPE, text=True)
     try:

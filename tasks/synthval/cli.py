@@ -1,9 +1,13 @@
 """The `synthval` command line: one subcommand per pipeline step.
 
-Each subcommand parses its flags, calls `run_<step>(...)`, and writes the small JSON that step
-returns (URIs, never data) to the XCom file, `/airflow/xcom/return.json` by default: the
-KubernetesPodOperator contract. Exit codes: 0 success, 2 bad input or usage, 1 anything else.
-This is the only module that reads environment variables.
+Each subcommand parses its flags, calls `synthval.steps.<step>.run_<step>(...)`, and writes the small
+JSON that step returns (URIs, never data) to the XCom file, `/airflow/xcom/return.json` by default:
+the KubernetesPodOperator contract. Exit codes: 0 success, 2 bad input or usage, 1 anything else.
+This is the only module that reads the settings users give as environment variables (the XCom file,
+the Unity Simulation token and API, the results database) and passes them down as arguments. Two
+standard variables are read where they act, by their owners' contracts: torchrun's RANK / LOCAL_RANK /
+WORLD_SIZE (`detection/distributed.py`; also RANK here, so that only rank 0 writes XCom without
+importing torch) and gcsfs's STORAGE_EMULATOR_HOST (`io/storage.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from synthval import __version__
-from synthval.archives import DEFAULT_MAX_MEMBERS
+from synthval.io.archives import DEFAULT_MAX_MEMBERS
 from synthval.errors import SynthvalError
 
 # Idle OpenMP threads spin by default; on a busy CPU node (2 threads, other processes) that cut the
@@ -171,7 +175,7 @@ def get_parser() -> argparse.ArgumentParser:
 def _config_text(uri: str | None) -> str | None:
     if uri is None:
         return None
-    from synthval import storage
+    from synthval.io import storage
 
     return storage.read_text(uri)
 
@@ -187,7 +191,7 @@ def _usim_token(path: str | None) -> str | None:
 def run_command(args: argparse.Namespace) -> dict[str, Any]:
     """Dispatch a parsed command line to its `run_<step>`; return the step's XCom result."""
     if args.command == "fetch":
-        from synthval.fetch import run_fetch
+        from synthval.steps.fetch import run_fetch
 
         return run_fetch(
             source=args.source, out_uri=args.out, checksum=args.checksum, extract=not args.no_extract,
@@ -197,7 +201,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
             usim_api=os.environ.get(USIM_API_ENV),
         )
     if args.command == "generate":
-        from synthval.generate import run_generate
+        from synthval.steps.generate import run_generate
 
         return run_generate(kind=args.kind, out_uri=args.out, num_images=args.num_images,
                             image_size=args.image_size, seed=args.seed, layout=args.format)
@@ -212,7 +216,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         config = load_config(TrainConfig, preset=args.preset, config_text=_config_text(args.config),
                              overrides=overrides, source=args.config or "config",
                              finetune=args.command == "finetune")
-        from synthval.train import run_train  # torch is imported only once the config is known good
+        from synthval.steps.train import run_train  # torch is imported only once the config is known good
 
         return run_train(
             config, train_data_uri=args.train_data, val_data_uri=args.val_data,
@@ -226,7 +230,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         overrides = list(args.overrides) + ([f"split={args.split}"] if args.split is not None else [])
         config = load_config(EvalConfig, preset=None, config_text=_config_text(args.config),
                              overrides=overrides, source=args.config or "config")
-        from synthval.evaluate import run_evaluate
+        from synthval.steps.evaluate import run_evaluate
 
         return run_evaluate(
             config, data_uri=args.data, out_uri=args.out, checkpoint_uri=args.checkpoint,
@@ -234,7 +238,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
             bbox_definition_id=args.bbox_definition, skip_broken=args.skip_broken,
         )
     if args.command == "publish":
-        from synthval.publish import run_publish
+        from synthval.steps.publish import run_publish
 
         datasets = {}
         for item in args.datasets:
@@ -264,7 +268,7 @@ def _write_config_schema(out_uri: str | None) -> dict[str, Any]:
     if out_uri is None:
         sys.stdout.write(text)
         return {}
-    from synthval import storage
+    from synthval.io import storage
 
     storage.write_text(out_uri, text)
     return {"schema_uri": out_uri}
@@ -324,7 +328,7 @@ def _add_report_commands(sub: Any) -> None:
 
 def _run_report_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "report":
-        from synthval.report import run_report
+        from synthval.steps.report import run_report
 
         return run_report(metrics_uri=args.metrics, out_uri=args.out, predictions_uri=args.predictions,
                           data_uri=args.data, split=args.split, dataset_format=args.format,
@@ -332,11 +336,11 @@ def _run_report_command(args: argparse.Namespace) -> dict[str, Any]:
                           score_threshold=args.score_threshold, replicates=args.replicates, seed=args.seed,
                           gallery_size=args.gallery_size)
     if args.command == "compare":
-        from synthval.report import run_compare
+        from synthval.steps.compare import run_compare
 
         return run_compare(metrics_uris=args.metrics, out_uri=args.out, names=args.names, data_uri=args.data,
                            split=args.split, dataset_format=args.format, replicates=args.replicates, seed=args.seed)
-    from synthval.stats import run_stats
+    from synthval.steps.stats import run_stats
 
     return run_stats(data_uri=args.data, out_uri=args.out, split=args.split, dataset_format=args.format,
                      bbox_definition_id=args.bbox_definition, skip_broken=args.skip_broken, name=args.name,
@@ -353,7 +357,7 @@ RESULTS_DB_ENV = "SYNTHVAL_RESULTS_DB_URL"
 
 def _results_db_url(flag: str | None, results_uri: str | None) -> str:
     """--db, else env SYNTHVAL_RESULTS_DB_URL, else a SQLite file beside local results (or in ~/.synthval)."""
-    from synthval.results import default_url
+    from synthval.results.store import default_url
 
     return flag or os.environ.get(RESULTS_DB_ENV) or default_url(results_uri)
 
@@ -414,14 +418,14 @@ def _add_results_commands(sub: Any) -> None:
 def _run_results_command(args: argparse.Namespace) -> dict[str, Any]:
     db_url = _results_db_url(args.db, args.results)
     if args.command == "leaderboard":
-        from synthval.leaderboard import run_leaderboard
+        from synthval.steps.leaderboard import run_leaderboard
 
         return run_leaderboard(db_url, out_uri=args.out, output_format=args.output_format, recipe=args.recipe,
                                dataset_contains=args.dataset_contains, budgets=args.budgets, roles=args.roles,
                                include_stale=args.include_stale, sort=args.sort, descending=not args.ascending,
                                baseline=args.baseline, limit=args.limit, airflow_url=args.airflow_url,
                                tensorboard_url=args.tensorboard_url)
-    from synthval.discovery import run_discover
+    from synthval.steps.discover import run_discover
 
     return run_discover(root_uri=args.root, db_url=db_url, recipe=args.recipe, test_data_uri=args.test_data,
                         real_dataset=args.real_dataset, split=args.split, announced=args.announced,
@@ -444,7 +448,7 @@ OUTPUT_FILES = ("leaderboard", "config-schema")  # --out: the table, the schema
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Refuse, naming the flag, an output of this command that cannot be written (OutputError, exit 2)."""
-    from synthval import storage
+    from synthval.io import storage
 
     for name in OUTPUT_FOLDERS.get(args.command, ()):
         if getattr(args, name, None):
@@ -473,7 +477,7 @@ def write_xcom(result: dict[str, Any], path: str | None, echo: bool = True) -> N
         print(text, flush=True)
     if not explicit and not os.path.isdir(os.path.dirname(DEFAULT_XCOM_FILE)):
         return
-    from synthval import storage
+    from synthval.io import storage
 
     storage.write_text(target, text + "\n")
 

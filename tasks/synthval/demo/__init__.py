@@ -1,0 +1,1 @@
+"""Procedurally drawn stand-ins for real datasets (NOT real data), for the demo and the tests."""

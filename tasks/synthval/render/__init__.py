@@ -1,0 +1,1 @@
+"""What people look at: plots, HTML reports (Jinja2 templates, autoescaped) and TensorBoard logs."""
