@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from synthval.detection import randomness
 from synthval.steps import train as train_module
 from synthval.detection.checkpoint import FORMAT, list_checkpoints, load_checkpoint
 from synthval.cli import main
@@ -250,9 +251,9 @@ def _shard_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sampler = GroupedBatchSampler(np.arange(30) % 3 == 0, batch_size=2, seed=5)
-        batches = {epoch: [list(b) for b in train_module.EpochBatches(sampler, epoch, per_epoch=14, skip=skip)]
+        batches = {epoch: [list(b) for b in randomness.EpochBatches(sampler, epoch, per_epoch=14, skip=skip)]
                    for epoch, skip in ((0, 0), (1, 4))}
-        train_module._seed_process(train_module.stream_seed(0, 0, rank))
+        randomness.seed_process(randomness.stream_seed(0, 0, rank))
         draws = torch.rand(4).tolist()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"batches": batches, "draws": draws}, f)
@@ -330,7 +331,7 @@ def test_resume_restores_what_it_must(data, tmp_path, monkeypatch):
     """The same comparison fails when a piece of state is not restored: the test above can tell."""
     cfg = config(*RESUME)
     whole = load_checkpoint(train(cfg, data["rgb"], tmp_path, "whole", resume="none")["checkpoint_uri"])
-    real_restore = train_module._restore_rng
+    real_restore = randomness.restore_rng
 
     def run_cut(name, **patches):
         seen, control = watch_steps(monkeypatch)
@@ -340,13 +341,13 @@ def test_resume_restores_what_it_must(data, tmp_path, monkeypatch):
         control["stop_after"] = None
         with monkeypatch.context() as m:
             for attr, value in patches.items():
-                m.setattr(train_module, attr, value)
+                m.setattr(randomness, attr, value)
             return load_checkpoint(train(config(*RESUME), data["rgb"], tmp_path, name)["checkpoint_uri"])
 
-    without_rng = run_cut("no-rng", _restore_rng=lambda state: None)
+    without_rng = run_cut("no-rng", restore_rng=lambda state: None)
     assert not torch.equal(without_rng["model"]["roi_heads.box_head.fc6.weight"],
                            whole["model"]["roi_heads.box_head.fc6.weight"])
-    assert real_restore is train_module._restore_rng
+    assert real_restore is randomness.restore_rng
 
 
 def cli_train(data_uri, root, *args):

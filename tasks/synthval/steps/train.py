@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from synthval import __version__
-from synthval.detection import distributed
+from synthval.detection import distributed, randomness
 from synthval.io import storage
 from synthval.detection.checkpoint import (
     FORMAT,
@@ -110,72 +108,6 @@ def run_train(
         )
     finally:
         distributed.cleanup_distributed()
-
-
-# --- data and random streams -------------------------------------------------------------------------
-
-
-def stream_seed(*keys: int) -> int:
-    """A 64-bit seed drawn from `keys` (the run's seed, a purpose, a rank, an epoch...): unrelated streams
-    for unrelated keys, where `seed + rank` would give run 0's rank 1 the stream of run 1's rank 0."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """This process's batches of one epoch, after the first `skip` batches (of all processes together).
-
-    Batch i of the epoch's order goes to process i % world_size, and only the first `per_epoch` batches
-    (whole optimizer steps of every process) are used. The order is a function of the seed and the
-    epoch, and a step takes the same batches whatever the process count, so a resumed run skips exactly
-    the batches its checkpoint had trained on.
-    """
-
-    def __init__(self, batch_sampler: Any, epoch: int, per_epoch: int, skip: int = 0) -> None:
-        self.batch_sampler = batch_sampler
-        self.epoch = epoch
-        self.per_epoch = per_epoch
-        self.skip = skip
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-
-    def __len__(self) -> int:
-        return max(self.per_epoch - self.skip, 0) // self.world
-
-    def __iter__(self) -> Iterator[list[int]]:
-        self.batch_sampler.set_epoch(self.epoch)
-        for i, batch in enumerate(self.batch_sampler):
-            if i >= self.per_epoch:
-                break
-            if i >= self.skip and i % self.world == self.rank:
-                yield batch
-
-
-def _seed_process(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        # numpy's key array as a tensor: the checkpoint stays loadable with weights_only=True
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys.numpy(), dtype=np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _resolve_resume(resume: str, checkpoint_dir_uri: str) -> tuple[dict | None, str | None]:
@@ -325,7 +257,8 @@ class _Run:
                                    photometric=data.photometric and train, seed=self.config.seed)
         dataset.set_epoch(epoch)
         # Worker seeds come from this generator, never from torch's global one, whose state is the model's.
-        generator = torch.Generator().manual_seed(stream_seed(self.config.seed, _STREAM_LOADER, self.rank, epoch))
+        seed = randomness.stream_seed(self.config.seed, _STREAM_LOADER, self.rank, epoch)
+        generator = torch.Generator().manual_seed(seed)
         common = {"collate_fn": collate_detection, "num_workers": data.num_workers, "generator": generator,
                   "pin_memory": self.device.type == "cuda", "persistent_workers": False}
         if batch_sampler is not None:
@@ -337,7 +270,7 @@ class _Run:
     def run(self, train_uri, val_uri, init_uri, checkpoint_dir_uri, tb_uri, resume, fmt, bbox_id, skip) -> dict:
         if not resume:
             raise ConfigError("--resume: expected auto, none or a checkpoint URI")
-        _seed_process(stream_seed(self.config.seed, _STREAM_PROCESS, self.rank))
+        randomness.seed_process(randomness.stream_seed(self.config.seed, _STREAM_PROCESS, self.rank))
         train_index, val_index, space = self._load_data(train_uri, val_uri, fmt, bbox_id, skip)
 
         from synthval.data import build_batch_sampler
@@ -395,12 +328,13 @@ class _Run:
         try:
             if len(ranks) != plan.world:
                 raise ValueError(f"it holds {len(ranks)} process(es)' random states, this run has {plan.world}")
-            _restore_rng(ranks[self.rank])
+            randomness.restore_rng(ranks[self.rank])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             # Continue deterministically, though not as the uninterrupted run would have.
             log.warning("%s: cannot restore this process's random state (%s); drawing a fresh one from the "
                         "seed and step", resumed_uri, exc)
-            _seed_process(stream_seed(self.config.seed, _STREAM_PROCESS, self.rank, int(resumed["step"])))
+            randomness.seed_process(
+                randomness.stream_seed(self.config.seed, _STREAM_PROCESS, self.rank, int(resumed["step"])))
 
     def _train(self, model: nn.Module, sampler: Any, plan: _Plan, train_index: Any, val_index: Any, space: Any,
                checkpoint_dir_uri: str, tb_uri: str, resumed: dict | None, resumed_uri: str | None) -> dict:
@@ -444,7 +378,7 @@ class _Run:
 
         def save(at_epoch: int, at_epoch_step: int, finished: bool, improved: bool = False) -> str:
             uri = checkpoint_uri(checkpoint_dir_uri, step)
-            rng = distributed.all_gather_objects(_rng_state())  # every process's own, in rank order
+            rng = distributed.all_gather_objects(randomness.rng_state())  # every process's own, in rank order
             if self.main:
                 state = {
                     "format": FORMAT, "format_version": FORMAT_VERSION, "synthval_version": __version__,
@@ -466,7 +400,8 @@ class _Run:
         try:
             while step < total_steps:
                 skip = epoch_step * plan.batches_per_step
-                batches = EpochBatches(sampler, epoch, per_epoch=steps_per_epoch * plan.batches_per_step, skip=skip)
+                batches = randomness.EpochBatches(sampler, epoch, per_epoch=steps_per_epoch * plan.batches_per_step,
+                                                  skip=skip)
                 loader = self._loader(train_index, class_ids, True, batches, epoch=epoch)
                 epoch_start_step = step
 
@@ -533,7 +468,7 @@ class _Run:
         shard = val_index.subset(list(range(rank, len(val_index), world)))
         val_ids = space.class_ids(val_index)
         losses = validation_loss(unwrap(model), self._loader(shard, val_ids, False), self.device, amp_dtype,
-                                 seed=stream_seed(self.config.seed, _STREAM_VALIDATION, epoch))
+                                 seed=randomness.stream_seed(self.config.seed, _STREAM_VALIDATION, epoch))
         predictions = predict(unwrap(model), self._loader(shard, val_ids, False), self.device, amp_dtype)
         gathered = distributed.all_gather_objects(predictions)
         metrics: dict[str, Any] = {}
