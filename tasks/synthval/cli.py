@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from synthval import __version__
-from synthval.io.archives import DEFAULT_MAX_MEMBERS
 from synthval.errors import SynthvalError
+from synthval.io.archives import DEFAULT_MAX_MEMBERS
 
 # Idle OpenMP threads spin by default; on a busy CPU node (2 threads, other processes) that cut the
 # training rate ~10x (bench_train.py). Must be set before torch loads, which happens below on demand.

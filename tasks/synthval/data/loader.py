@@ -19,14 +19,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from synthval.io import storage
+from synthval.data.index import DatasetIndex, ImageRecord, Progress, RawIndex
 from synthval.data.readers.coco import annotation_files, read_coco
 from synthval.data.readers.groceries import looks_like_groceries, read_groceries
-from synthval.data.index import DatasetIndex, ImageRecord, Progress, RawIndex
 from synthval.data.readers.perception import find_captures, read_perception
 from synthval.data.readers.solo import find_sequences, read_solo
 from synthval.data.splits import ALL, budget_order, split_positions
 from synthval.errors import ConfigError, DatasetError
+from synthval.io import storage
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from synthval.data.index import DatasetIndex
-from synthval.data.simulator import (GENERIC, OBJECT_COUNT, RENDERED_OBJECT_INFO, SimulatorMetrics)
+from synthval.data.simulator import GENERIC, OBJECT_COUNT, RENDERED_OBJECT_INFO, SimulatorMetrics
 
 NO_RENDERED_OBJECT_INFO = "No RenderedObjectInfo metric: the visible-pixel statistics are left out."
 

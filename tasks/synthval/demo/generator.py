@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from synthval.io import storage
-from synthval.errors import ConfigError, DatasetError
 from synthval.demo.procedural import DOMAINS, LABEL_NAMES, REAL_PROXY, SYNTHETIC, Scene, render_scene
+from synthval.errors import ConfigError, DatasetError
+from synthval.io import storage
 
 log = logging.getLogger(__name__)
 

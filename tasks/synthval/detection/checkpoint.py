@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from synthval import __version__
-from synthval.io import storage
 from synthval.errors import CheckpointError, ConfigError, FetchError
+from synthval.io import storage
 from synthval.io.sources import is_named_model, local_model_file
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from synthval.detection import distributed
 from synthval.config import TrainConfig
+from synthval.detection import distributed
 from synthval.errors import TrainingDivergedError
 from synthval.humanize import format_duration
 

@@ -36,10 +36,21 @@ import numpy as np
 from synthval import __version__
 from synthval.humanize import format_interval, format_number
 from synthval.io import storage
-from synthval.scoring.analysis import (DEFAULT_GALLERY_SIZE, CompareEntry, RunAnalysis, analyze_run, load_run_inputs,
-                                       test_set_key)
-from synthval.scoring.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, DEFAULT_SEED, SUMMARY_NAMES,
-                                        BootstrapResult)
+from synthval.scoring.analysis import (
+    DEFAULT_GALLERY_SIZE,
+    CompareEntry,
+    RunAnalysis,
+    analyze_run,
+    load_run_inputs,
+    test_set_key,
+)
+from synthval.scoring.bootstrap import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_REPLICATES,
+    DEFAULT_SEED,
+    SUMMARY_NAMES,
+    BootstrapResult,
+)
 from synthval.scoring.outcomes import OUTCOME_IOU, ImageOutcome
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from synthval.io import storage
 from synthval.errors import ConfigError
+from synthval.io import storage
 from synthval.io.sources import is_named_source
 from synthval.scoring.protocol import CHUNK_BYTES, sha256_of
 

@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from synthval.io import storage
 from synthval.errors import ConfigError, SynthvalError
+from synthval.io import storage
 from synthval.results.identity import ROLES, model_role, normalize_uri
 from synthval.scoring.protocol import sha256_of
 

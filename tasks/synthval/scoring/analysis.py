@@ -20,8 +20,14 @@ from synthval.data.index import DatasetIndex
 from synthval.errors import ConfigError, DatasetError
 from synthval.io import storage
 from synthval.io.sources import local_dataset
-from synthval.scoring.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, DEFAULT_SEED, SUMMARY_NAMES,
-                                        BootstrapResult, CocoBootstrap)
+from synthval.scoring.bootstrap import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_REPLICATES,
+    DEFAULT_SEED,
+    SUMMARY_NAMES,
+    BootstrapResult,
+    CocoBootstrap,
+)
 from synthval.scoring.coco_eval import CocoEvaluator, CocoResults, Matches, coco_image_ids, load_coco_results
 from synthval.scoring.outcomes import ImageOutcome, image_outcomes
 

@@ -33,8 +33,14 @@ from typing import Any
 import numpy as np
 
 from synthval.errors import ConfigError
-from synthval.scoring.coco_eval import (AREA_NAMES, IOU_THRESHOLDS, MAX_DETS, RECALL_THRESHOLDS, Matches,
-                              needed_true_positives)
+from synthval.scoring.coco_eval import (
+    AREA_NAMES,
+    IOU_THRESHOLDS,
+    MAX_DETS,
+    RECALL_THRESHOLDS,
+    Matches,
+    needed_true_positives,
+)
 
 DEFAULT_REPLICATES = 1000
 DEFAULT_CONFIDENCE = 0.95

@@ -65,10 +65,9 @@ from typing import Any
 
 import numpy as np
 
-from synthval.io import storage
 from synthval.data.index import DatasetIndex, is_finite_number
 from synthval.errors import DatasetError, shown
-
+from synthval.io import storage
 
 METRICS_SCHEMA_VERSION = 1
 # What the numbers mean: COCO box AP/AR exactly as pycocotools computes them on the file's own boxes,

@@ -7,13 +7,28 @@ from collections.abc import Sequence
 from typing import Any
 
 from synthval.errors import ConfigError, SynthvalError
-from synthval.io import storage
 from synthval.humanize import format_interval, format_number
+from synthval.io import storage
 from synthval.render.report import COMPARE_FILE, render_compare_report, report_file_uri
-from synthval.scoring.analysis import (CompareEntry, RunInputs, load_run_inputs, resolve_result, score_results,
-                                       test_set_key, with_predictions)
-from synthval.scoring.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, DEFAULT_SEED, CocoBootstrap,
-                                        check_replicates, Difference, independent_difference, paired_difference)
+from synthval.scoring.analysis import (
+    CompareEntry,
+    RunInputs,
+    load_run_inputs,
+    resolve_result,
+    score_results,
+    test_set_key,
+    with_predictions,
+)
+from synthval.scoring.bootstrap import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_REPLICATES,
+    DEFAULT_SEED,
+    CocoBootstrap,
+    Difference,
+    check_replicates,
+    independent_difference,
+    paired_difference,
+)
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from synthval.io import storage
 from synthval.errors import ConfigError, FetchError
+from synthval.io import storage
 from synthval.io.sources import local_dataset
 from synthval.results.identity import REAL_ONLY, normalize_uri
 from synthval.results.store import open_store
@@ -101,10 +101,9 @@ def evaluation_benchmark(test_data_uri: str, split: str = "test", dataset_format
     """(fingerprint, description) of the benchmark of `split` of `test_data_uri`, as publish will record it."""
     from synthval.config import EvalConfig, load_config
     from synthval.data import load_dataset
-    from synthval.scoring.coco_eval import coco_image_ids
-    from synthval.scoring.provenance import provenance
-    from synthval.scoring.coco_eval import METRIC_PROTOCOL
+    from synthval.scoring.coco_eval import METRIC_PROTOCOL, coco_image_ids
     from synthval.scoring.protocol import benchmark_fingerprint
+    from synthval.scoring.provenance import provenance
 
     path = local_dataset(test_data_uri)  # a pod gets gs://: read through the local cache, as evaluate does
     config = load_config(EvalConfig, preset=None, config_text=None, overrides=[f"split={split}"], source="config")

@@ -29,14 +29,20 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from synthval.io import storage
-from synthval.scoring.bootstrap import CocoBootstrap
 from synthval.config import EvalConfig
 from synthval.data import DatasetIndex, default_split, load_dataset, load_ground_truth
 from synthval.errors import ConfigError
+from synthval.io import storage
 from synthval.io.sources import local_dataset
-from synthval.scoring.coco_eval import (SUMMARY_KEYS, CocoEvaluator, Matches, coco_image_ids, format_summary,
-                                        parse_coco_results)
+from synthval.scoring.bootstrap import CocoBootstrap
+from synthval.scoring.coco_eval import (
+    SUMMARY_KEYS,
+    CocoEvaluator,
+    Matches,
+    coco_image_ids,
+    format_summary,
+    parse_coco_results,
+)
 from synthval.scoring.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -116,10 +122,9 @@ def predict_checkpoint(config: EvalConfig, checkpoint_uri: str, index: DatasetIn
     info, inference {"device": device class, "dtype": autocast dtype or float32})."""
     import torch
 
-    from synthval.detection import distributed
-    from synthval.detection import engine
-    from synthval.detection.inference import load_model_for_inference
     from synthval.data import DetectionDataset, collate_detection
+    from synthval.detection import distributed, engine
+    from synthval.detection.inference import load_model_for_inference
 
     device = distributed.resolve_device(config.device)
     amp_dtype = distributed.resolve_amp_dtype(config.amp, device)
@@ -189,8 +194,7 @@ def write_tensorboard(tb_log_dir_uri: str, metrics: dict[str, Any], matches: Mat
     """Scalars, a summary table and the run report's own pictures (per-class AP, PR curves, confusion,
     worst and best images with TP / FP / misses drawn, from the evaluation's own matches), so
     TensorBoard and the report show the same."""
-    from synthval.render.tensorboard import tensorboard_images
-    from synthval.render.tensorboard import add_scalars, open_summary_writer
+    from synthval.render.tensorboard import add_scalars, open_summary_writer, tensorboard_images
 
     images = tensorboard_images(matches, metrics, score_threshold=config.draw_score_thresh,
                                 num_images=config.num_sample_images)

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from synthval import __version__
+from synthval.config import TrainConfig, accumulation_steps, to_dict
 from synthval.detection import distributed, randomness
-from synthval.io import storage
 from synthval.detection.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -48,7 +48,6 @@ from synthval.detection.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from synthval.config import TrainConfig, accumulation_steps, to_dict
 from synthval.detection.engine import (
     build_optimizer,
     build_scheduler,
@@ -58,8 +57,6 @@ from synthval.detection.engine import (
     unwrap,
     validation_loss,
 )
-from synthval.errors import CheckpointError, ConfigError, DatasetError
-from synthval.io.sources import local_dataset
 from synthval.detection.model import (
     ARCHITECTURE_FIELDS,
     backbone_weights_uri,
@@ -68,6 +65,9 @@ from synthval.detection.model import (
     load_model_state,
     num_classes_in_state,
 )
+from synthval.errors import CheckpointError, ConfigError, DatasetError
+from synthval.io import storage
+from synthval.io.sources import local_dataset
 from synthval.render.tensorboard import add_scalars, open_summary_writer
 
 log = logging.getLogger(__name__)
