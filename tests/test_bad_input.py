@@ -12,7 +12,6 @@ import gzip
 import io
 import json
 import os
-import socket
 import struct
 import subprocess
 import tarfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port
 
 from synthval.cli import main
 from synthval.demo.generator import generate_dataset
@@ -403,10 +403,7 @@ def http_404(ctx: Ctx) -> list[str]:
 
 
 def http_refused(ctx: Ctx) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    return ctx.fetch(f"http://127.0.0.1:{port}/data.zip", "--retries", "0")
+    return ctx.fetch(f"http://127.0.0.1:{free_port()}/data.zip", "--retries", "0")
 
 
 def checksum_mismatch(ctx: Ctx) -> list[str]:

@@ -96,8 +96,9 @@ class FakeTI:
         return self.xcoms.get(task_ids)
 
 
-def load_dags(monkeypatch: pytest.MonkeyPatch, backend: str = "local", **settings: str) -> dict[str, Any]:
-    """Parse dags/ with these settings (env SYNTHVAL_<NAME>); return the DAGs by id."""
+def parse_dag_folder(monkeypatch: pytest.MonkeyPatch, backend: str = "local", **settings: str) -> Any:
+    """Every file of dags/ parsed with these settings (env SYNTHVAL_<NAME>), as Airflow's dag processor
+    does; the DagBag, import errors included."""
     from airflow.dag_processing.dagbag import DagBag
 
     import synthval_settings
@@ -109,9 +110,14 @@ def load_dags(monkeypatch: pytest.MonkeyPatch, backend: str = "local", **setting
         monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
     synthval_settings.load_settings.cache_clear()
     try:
-        bag = DagBag(dag_folder=str(DAGS), safe_mode=False)
+        return DagBag(dag_folder=str(DAGS), safe_mode=False)
     finally:
         synthval_settings.load_settings.cache_clear()
+
+
+def load_dags(monkeypatch: pytest.MonkeyPatch, backend: str = "local", **settings: str) -> dict[str, Any]:
+    """Parse dags/ with these settings (env SYNTHVAL_<NAME>); return the DAGs by id."""
+    bag = parse_dag_folder(monkeypatch, backend, **settings)
     assert bag.import_errors == {}, bag.import_errors  # every file in dags/, recipes or not
     assert DAG_IDS <= set(bag.dags), sorted(bag.dags)
     # The recipes of issue 3; other DAGs in the folder have their own tests.

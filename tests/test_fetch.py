@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import socket
 import stat
 import tarfile
 import zipfile
@@ -19,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from synthval.io import http, storage, usim
 from synthval.cli import main
@@ -192,10 +192,7 @@ def test_404_fails_at_once_naming_uri_and_status(http_server, tmp_path):
 
 
 def test_connection_refused_names_the_uri(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    url = f"http://127.0.0.1:{port}/d.zip"
+    url = f"http://127.0.0.1:{free_port()}/d.zip"
     with pytest.raises(FetchError, match=rf"{url}: cannot connect .*refused.*after 2 retries"):
         run_fetch(url, str(tmp_path / "out"), retries=2, **FAST)
 
@@ -621,10 +618,7 @@ def test_cli_checksum_mismatch_exits_2(http_server, tmp_path, capsys):
 
 def test_cli_unreachable_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(http, "DEFAULT_RETRY_DELAY_S", 0.001)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v3.zip"
+    url = f"http://127.0.0.1:{free_port()}/v3.zip"
     code = main(["fetch", url, "--out", str(tmp_path / "data"), "--retries", "1",
                  "--xcom-file", str(tmp_path / "x.json")])
     err = capsys.readouterr().err

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 import test_dags  # noqa: F401 - throwaway AIRFLOW_HOME, plugins folder = plugins/
 from test_dags import PYTHON_BIN, airflow_db  # noqa: F401 - airflow_db: the session's migrated Airflow DB
 from test_leaderboard import store_url  # noqa: F401 - a store with a real-only curve and three datasets
@@ -174,18 +174,6 @@ def test_the_plugin_loads_through_airflows_plugins_manager():
 # --- a real api-server ------------------------------------------------------------------------------
 
 
-def _port_in_range() -> int:
-    """A free port of this project's range for test servers (18100-18199)."""
-    for port in range(18150, 18200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18150-18199")
-
-
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
@@ -203,7 +191,7 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dic
 
 @pytest.mark.slow
 def test_a_real_api_server_guards_the_page_like_the_rest_api(airflow_db, store_url, tmp_path):  # noqa: F811
-    port = _port_in_range()
+    port = free_port()
     env = dict(airflow_db, **auth_env(tmp_path, "airflow.api_fastapi.auth.managers.simple.simple_auth_manager."
                                                 "SimpleAuthManager"),
                SYNTHVAL_RESULTS_DB_URL=store_url, AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port
 from headless_chromium import find_chromium, open_page
 
 pytestmark = pytest.mark.slow
@@ -42,17 +43,6 @@ TINY = {
 }
 RECIPES = {"train_on_synthdet_sample", "train_on_real_world_dataset", "train_on_synthetic_and_real_dataset",
            "train_on_synthetic_dataset_unity_simulation", "evaluate_the_model", "evaluate_new_synthetic_datasets"}
-
-
-def free_port() -> int:
-    for port in range(18410, 18500):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port in 18410-18499")
 
 
 @dataclass

@@ -30,11 +30,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from test_train import TINY, make_coco
@@ -149,12 +149,6 @@ class Workdir:
                     if value.tag == "train/loss":
                         values[event.step] = value.tensor.float_val[0] if value.tensor.float_val else value.simple_value
         return [values[k] for k in sorted(values)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:

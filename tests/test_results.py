@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from test_publish import write_coco
 
 from synthval.cli import main
@@ -75,12 +75,6 @@ def metrics_uri(tmp_path):
     return evaluate(tmp_path, "soup")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pg_bin(name: str) -> str | None:
     found = shutil.which(name)
     if found:
@@ -111,7 +105,7 @@ def postgres_url():
             pytest.skip("running as root and there is no `postgres` user to run the server as")
         os.chown(folder, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = os.path.join(folder, "data"), _free_port()
+    data, port = os.path.join(folder, "data"), free_port()
     log_file = os.path.join(folder, "server.log")
     try:
         subprocess.run([*as_user, initdb, "-D", data, "-U", "synthval", "--auth=trust", "-E", "UTF8"],

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_dags import DAGS, REQUIRED_CONF, ROOT, UPSTREAM_XCOMS, render
+from test_dags import DAGS, REQUIRED_CONF, ROOT, UPSTREAM_XCOMS, parse_dag_folder, render
 from test_pods import CLUSTER_SETTINGS, GKE_SETTINGS
 
 from synthval.cli import get_parser
@@ -23,24 +23,6 @@ from synthval.results.identity import model_role
 
 STORE_STEPS = {"publish", "discover", "leaderboard"}
 SECRET_REF = {"secretKeyRef": {"name": "synthval-results-db", "key": "url"}}
-
-
-def parse_all(monkeypatch: pytest.MonkeyPatch, backend: str, **settings: str) -> Any:
-    """Every DAG file of dags/ parsed with these settings, as Airflow's dag processor does."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    import synthval_settings
-
-    for key in [k for k in os.environ if k.startswith("SYNTHVAL_") and k != "SYNTHVAL_TEST_AIRFLOW_HOME"]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("SYNTHVAL_BACKEND", backend)
-    for name, value in settings.items():
-        monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
-    synthval_settings.load_settings.cache_clear()
-    try:
-        return DagBag(dag_folder=str(DAGS), safe_mode=False)
-    finally:
-        synthval_settings.load_settings.cache_clear()
 
 
 def _resolved(value: Any) -> Any:
@@ -84,7 +66,7 @@ def build_pod(dag: Any, task: Any, conf: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("backend", ["kubernetes", "gke"])
 def test_every_store_pod_gets_the_url_from_the_secret_and_no_other_pod_does(backend, monkeypatch):
     settings = GKE_SETTINGS if backend == "gke" else CLUSTER_SETTINGS
-    bag = parse_all(monkeypatch, backend, **settings)
+    bag = parse_dag_folder(monkeypatch, backend, **settings)
     assert bag.import_errors == {}
     for name, value in settings.items():
         monkeypatch.setenv(f"SYNTHVAL_{name.upper()}", value)
@@ -119,12 +101,12 @@ def test_every_store_pod_gets_the_url_from_the_secret_and_no_other_pod_does(back
 def test_a_pod_backend_without_a_store_refuses_to_parse(backend, monkeypatch):
     settings = {k: v for k, v in (GKE_SETTINGS if backend == "gke" else CLUSTER_SETTINGS).items()
                 if k != "results_db_secret"}
-    bag = parse_all(monkeypatch, backend, **settings)
+    bag = parse_dag_folder(monkeypatch, backend, **settings)
     assert set(bag.import_errors) == {str(p) for p in DAGS.glob("*.py") if not p.name.startswith("synthval_")}
     for error in bag.import_errors.values():
         assert "SYNTHVAL_RESULTS_DB_SECRET is not set" in error and "kubectl" in error
     # The local backend needs none: its steps are processes of the worker, with its environment.
-    assert parse_all(monkeypatch, "local").import_errors == {}
+    assert parse_dag_folder(monkeypatch, "local").import_errors == {}
 
 
 def test_the_deployments_set_the_store(tmp_path):
@@ -166,7 +148,7 @@ def published_role(dag: Any, conf: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def test_each_recipe_publishes_the_role_of_what_it_trained(monkeypatch):
-    bag = parse_all(monkeypatch, "local", data_root=str(Path("/tmp/synthval-data")))
+    bag = parse_dag_folder(monkeypatch, "local", data_root=str(Path("/tmp/synthval-data")))
     dags = bag.dags
     given = {"start_from_checkpoint": "synthetic-400k"}
     expected = {
