@@ -22,6 +22,7 @@ cannot break the API server and other Airflow processes do not pay for the impor
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -213,16 +214,21 @@ def _chart(dataset: str, points: list[dict[str, Any]], reference: list[dict[str,
     return {"dataset": dataset, "width": width, "height": height, "pad": pad, "top_map": top_map, "lines": lines}
 
 
+@functools.cache
+def _templates() -> Any:
+    """The page's template folder, loaded once per API server (Jinja2 keeps the parsed template)."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                              undefined=jinja2.StrictUndefined)
+
+
 def _html(entries: list[dict[str, Any]], curves: dict[str, Any], real_only: dict[str, Any], baseline: str | None,
           format_equiv: Any) -> str:
     """The page, from templates/synthval_leaderboard.html (Jinja2, autoescaped: names are data)."""
-    import jinja2
-
     charts = [_chart(dataset, curve["points"], real_only.get(curve["protocol"]), COLORS[i % len(COLORS)])
               for i, (dataset, curve) in enumerate(sorted(curves.items())) if curve["role"] == "synthetic"]
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
-                             undefined=jinja2.StrictUndefined)
-    return env.get_template("synthval_leaderboard.html").render(
+    return _templates().get_template("synthval_leaderboard.html").render(
         entries=[{**e, "equivalent": format_equiv(e)} for e in entries], charts=charts, baseline=baseline)
 
 
